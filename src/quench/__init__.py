@@ -1,0 +1,37 @@
+"""Quench: build an ONNX image classifier into a fast deployable artifact; classify,
+evaluate, benchmark and serve it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from quench.model import Model
+
+__all__ = ["Model", "QuenchError", "__version__", "build", "load"]
+
+from quench.errors import QuenchError
+
+
+def load(path: str, **options: Any) -> Model:
+    """Load a ``.quench`` artifact (see ``quench.model.Model``)."""
+    from quench.model import Model
+
+    return Model.load(path, **options)
+
+
+def build(model: str, output: str, **options: Any) -> Model:
+    """Build an ONNX model into a ``.quench`` artifact (see ``quench.build.build``)."""
+    from quench.build import build as _build
+
+    return _build(model, output, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Model":
+        from quench.model import Model
+
+        return Model
+    raise AttributeError(name)

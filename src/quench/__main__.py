@@ -1,0 +1,3 @@
+from quench.cli import run
+
+run()

@@ -1,0 +1,103 @@
+"""The engine interface. Every engine is a pair:
+
+* ``Engine.compile``: ONNX model + build spec -> payload files and runtime options (build time);
+* ``Engine.runner``: payloads + options -> ``Runner`` (activate / infer / deactivate).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # str = symbolic dimension
+
+
+@dataclass
+class CompileSpec:
+    """What the builder asks of an engine."""
+
+    precision: str
+    input_name: str
+    output_name: str
+    batch: int | None  # None: dynamic batch
+    threads: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Compiled:
+    """An engine's build result: files for the artifact and how to run them."""
+
+    payloads: dict[str, bytes]
+    options: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # what actually executes, for the manifest
+
+
+class Runner(ABC):
+    """Runs one compiled model. Use as a context manager or call activate/deactivate."""
+
+    name: str = "runner"
+
+    def __init__(self) -> None:
+        self.is_active = False
+
+    def activate(self) -> Runner:
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def _activate(self) -> None: ...
+
+    @abstractmethod
+    def _deactivate(self) -> None: ...
+
+    @abstractmethod
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; inputs and outputs by tensor name."""
+
+    @abstractmethod
+    def inputs(self) -> list[TensorMeta]: ...
+
+    @abstractmethod
+    def outputs(self) -> list[TensorMeta]: ...
+
+
+class Engine(ABC):
+    name: str
+
+    @staticmethod
+    @abstractmethod
+    def version() -> str: ...
+
+    @abstractmethod
+    def supports(self, precision: str) -> bool: ...
+
+    @abstractmethod
+    def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled: ...
+
+    @abstractmethod
+    def runner(
+        self, payloads: dict[str, bytes], options: dict[str, Any], threads: int | None = None
+    ) -> Runner: ...

@@ -1,0 +1,64 @@
+"""ONNX Runtime runner (CPU execution provider)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from quench.backend.base import Runner, TensorMeta
+from quench.hw import default_threads
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: bytes,
+        threads: int | None = None,
+        graph_optimization_level: str = "all",
+    ) -> None:
+        super().__init__()
+        self._model = model
+        self.threads = threads or default_threads()
+        self._level = graph_optimization_level
+        self._session: ort.InferenceSession | None = None
+
+    def _activate(self) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _LEVELS[self._level]
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        self._session = ort.InferenceSession(self._model, so, providers=["CPUExecutionProvider"])
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise RuntimeError("runner is not active: call activate() first")
+        return self._session
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed), strict=True))
+
+    def _meta(self, args: list) -> list[TensorMeta]:
+        return [TensorMeta(a.name, _DTYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
+
+    def inputs(self) -> list[TensorMeta]:
+        return self._meta(self.session.get_inputs())
+
+    def outputs(self) -> list[TensorMeta]:
+        return self._meta(self.session.get_outputs())

@@ -1,0 +1,406 @@
+"""The ``quench`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from quench import __version__
+from quench.errors import QuenchError
+
+app = typer.Typer(
+    help="Build ONNX image classifiers into fast artifacts; classify, evaluate and benchmark them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="Known models: list them, make offline replicas.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+err = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """QuenchError -> one red line on stderr and exit code 1; Ctrl-C -> exit 130."""
+    try:
+        yield
+    except QuenchError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def info(msg: str) -> None:
+    err.print(msg, soft_wrap=True, markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"quench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Quench: ONNX classifier -> fast artifact -> classify / eval / perf."""
+
+
+# -- fetch / zoo ----------------------------------------------------------------------------
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="Model name, e.g. resnet50-v1-7.")] = "resnet50-v1-7",
+    url: Annotated[str | None, typer.Option(help="Download from this URL (a mirror).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to save (default: the cache).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False,
+    timeout: Annotated[float, typer.Option(help="Network timeout in seconds.")] = 30.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Download an official model into the cache, check its size and ONNX validity."""
+    from quench.zoo.fetch import fetch_model
+
+    with user_errors():
+        res = fetch_model(
+            name, url=url, dest=output, force=force, timeout=timeout, progress=not quiet
+        )
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "path": str(res.path),
+                    "sha256": res.sha256,
+                    "size": res.size,
+                    "url": res.url,
+                    "cached": res.cached,
+                }
+            )
+        )
+    else:
+        info(
+            f"{'cached' if res.cached else 'downloaded'}: {res.path} ({res.size:,} bytes, "
+            f"sha256 {res.sha256})"
+        )
+        print(res.path)
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the known model presets."""
+    from quench.presets import PRESETS
+
+    rows = [
+        {
+            "name": p.name,
+            "input": p.input_name,
+            "output": p.output_name,
+            "preprocess": p.data.to_dict(),
+            "url": p.url,
+            "description": p.description,
+        }
+        for p in PRESETS.values()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        d = r["preprocess"]
+        print(
+            f"{r['name']:<20} resize {d['resize']} crop {d['crop']} {d['interpolation']}, "
+            f"mean {[round(v, 3) for v in d['mean']]} std {[round(v, 3) for v in d['std']]}"
+            f"  {r['description']}"
+        )
+
+
+@zoo_app.command("synth")
+def zoo_synth(
+    name: Annotated[str, typer.Argument(help="Model to replicate, e.g. resnet50-v1-7.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX file.")],
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic weights.")] = 0,
+) -> None:
+    """Write a structurally identical replica with synthetic weights (offline, for speed)."""
+    from quench.zoo.synth import synth
+
+    with user_errors():
+        synth(name, output, seed=seed)
+    info(f"wrote {output}: synthetic-weights replica of {name} (not for accuracy)")
+
+
+# -- build ----------------------------------------------------------------------------------
+
+
+def _floats3(text: str | None, what: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise fail(f"--{what} takes three numbers, e.g. 123.675,116.28,103.53") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise fail(f"--{what} takes one or three numbers, got {len(vals)}")
+    return vals  # type: ignore[return-value]
+
+
+@app.command()
+def build(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .quench artifact to write.")],
+    precision: Annotated[str, typer.Option(help="Precision mode.")] = "force_float32",
+    preset: Annotated[
+        str | None, typer.Option(help="Model preset (see 'quench zoo list'); detected if omitted.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name (default: the preset's).")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Label file (index<TAB>name or one per line).")
+    ] = None,
+    batch: Annotated[int | None, typer.Option(help="Fixed batch size.")] = None,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch", help="Mutable batch size (the default).")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="Engine.")] = "onnxruntime",
+    threads: Annotated[
+        int | None, typer.Option(help="Engine threads (default: all cores).")
+    ] = None,
+    mean: Annotated[str | None, typer.Option(help="Pixel mean, 0..255 units: R,G,B.")] = None,
+    std: Annotated[str | None, typer.Option(help="Pixel std, 0..255 units: R,G,B.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to this.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre crop size.")] = None,
+    interpolation: Annotated[
+        str | None, typer.Option(help="bilinear|bicubic|nearest|lanczos")
+    ] = None,
+    channel_order: Annotated[str | None, typer.Option(help="RGB or BGR.")] = None,
+    layout: Annotated[str | None, typer.Option(help="NCHW or NHWC.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest summary as JSON.")
+    ] = False,
+) -> None:
+    """Check, optimise and convert an ONNX classifier into one .quench artifact."""
+    from quench.build import BuildOptions
+    from quench.build import build as do_build
+
+    if batch is not None and dynamic_batch:
+        raise fail("--batch and --dynamic-batch exclude each other")
+    with user_errors():
+        opts = BuildOptions(
+            precision=precision,
+            preset=preset,
+            name=name,
+            labels=labels,
+            batch=batch,
+            engine=engine,
+            threads=threads,
+            mean=_floats3(mean, "mean"),
+            std=_floats3(std, "std"),
+            resize=resize,
+            crop=crop,
+            interpolation=interpolation,
+            channel_order=channel_order.upper() if channel_order else None,
+            layout=layout.upper() if layout else None,
+        )
+        m = do_build(model, output, opts, log=None if quiet else info)
+    if as_json:
+        print(json.dumps(m.describe(), indent=2))
+
+
+# -- infer / eval ---------------------------------------------------------------------------
+
+
+def _load(artifact: Path, threads: int | None = None) -> Any:
+    from quench.model import Model
+
+    return Model.load(artifact, threads=threads)
+
+
+def _writer(path: Path | None, topk: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A per-prediction writer for .jsonl/.json or .csv/.tsv output files."""
+    if path is None:
+        return (lambda p: None), (lambda: None)
+    suffix = path.suffix.lower()
+    fh = path.open("w", newline="")
+    if suffix in (".csv", ".tsv"):
+        w = csv.writer(fh, delimiter="\t" if suffix == ".tsv" else ",")
+        w.writerow(
+            ["file", "error"]
+            + [f"{k}{i}" for i in range(1, topk + 1) for k in ("class", "name", "score")]
+        )
+
+        def write(p: Any) -> None:
+            cells = [
+                x
+                for c, n, s in zip(p.classes, p.names, p.scores, strict=True)
+                for x in (c, n, f"{s:.6f}")
+            ]
+            w.writerow([p.source, p.error or "", *cells])
+    else:
+
+        def write(p: Any) -> None:
+            fh.write(json.dumps(p.to_dict()) + "\n")
+
+    return write, fh.close
+
+
+@app.command()
+def infer(
+    artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    topk: Annotated[int, typer.Option(min=1, help="How many classes per image.")] = 5,
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size (dynamic models).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write results: .jsonl or .csv/.tsv.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress, no top-k print.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines to stdout.")] = False,
+) -> None:
+    """Classify images: top-k class names per image. Unreadable files are reported, skipped."""
+    from quench.evaluate import expand_inputs
+    from quench.progress import Bar
+
+    with user_errors():
+        model = _load(artifact, threads)
+        paths = expand_inputs(images)
+        if not paths:
+            raise QuenchError("no images found in the given paths")
+        write, close = _writer(output, topk)
+        failed = 0
+        show_bar = not quiet and len(paths) > 8
+        try:
+            with Bar("classifying", len(paths), enabled=show_bar) as bar:
+                for p in model.iter_classify(paths, topk=topk, batch_size=batch):
+                    bar.advance()
+                    write(p)
+                    if not p.ok:
+                        failed += 1
+                        err.print(f"[yellow]skipped:[/yellow] {p.error}", soft_wrap=True)
+                    elif as_json:
+                        print(json.dumps(p.to_dict()), flush=True)
+                    elif not quiet and not (bar.shown and output):
+                        print(p.source)
+                        for rank, (c, n, s) in enumerate(
+                            zip(p.classes, p.names, p.scores, strict=True)
+                        ):
+                            print(f"  {rank} [{n}] class {c} score {s:.4f}")
+        finally:
+            close()
+    ok = len(paths) - failed
+    if not quiet:
+        info(
+            f"classified {ok} of {len(paths)} images"
+            + (f", {failed} failed" if failed else "")
+            + (f"; results in {output}" if output else "")
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_(
+    artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    images: Annotated[Path, typer.Option(help="Folder of images or a list file.")],
+    labels: Annotated[
+        Path, typer.Option(help="Ground truth: 'file<TAB>index' (TSV/CSV) or 'file index' lines.")
+    ],
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size (dynamic models).")] = None,
+    result_dir: Annotated[
+        Path | None, typer.Option(help="Write per-image labels/top1/top5 files and eval.json here.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Top-1 / top-5 accuracy against ground-truth labels."""
+    from quench.evaluate import evaluate, list_images, read_ground_truth, write_result_dir
+    from quench.progress import Bar
+
+    with user_errors():
+        model = _load(artifact, threads)
+        truth = read_ground_truth(labels)
+        paths = list_images(images)
+        if not paths:
+            raise QuenchError(f"{images}: no images")
+        with Bar("evaluating", len(paths), enabled=not quiet) as bar:
+            res = evaluate(model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance())
+        for reason in res.failed:
+            err.print(f"[yellow]skipped:[/yellow] {reason}", soft_wrap=True)
+        meta = {
+            "model": model.name,
+            "precision": model.precision,
+            "engine": model.engine,
+            "artifact": str(artifact),
+        }
+        if result_dir:
+            write_result_dir(res, result_dir, meta)
+    if as_json:
+        print(json.dumps({**meta, **res.summary()}, indent=2))
+    else:
+        print(
+            f"{model.name} {model.precision}: top-1 {res.top1:.4f}  top-5 {res.top5:.4f}  "
+            f"({res.evaluated} images"
+            + (f", {len(res.failed)} unreadable" if res.failed else "")
+            + (f", {len(res.unlabeled)} without label" if res.unlabeled else "")
+            + ")"
+        )
+    if res.failed:
+        raise typer.Exit(1)
+
+
+@app.command("info")
+def info_(
+    artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show an artifact's manifest (checks every checksum)."""
+    with user_errors():
+        d = _load(artifact).describe()
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    for key in (
+        "name",
+        "precision",
+        "engine",
+        "batch",
+        "io",
+        "preprocess",
+        "source",
+        "created",
+        "quench_version",
+        "classes",
+    ):
+        print(f"{key:<15} {json.dumps(d[key]) if isinstance(d[key], dict) else d[key]}")
+
+
+def run() -> None:  # pragma: no cover - console entry for python -m quench
+    app(prog_name="quench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,131 @@
+"""Reading and checking an ONNX classifier, and setting its batch policy."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from quench.errors import ModelError
+from quench.presets import Preset
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    model: onnx.ModelProto
+    sha256: str
+    size: int
+
+    @property
+    def opset(self) -> int:
+        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "size": self.size,
+            "opset": self.opset,
+            "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
+        }
+
+
+def load_model(path: str | Path) -> SourceModel:
+    """Load and check an ONNX model; ModelError with the file name when it is not valid."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such model file") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise ModelError(f"{path}: invalid ONNX model ({first})") from None
+    return SourceModel(path, model, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+    return [
+        d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+        for d in vi.type.tensor_type.shape.dim
+    ]
+
+
+def find_io(model: onnx.ModelProto, preset: Preset, source: str) -> tuple[str, str]:
+    """The image input and class-score output names; checks them against the preset."""
+    inputs = _real_inputs(model)
+    outputs = list(model.graph.output)
+    if len(inputs) != 1:
+        raise ModelError(
+            f"{source}: expected one image input, found {len(inputs)}: {[i.name for i in inputs]}"
+        )
+    inp = inputs[0]
+    out = next(
+        (o for o in outputs if o.name == preset.output_name), outputs[0] if outputs else None
+    )
+    if out is None:
+        raise ModelError(f"{source}: the model has no outputs")
+    if preset.input_name and inp.name != preset.input_name:
+        raise ModelError(
+            f"{source}: input is {inp.name!r} but preset {preset.name} expects "
+            f"{preset.input_name!r}; choose another --preset or none"
+        )
+    if preset.output_name and out.name != preset.output_name:
+        raise ModelError(
+            f"{source}: no output {preset.output_name!r} (preset {preset.name}); outputs are "
+            f"{[o.name for o in outputs]}"
+        )
+    if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ModelError(f"{source}: input {inp.name!r} must be float32")
+    dims = _dims(inp)
+    expected = preset.data.input_shape
+    if len(dims) != 4 or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], expected, strict=True)
+    ):
+        raise ModelError(
+            f"{source}: input {inp.name!r} has shape {dims}, expected [N, "
+            f"{', '.join(map(str, expected))}] for {preset.data.layout} "
+            f"{preset.data.crop}x{preset.data.crop} (set --crop/--layout or another preset)"
+        )
+    odims = _dims(out)
+    if len(odims) != 2:
+        raise ModelError(f"{source}: output {out.name!r} has shape {odims}, expected [N, classes]")
+    return inp.name, out.name
+
+
+def num_classes(model: onnx.ModelProto, output_name: str) -> int | None:
+    out = next(o for o in model.graph.output if o.name == output_name)
+    d = _dims(out)[1]
+    return d if isinstance(d, int) else None
+
+
+def set_batch(model: onnx.ModelProto, batch: int | None, symbol: str = "N") -> onnx.ModelProto:
+    """Copy of the model with the batch dimension of every input/output fixed or symbolic."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in [*_real_inputs(m), *m.graph.output]:
+        dim = vi.type.tensor_type.shape.dim[0]
+        if batch is None:
+            dim.Clear()
+            dim.dim_param = symbol
+        else:
+            dim.Clear()
+            dim.dim_value = batch
+    del m.graph.value_info[:]  # stale intermediate shapes may pin the old batch
+    return m

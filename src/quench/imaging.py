@@ -1,0 +1,152 @@
+"""Image decoding and preprocessing: file -> RGB -> resize shorter side -> centre crop -> tensor.
+
+The resize + crop follow the timm/torchvision reference (shorter side to ``resize`` with Pillow's
+antialiasing filter, long side rounded, then a centred ``crop`` square).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from quench.errors import ImageError
+from quench.presets import DataConfig
+
+# Refuse decompression bombs: anything above this many pixels is rejected before decoding.
+MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (~ 0.25 GiB of RGB)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """Size after resizing the shorter side to ``shorter`` (long side rounded to nearest)."""
+    if width <= height:
+        return shorter, max(1, round(shorter * height / width))
+    return max(1, round(shorter * width / height)), shorter
+
+
+def crop_origin(width: int, height: int, crop: int) -> tuple[int, int]:
+    """Top-left corner of the centred crop (torchvision's rounding)."""
+    return round((width - crop) / 2.0), round((height - crop) / 2.0)
+
+
+def crop_box(width: int, height: int, data: DataConfig) -> tuple[float, float, float, float]:
+    """The centre crop, in source-pixel coordinates, of the resized image."""
+    rw, rh = resized_size(width, height, data.resize)
+    left, top = crop_origin(rw, rh, data.crop)
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + data.crop) * sx, (top + data.crop) * sy)
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise ImageError naming the file and reason."""
+    name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else open(source, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror or exc})") from None
+    with fp:
+        try:
+            im = Image.open(fp)
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(
+                    f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} pixel limit "
+                    "(decompression bomb?)"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{name}: refused, too many pixels ({exc})") from None
+        except UnidentifiedImageError:
+            if fp.seek(0, io.SEEK_END) == 0:
+                raise ImageError(f"{name}: empty file") from None
+            raise ImageError(f"{name}: not an image (unrecognised format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if "truncated" in reason or "broken data stream" in reason:
+                reason = f"truncated or corrupt image data ({reason})"
+            raise ImageError(f"{name}: {reason}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Grayscale, CMYK, palette, 16-bit and alpha images become 8-bit RGB."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def resize_crop(im: Image.Image, data: DataConfig) -> Image.Image:
+    """Resize the shorter side to ``data.resize`` and take the centre ``data.crop`` square.
+
+    Exactly the reference (full resize, then crop). For very elongated images, whose full resize
+    would be huge, only the crop window is resampled (``resize(box=...)``: same filter, same
+    output pixels up to +-1 rounding).
+    """
+    rw, rh = resized_size(im.width, im.height, data.resize)
+    resample = _RESAMPLE[data.interpolation]
+    if rw * rh > 16 * data.resize * data.resize:
+        box = crop_box(im.width, im.height, data)
+        return im.resize((data.crop, data.crop), resample, box=box)
+    left, top = crop_origin(rw, rh, data.crop)
+    return im.resize((rw, rh), resample).crop((left, top, left + data.crop, top + data.crop))
+
+
+def load_pixels(source: str | Path | bytes, data: DataConfig) -> np.ndarray:
+    """Decode and resize/crop one image: uint8 array (crop, crop, 3), RGB."""
+    return np.asarray(resize_crop(open_image(source), data))
+
+
+class Normalizer:
+    """uint8 HWC RGB pixels -> float32 model input, written straight into a batch buffer."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.data = data
+        order = [2, 1, 0] if data.channel_order == "BGR" else [0, 1, 2]
+        self._order = order if order != [0, 1, 2] else None
+        self._scale = (1.0 / np.asarray(data.std, np.float32))[order]
+        self._bias = (-np.asarray(data.mean, np.float32) / np.asarray(data.std, np.float32))[order]
+
+    def new_batch(self, n: int) -> np.ndarray:
+        return np.empty((n, *self.data.input_shape), np.float32)
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        """Normalise one HWC uint8 image into ``out`` (one image of the batch buffer)."""
+        if self._order is not None:
+            pixels = pixels[..., self._order]
+        if self.data.layout == "NCHW":
+            for c in range(3):
+                np.multiply(pixels[..., c], self._scale[c], out=out[c], casting="unsafe")
+                out[c] += self._bias[c]
+        else:
+            np.multiply(pixels, self._scale, out=out, casting="unsafe")
+            out += self._bias
+
+    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+        out = self.new_batch(len(images))
+        for i, px in enumerate(images):
+            self(px, out[i])
+        return out

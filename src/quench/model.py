@@ -1,0 +1,172 @@
+"""A loaded ``.quench`` artifact: ``predict`` on tensors, ``classify`` on image files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quench import artifact
+from quench.backend import Runner, get_engine
+from quench.errors import QuenchError
+from quench.presets import DataConfig
+
+DEFAULT_DYNAMIC_BATCH = 8
+
+
+class Model:
+    """An artifact with its engine runner (activated on first use)."""
+
+    def __init__(
+        self, art: artifact.Artifact, path: Path | None = None, threads: int | None = None
+    ) -> None:
+        self.artifact = art
+        self.path = path
+        self.manifest = art.manifest
+        self.data = DataConfig.from_dict(self.manifest["preprocess"])
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.input_name: str = self.manifest["io"]["input"]["name"]
+        self.output_name: str = self.manifest["io"]["output"]["name"]
+        self.fixed_batch: int | None = self.manifest["batch"]["size"]
+        self.threads = threads
+        self._runner: Runner | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> Model:
+        return cls(artifact.load(path), Path(path), threads=threads)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]["mode"]
+
+    @property
+    def engine(self) -> str:
+        return self.manifest["engine"]["name"]
+
+    @property
+    def batch_size(self) -> int:
+        """The batch the engine runs: fixed size, or the default for dynamic-batch models."""
+        return self.fixed_batch or DEFAULT_DYNAMIC_BATCH
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            eng = get_engine(self.engine)
+            self._runner = eng.runner(
+                self.artifact.payloads, self.manifest["engine"]["options"], threads=self.threads
+            ).activate()
+        return self._runner
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+            self._runner = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tensors ----------------------------------------------------------------------------
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """One engine call. Fixed-batch models get a short batch padded and trimmed."""
+        n = len(batch)
+        if self.fixed_batch and n != self.fixed_batch:
+            if n > self.fixed_batch:
+                raise QuenchError(
+                    f"batch of {n} exceeds the model's fixed batch {self.fixed_batch}"
+                )
+            pad = np.zeros((self.fixed_batch - n, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])
+        out = self.runner.infer({self.input_name: batch})[self.output_name]
+        return out[:n]
+
+    def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Model outputs for preprocessed input ``x`` of shape (N, *input_shape), any N."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(self.data.input_shape):
+            x = x[None]
+        if tuple(x.shape[1:]) != self.data.input_shape:
+            raise QuenchError(
+                f"input shape {tuple(x.shape)} does not match (N, "
+                f"{', '.join(map(str, self.data.input_shape))})"
+            )
+        step = self.fixed_batch or batch_size or self.batch_size
+        return (
+            np.concatenate(
+                [
+                    self.run_batch(np.ascontiguousarray(x[i : i + step]))
+                    for i in range(0, len(x), step)
+                ]
+            )
+            if len(x)
+            else np.empty((0, len(self.labels)), np.float32)
+        )
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """Class probabilities: softmax of logits, or the outputs as they are."""
+        if self.manifest.get("output_kind", "logits") != "logits":
+            return outputs
+        z = outputs.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        return z / z.sum(axis=1, keepdims=True)
+
+    # -- images -----------------------------------------------------------------------------
+    def classify(
+        self,
+        images: Iterable[str | Path | bytes],
+        topk: int = 5,
+        batch_size: int | None = None,
+        **pipeline_options: Any,
+    ) -> list[Any]:
+        """Top-k predictions for image files (or encoded bytes), in input order."""
+        return list(self.iter_classify(images, topk, batch_size, **pipeline_options))
+
+    def iter_classify(
+        self,
+        images: Iterable[str | Path | bytes],
+        topk: int = 5,
+        batch_size: int | None = None,
+        **pipeline_options: Any,
+    ) -> Iterator[Any]:
+        from quench.pipeline import classify
+
+        return classify(self, images, topk=topk, batch_size=batch_size, **pipeline_options)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.path) if self.path else None,
+            "name": m["name"],
+            "precision": m["precision"],
+            "engine": m["engine"],
+            "batch": m["batch"],
+            "io": m["io"],
+            "preprocess": m["preprocess"],
+            "source": m["source"],
+            "created": m["created"],
+            "quench_version": m["quench_version"],
+            "classes": len(m["labels"]),
+        }
+
+
+def topk_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first."""
+    k = min(k, scores.shape[1])
+    idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def as_sequence(images: Iterable[Any]) -> Sequence[Any]:
+    return images if isinstance(images, Sequence) else list(images)

@@ -1,0 +1,137 @@
+"""Model presets: each carries the data config its model was trained with (timm style).
+
+A preset is recorded in the artifact at build time, so ``infer``/``eval``/``serve`` never need
+preprocessing flags. Pixel statistics are in 0..255 units: ``x = (pixel - mean) / std``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from quench.errors import QuenchError
+
+Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "lanczos")
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How an image becomes the model's input tensor."""
+
+    resize: int = 256  # shorter side is resized to this, aspect ratio kept
+    crop: int = 224  # then a centred crop x crop square is taken
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"  # or "BGR"
+    layout: str = "NCHW"  # or "NHWC"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise QuenchError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if self.crop <= 0 or self.resize < self.crop:
+            raise QuenchError(f"need 0 < crop <= resize, got resize={self.resize} crop={self.crop}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise QuenchError("mean and std need three values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise QuenchError(f"std values must be positive, got {self.std}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise QuenchError(f"channel order must be RGB or BGR, got {self.channel_order!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise QuenchError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-image tensor shape, without the batch dimension."""
+        c = self.crop
+        return (3, c, c) if self.layout == "NCHW" else (c, c, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        d = dict(d)
+        for key in ("mean", "std"):
+            d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A known classifier: its tensor names, data config, labels and where to get it."""
+
+    name: str
+    input_name: str
+    output_name: str
+    data: DataConfig
+    labels: str = "imagenet-1k"
+    output_kind: str = "logits"  # "logits" or "probabilities"
+    description: str = ""
+    url: str | None = None
+    size: int | None = None  # bytes of the official file, checked after download
+    sha256: str | None = None  # when published; otherwise recorded on first download
+    opset: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_data(self, **changes: Any) -> Preset:
+        """A copy with some data-config fields replaced (``None`` values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, data=replace(self.data, **changes)) if changes else self
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="resnet50-v1-7",
+            input_name="data",
+            output_name="resnetv17_dense0_fwd",
+            data=DataConfig(),
+            description="ResNet-50 v1 from the ONNX model zoo (opset 7), ImageNet-1k",
+            url="https://github.com/onnx/models/raw/main/vision/classification/resnet/model/"
+            "resnet50-v1-7.onnx",
+            size=102_583_340,
+            opset=7,
+        ),
+        Preset(
+            name="efficientnet-lite0",
+            input_name="images",
+            output_name="logits",
+            data=DataConfig(mean=(127.5, 127.5, 127.5), std=(128.0, 128.0, 128.0)),
+            description="EfficientNet-Lite0, ImageNet-1k (PyTorch export, opset 13)",
+            opset=13,
+        ),
+        Preset(
+            name="imagenet",
+            input_name="",
+            output_name="",
+            data=DataConfig(),
+            description="Any ImageNet classifier: torchvision preprocessing",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise QuenchError(
+            f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def detect_preset(input_name: str, output_name: str) -> Preset | None:
+    """The preset whose tensor names match a model's, if exactly one does."""
+    hits = [
+        p for p in PRESETS.values() if (p.input_name, p.output_name) == (input_name, output_name)
+    ]
+    return hits[0] if len(hits) == 1 else None

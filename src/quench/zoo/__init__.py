@@ -1,0 +1,1 @@
+"""The model zoo: known models, downloaded on demand into the cache."""

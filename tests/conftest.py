@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny generated classifier, its labels, an artifact and a few images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+NUM_CLASSES = 10
+SIZE = 32  # crop; resize is 36
+
+
+def make_classifier(
+    path: Path,
+    batch: int | str = "N",
+    size: int = SIZE,
+    classes: int = NUM_CLASSES,
+    seed: int = 0,
+    input_name: str = "images",
+    output_name: str = "logits",
+    opset: int = 13,
+) -> Path:
+    """Conv -> BN -> Relu -> GlobalAveragePool -> Flatten -> Gemm: a small real classifier."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
+    inits = [
+        numpy_helper.from_array(w, "conv_w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "bn_b"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "bn_m"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "bn_v"),
+        numpy_helper.from_array(rng.standard_normal((classes, 16)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["b"]),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
+    ]
+    # rename graph input/output
+    nodes[0].input[0] = input_name
+    nodes[-1].output[0] = output_name
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def make_image(
+    path: Path,
+    size: tuple[int, int] = (48, 40),
+    seed: int = 0,
+    mode: str = "RGB",
+    fmt: str | None = None,
+) -> Path:
+    """A smooth random colour image (gradients + noise), saved in the format of its suffix."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [
+            xx * 255 / max(w - 1, 1),
+            yy * 255 / max(h - 1, 1),
+            np.full_like(xx, rng.integers(0, 255)),
+        ],
+        -1,
+    )
+    arr = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("labels") / "labels.txt"
+    p.write_text("".join(f"class-{i}\n" for i in range(NUM_CLASSES)))
+    return p
+
+
+TINY_BUILD = dict(
+    preset="imagenet", resize=36, crop=SIZE, mean=(120.0, 115.0, 100.0), std=(60.0, 60.0, 60.0)
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_labels: Path
+) -> Path:
+    from quench.build import build
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny.quench"
+    build(tiny_model, out, labels=str(tiny_labels), **TINY_BUILD)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    for i in range(6):
+        make_image(d / f"img{i}.jpg", size=(40 + 7 * i, 56 - 3 * i), seed=i)
+    make_image(d / "img6.png", seed=6)
+    return d
