@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 PAYLOAD_DIR = "payload/"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # zip entry timestamps: builds are byte-reproducible
+# What zipfile raises on damaged archives: a corrupt deflate stream, a bogus version or
+# encryption flag (RuntimeError, NotImplementedError).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -46,7 +50,8 @@ class Artifact:
     @property
     def content_digest(self) -> str:
         """sha256 over everything but the build date: equal for equal builds."""
-        m = {k: v for k, v in self.manifest.items() if k not in ("created", "build_seconds")}
+        skip = ("created", "build_seconds", "content_digest")
+        m = {k: v for k, v in self.manifest.items() if k not in skip}
         h = hashlib.sha256(json.dumps(m, sort_keys=True).encode())
         for name in sorted(self.payloads):
             h.update(name.encode() + b"\0" + sha256_bytes(self.payloads[name]).encode())
@@ -108,8 +113,11 @@ def load(path: str | Path) -> Artifact:
         for name, digest in expected.items():
             try:
                 data = zf.read(PAYLOAD_DIR + name)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise ArtifactError(f"{path}: cannot read payload {name} ({exc})") from None
+            except _ZIP_ERRORS as exc:
+                what = "checksum mismatch in" if "CRC" in str(exc) else "cannot read"
+                raise ArtifactError(
+                    f"{path}: {what} payload {name} ({exc}); corrupted or tampered artifact"
+                ) from None
             if sha256_bytes(data) != digest:
                 raise ArtifactError(
                     f"{path}: checksum mismatch in payload {name} (corrupted or tampered artifact)"
@@ -125,19 +133,21 @@ def _open(path: Path) -> zipfile.ZipFile:
         raise ArtifactError(f"{path}: no such artifact file") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path}: is a directory, not an artifact") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except _ZIP_ERRORS as exc:
         raise ArtifactError(
             f"{path}: not a Quench artifact or truncated ({exc}); rebuild it with 'quench build'"
         ) from None
 
 
 def _manifest(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
+    names = set(zf.namelist())
+    for member in (MANIFEST, MANIFEST_DIGEST):
+        if member not in names:
+            raise ArtifactError(f"{path}: not a Quench artifact (missing {member})")
     try:
         body = zf.read(MANIFEST)
         digest = zf.read(MANIFEST_DIGEST).decode().strip()
-    except KeyError as exc:
-        raise ArtifactError(f"{path}: not a Quench artifact (missing {exc.args[0]})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
+    except (*_ZIP_ERRORS, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupted artifact ({exc})") from None
     if sha256_bytes(body) != digest:
         raise ArtifactError(f"{path}: manifest checksum mismatch (corrupted or tampered artifact)")

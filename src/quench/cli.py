@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from quench import __version__
 from quench.errors import QuenchError
@@ -30,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -205,7 +206,7 @@ def build(
     from quench.build import build as do_build
 
     if batch is not None and dynamic_batch:
-        raise fail("--batch and --dynamic-batch exclude each other")
+        raise fail("--batch and --dynamic-batch exclude each other", code=2)  # usage error
     with user_errors():
         opts = BuildOptions(
             precision=precision,
@@ -299,7 +300,9 @@ def infer(
                     write(p)
                     if not p.ok:
                         failed += 1
-                        err.print(f"[yellow]skipped:[/yellow] {p.error}", soft_wrap=True)
+                        err.print(
+                            f"[yellow]skipped:[/yellow] {escape(p.error or '')}", soft_wrap=True
+                        )
                     elif as_json:
                         print(json.dumps(p.to_dict()), flush=True)
                     elif not quiet and not (bar.shown and output):
@@ -349,7 +352,7 @@ def eval_(
         with Bar("evaluating", len(paths), enabled=not quiet) as bar:
             res = evaluate(model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance())
         for reason in res.failed:
-            err.print(f"[yellow]skipped:[/yellow] {reason}", soft_wrap=True)
+            err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
         meta = {
             "model": model.name,
             "precision": model.precision,

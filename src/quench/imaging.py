@@ -1,7 +1,9 @@
 """Image decoding and preprocessing: file -> RGB -> resize shorter side -> centre crop -> tensor.
 
-The resize + crop follow the timm/torchvision reference (shorter side to ``resize`` with Pillow's
-antialiasing filter, long side rounded, then a centred ``crop`` square).
+The resize + crop follow the reference behind the published accuracy figures: shorter side to
+``resize`` with Pillow's antialiasing filter, the long side rounded to the nearest pixel (timm's
+``ResizeKeepRatio``; torchvision truncates, which costs efficientnet-lite0 3 images of 800),
+then a centred ``crop`` square.
 """
 
 from __future__ import annotations
