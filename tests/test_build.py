@@ -83,7 +83,7 @@ def test_dynamic_batch_manifest(tiny_artifact: Path, tiny_model: Path, tiny_labe
         "precision": "force_float32",
         "preset": "imagenet",
         "labels": str(tiny_labels),
-        "engine": "onnxruntime",
+        "engine": "auto",
         "mean": [120.0, 115.0, 100.0],
         "std": [60.0, 60.0, 60.0],
         "resize": 36,
@@ -128,7 +128,7 @@ def test_build_returns_the_loaded_model(
     assert model.name == "my-net"
     assert json.loads(json.dumps(model.manifest)) == Model.load(out).manifest
     assert logs[0] == "preset: imagenet (named)"
-    assert any(line.startswith("verified against the source model") for line in logs)
+    assert any(line.startswith("checked against the source model") for line in logs)
     assert logs[-1].startswith(f"wrote {out}")
 
 

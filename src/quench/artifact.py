@@ -49,8 +49,11 @@ class Artifact:
 
     @property
     def content_digest(self) -> str:
-        """sha256 over everything but the build date: equal for equal builds."""
-        skip = ("created", "build_seconds", "content_digest")
+        """sha256 over the build's content: equal for equal builds, whenever and wherever made.
+
+        Left out: the date, timings, the host, and measured figures that vary in the last bits.
+        """
+        skip = ("created", "build_seconds", "content_digest", "host", "verification", "timings")
         m = {k: v for k, v in self.manifest.items() if k not in skip}
         h = hashlib.sha256(json.dumps(m, sort_keys=True).encode())
         for name in sorted(self.payloads):
@@ -61,7 +64,7 @@ class Artifact:
 def save(artifact: Artifact, path: str | Path) -> Path:
     """Write the artifact atomically (temp file + rename); returns the path."""
     path = Path(path)
-    manifest = dict(artifact.manifest)
+    manifest = artifact.manifest  # completed in place: a Model holding it sees the final form
     manifest["format"] = FORMAT
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("quench_version", __version__)
@@ -80,7 +83,6 @@ def save(artifact: Artifact, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    artifact.manifest = manifest
     return path
 
 

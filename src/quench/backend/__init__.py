@@ -9,7 +9,10 @@ from quench.errors import QuenchError
 
 __all__ = ["ENGINES", "CompileSpec", "Compiled", "Engine", "Runner", "TensorMeta", "get_engine"]
 
-ENGINES: dict[str, str] = {"onnxruntime": "quench.backend.onnxruntime:OnnxRuntimeEngine"}
+ENGINES: dict[str, str] = {
+    "onnxruntime": "quench.backend.onnxruntime:OnnxRuntimeEngine",
+    "openvino": "quench.backend.openvino:OpenVinoEngine",
+}
 
 
 def get_engine(name: str) -> Engine:

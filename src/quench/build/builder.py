@@ -1,19 +1,23 @@
-"""The build steps: load + check -> resolve preset -> set batch -> compile -> verify -> save."""
+"""The build steps: load + check -> preset -> (calibrate + quantize) -> set batch -> compile ->
+verify -> (accuracy check) -> save."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from quench import __version__, artifact
-from quench.backend import CompileSpec, get_engine
+from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.errors import ModelError, QuenchError
-from quench.graph import find_io, load_model, num_classes, set_batch
+from quench.graph import SourceModel, find_io, load_model, num_classes, set_batch
 from quench.hw import cpu_info
 from quench.labels import load_labels
 from quench.presets import Preset, detect_preset, get_preset
@@ -21,7 +25,19 @@ from quench.presets import Preset, detect_preset, get_preset
 if TYPE_CHECKING:
     from quench.model import Model
 
-PRECISIONS = ("force_float32",)
+PRECISIONS = (
+    "force_float32",
+    "force_float16",
+    "force_bfloat16",
+    "qint8_mixed_float16",
+    "qint8_mixed_float32",
+)
+INT8_PRECISIONS = ("qint8_mixed_float16", "qint8_mixed_float32")
+# Engine preference for --engine auto: the first installed engine that runs the precision.
+ENGINE_ORDER = ("onnxruntime", "openvino")
+CALIBRATION_PAYLOAD = "calibration.json"
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -33,7 +49,7 @@ class BuildOptions:
     name: str | None = None
     labels: str | None = None  # label file or built-in label set
     batch: int | None = None  # fixed batch size; None = dynamic (mutable) batch
-    engine: str = "onnxruntime"
+    engine: str = "auto"
     threads: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -42,6 +58,17 @@ class BuildOptions:
     interpolation: str | None = None
     channel_order: str | None = None
     layout: str | None = None
+    # INT8 calibration
+    calib_images: str | None = None  # folder or list file
+    calib_count: int = 200
+    calib_method: str | None = None  # None: the measured default
+    calib_cache: str | None = None  # a reusable calibration cache file
+    bias_correction: bool | None = None  # None: the measured default
+    # accuracy check at build time
+    check_images: str | None = None
+    check_labels: str | None = None
+    max_top1_drop: float | None = None  # percentage points
+    progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,33 +91,59 @@ def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tup
     return preset, how
 
 
+def choose_engine(name: str, precision: str) -> Engine:
+    """The named engine, or for ``auto`` the first installed engine that runs ``precision``."""
+    if name != "auto":
+        engine = get_engine(name)
+        if not engine.supports(precision):
+            raise QuenchError(f"engine {engine.name} cannot run precision {precision} on this CPU")
+        return engine
+    problems = []
+    for candidate in ENGINE_ORDER:
+        if candidate not in ENGINES:
+            continue
+        try:
+            engine = get_engine(candidate)
+        except QuenchError as exc:
+            problems.append(str(exc))
+            continue
+        if engine.supports(precision):
+            return engine
+    why = "; ".join(problems) or "none supports it"
+    raise QuenchError(f"no installed engine runs {precision} here ({why})")
+
+
 def build(
     model: str | Path,
     output: str | Path,
     options: BuildOptions | None = None,
-    log: Any = None,
+    log: Log | None = None,
     **kwargs: Any,
 ) -> Model:
     """Build ``model`` into the artifact ``output`` and return it loaded."""
-    from quench.model import Model
-
     opts = options or BuildOptions(**kwargs)
-    say = log or (lambda msg: None)
+    say: Log = log or (lambda msg: None)
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     if opts.precision not in PRECISIONS:
         raise QuenchError(
             f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}"
         )
     if opts.batch is not None and opts.batch < 1:
         raise QuenchError(f"batch size must be >= 1, got {opts.batch}")
+    int8 = opts.precision in INT8_PRECISIONS
+    if int8 and not opts.calib_images:
+        raise QuenchError(f"--precision {opts.precision} needs --calib-images (a folder or list)")
+    if opts.check_labels and not opts.check_images:
+        raise QuenchError("--check-labels needs --check-images")
 
     src = load_model(model)
-    first_in = next(
+    graph_inputs = [
         i.name
         for i in src.model.graph.input
         if i.name not in {t.name for t in src.model.graph.initializer}
-    )
-    preset, how = resolve_preset(opts, first_in, src.model.graph.output[0].name)
+    ]
+    preset, how = resolve_preset(opts, graph_inputs[0], src.model.graph.output[0].name)
     say(f"preset: {preset.name} ({how})")
     input_name, output_name = find_io(src.model, preset, str(src.path))
     classes = num_classes(src.model, output_name)
@@ -100,23 +153,30 @@ def build(
             f"{src.path}: the model has {classes} classes but the label set has {len(labels)}; "
             "pass --labels FILE"
         )
+    engine = choose_engine(opts.engine, opts.precision)
+    payloads: dict[str, bytes] = {}
+    quant_info: dict[str, Any] | None = None
+    to_compile = src.model
+    if int8:
+        t = time.perf_counter()
+        to_compile, calib_payload, quant_info = _quantize(src, input_name, preset, opts, say)
+        payloads[CALIBRATION_PAYLOAD] = calib_payload
+        timings["calibrate_quantize"] = round(time.perf_counter() - t, 3)
 
-    engine = get_engine(opts.engine)
-    if not engine.supports(opts.precision):
-        raise QuenchError(f"engine {engine.name} cannot build precision {opts.precision}")
-    batched = set_batch(src.model, opts.batch)
     spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
     say(f"compiling with {engine.name} {engine.version()} ({opts.precision})")
-    compiled = engine.compile(batched, spec)
-
-    verification = _verify(batched, compiled, engine, spec, preset)
+    t = time.perf_counter()
+    compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
+    timings["compile"] = round(time.perf_counter() - t, 3)
+    payloads.update(compiled.payloads)
+    verification = _verify(set_batch(src.model, opts.batch), compiled, engine, spec, preset)
     say(
-        f"verified against the source model: max |diff| {verification['max_abs_diff']:.2e}, "
-        f"top-1 agreement {verification['top1_agreement']:.0%}"
+        f"checked against the source model on random input: max |diff| "
+        f"{verification['max_abs_diff']:.2e}, top-1 agreement {verification['top1_agreement']:.0%}"
     )
-
+    name = opts.name or (src.path.stem if how == "generic" else preset.name)
     manifest: dict[str, Any] = {
-        "name": opts.name or preset.name if how != "generic" else opts.name or src.path.stem,
+        "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quench_version": __version__,
         "source": src.describe(),
@@ -139,19 +199,207 @@ def build(
         "preprocess": preset.data.to_dict(),
         "output_kind": preset.output_kind,
         "labels": labels,
-        "build": {k: v for k, v in asdict(opts).items() if v not in (None, {}, ())},
+        "build": _settings(opts),
         "host": cpu_info(),
         "verification": verification,
     }
-    art = artifact.Artifact(manifest, compiled.payloads)
+    if quant_info is not None:
+        manifest["quantization"] = quant_info
+    art = artifact.Artifact(manifest, payloads)
+    from quench.model import Model
+
+    built = Model(art, path=Path(output), threads=opts.threads)
+    if opts.check_images:
+        t = time.perf_counter()
+        manifest["accuracy"] = _accuracy_check(built, src, preset, labels, opts, say)
+        timings["accuracy_check"] = round(time.perf_counter() - t, 3)
+    manifest["timings"] = timings
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     artifact.save(art, output)
     say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
-    return Model(art, path=Path(output), threads=opts.threads)
+    return built
+
+
+def _settings(opts: BuildOptions) -> dict[str, Any]:
+    """The options as given (calibration ones only for INT8 builds)."""
+    skip = {"progress", "extra"}
+    if opts.precision not in INT8_PRECISIONS:
+        skip |= {"calib_images", "calib_count", "calib_method", "calib_cache", "bias_correction"}
+    return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
+
+
+def _quantize(
+    src: SourceModel, input_name: str, preset: Preset, opts: BuildOptions, say: Log
+) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
+    """Calibrate on real images (or reuse the cache) and return the QDQ model."""
+    from quench.backend.onnxruntime.loader import optimize
+    from quench.build.calibration import cache_key, load_calibration
+    from quench.build.quantize import QuantConfig, quantize
+    from quench.progress import Bar
+    from quench.zoo.fetch import cache_dir
+
+    assert opts.calib_images is not None
+    calib = load_calibration(
+        opts.calib_images, preset.data, opts.calib_count, progress=opts.progress, warn=say
+    )
+    if opts.check_images:
+        overlap = set(calib.files) & {str(p) for p in _check_paths(opts.check_images)}
+        if overlap:
+            say(
+                f"warning: {len(overlap)} calibration images are also check images: "
+                "the accuracy check will look better than it is"
+            )
+    config = QuantConfig()
+    if opts.calib_method:
+        config.method = opts.calib_method
+    if opts.bias_correction is not None:
+        config.bias_correction = opts.bias_correction
+    settings = {"config": asdict(config), "precision_family": "int8"}
+    key = cache_key(src.sha256, calib.digest, settings)
+    cache_file = (
+        Path(opts.calib_cache) if opts.calib_cache else cache_dir() / "calibration" / f"{key}.json"
+    )
+    cached = _read_calibration_cache(cache_file, key, say)
+    say(
+        f"calibration: {len(calib.files)} images, method {config.method}"
+        + (f", reusing ranges from {cache_file}" if cached else "")
+    )
+    optimized = optimize(set_batch(src.model, None), level="basic")
+    with Bar("quantizing", None, enabled=opts.progress) as bar:
+        result = quantize(
+            optimized,
+            input_name,
+            calib.tensor,
+            config,
+            cache=cached,
+            progress=lambda done, total: bar.advance(1),
+        )
+    wrapped = json.dumps(
+        {
+            "format": "quench-calibration",
+            "version": 1,
+            "key": key,
+            "model_sha256": src.sha256,
+            "images": calib.describe(),
+            "settings": settings,
+            "ranges": json.loads(result.ranges),
+        },
+        sort_keys=True,
+        indent=1,
+    ).encode()
+    if not cached:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_bytes(wrapped)
+        except OSError as exc:
+            say(f"warning: cannot write calibration cache {cache_file} ({exc})")
+    info = {
+        **result.info,
+        "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
+        "cache": {"key": key, "reused": bool(cached)},
+    }
+    return result.model, wrapped, info
+
+
+def _read_calibration_cache(path: Path, key: str, say: Log) -> bytes | None:
+    """The cached ranges if ``path`` holds a calibration for exactly this key."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        say(f"warning: ignoring unreadable calibration cache {path} ({exc})")
+        return None
+    if not isinstance(data, dict) or data.get("format") != "quench-calibration":
+        say(f"warning: {path} is not a Quench calibration cache; recalibrating")
+        return None
+    if data.get("key") != key:
+        say(f"calibration cache {path} is for other inputs; recalibrating")
+        return None
+    return json.dumps(data["ranges"]).encode()
+
+
+def _check_paths(spec: str) -> list[Path]:
+    from quench.evaluate import list_images
+
+    return list_images(spec)
+
+
+def _reference_model(src: SourceModel, built: Model) -> Model:
+    """The fp32 source model on ONNX Runtime, with the built model's preprocessing."""
+    from quench.backend.onnxruntime.loader import OnnxRuntimeEngine
+    from quench.model import Model
+
+    engine = OnnxRuntimeEngine()
+    spec = CompileSpec("force_float32", built.input_name, built.output_name, None)
+    compiled = engine.compile(set_batch(src.model, None), spec)
+    manifest = {
+        **built.manifest,
+        "engine": {"name": engine.name, "version": engine.version(), "options": compiled.options},
+        "batch": {"policy": "dynamic", "size": None},
+    }
+    return Model(artifact.Artifact(manifest, compiled.payloads), threads=built.threads)
+
+
+def _accuracy_check(
+    built: Model,
+    src: SourceModel,
+    preset: Preset,
+    labels: list[str],
+    opts: BuildOptions,
+    say: Log,
+) -> dict[str, Any]:
+    """Top-1/top-5 of the built model and of fp32 on the check images; gate on the drop."""
+    from quench.evaluate import GroundTruth, read_ground_truth, score
+    from quench.progress import Bar
+
+    assert opts.check_images is not None
+    paths = _check_paths(opts.check_images)
+    if not paths:
+        raise QuenchError(f"{opts.check_images}: no check images")
+    reference = _reference_model(src, built)
+    with Bar("checking accuracy (fp32)", len(paths), enabled=opts.progress) as bar:
+        ref_preds = list(reference.iter_classify(paths, topk=5, on_done=lambda p: bar.advance()))
+    with Bar(f"checking accuracy ({opts.precision})", len(paths), enabled=opts.progress) as bar:
+        preds = list(built.iter_classify(paths, topk=5, on_done=lambda p: bar.advance()))
+    reference.close()
+    if opts.check_labels:
+        truth = read_ground_truth(opts.check_labels)
+        mode = "labels"
+    else:  # agreement with the fp32 model's top-1
+        truth = GroundTruth(
+            {str(Path(p.source).resolve()): p.classes[0] for p in ref_preds if p.ok}, {}
+        )
+        mode = "agreement with fp32 top-1"
+    ref, got = score(ref_preds, truth), score(preds, truth)
+    drop1 = round((ref.top1 - got.top1) * 100, 4)
+    drop5 = round((ref.top5 - got.top5) * 100, 4)
+    result = {
+        "images": got.evaluated,
+        "measure": mode,
+        "fp32": {"top1": ref.top1, "top5": ref.top5},
+        "built": {"top1": got.top1, "top5": got.top5},
+        "top1_drop_points": drop1,
+        "top5_drop_points": drop5,
+        "max_top1_drop_points": opts.max_top1_drop,
+        "passed": opts.max_top1_drop is None or drop1 <= opts.max_top1_drop,
+    }
+    say(
+        f"accuracy on {got.evaluated} images ({mode}): fp32 top-1 {ref.top1:.4f} top-5 "
+        f"{ref.top5:.4f}; {opts.precision} top-1 {got.top1:.4f} top-5 {got.top5:.4f} "
+        f"(top-1 drop {drop1:.2f} points)"
+    )
+    if not result["passed"]:
+        raise QuenchError(
+            f"accuracy check failed: top-1 dropped {drop1:.2f} points (fp32 {ref.top1:.4f} -> "
+            f"{got.top1:.4f} on {got.evaluated} images), more than --max-top1-drop "
+            f"{opts.max_top1_drop}; artifact not written"
+        )
+    return result
 
 
 def _verify(
-    model: Any, compiled: Any, engine: Any, spec: CompileSpec, preset: Preset
+    model: onnx.ModelProto, compiled: Compiled, engine: Engine, spec: CompileSpec, preset: Preset
 ) -> dict[str, Any]:
     """Run the compiled model and the source model on the same random batch and compare."""
     from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
@@ -170,4 +418,6 @@ def _verify(
     agree = float(np.mean(got.argmax(1) == expected.argmax(1)))
     if spec.precision == "force_float32" and diff > 1e-3 * max(1.0, scale):
         raise ModelError(f"compiled fp32 model differs from the source by {diff:.3g}")
+    if not np.all(np.isfinite(got)):
+        raise ModelError("the compiled model produces non-finite outputs")
     return {"batch": n, "max_abs_diff": diff, "max_abs_reference": scale, "top1_agreement": agree}

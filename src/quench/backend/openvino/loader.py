@@ -1,0 +1,208 @@
+"""Build-time steps for OpenVINO: ONNX -> IR (xml + bin), and the CPU precision plan.
+
+What computes is decided from the CPU's capabilities as OpenVINO itself reports them
+(``OPTIMIZATION_CAPABILITIES``: FP32 / BF16 / FP16 / INT8), pinned explicitly through
+``INFERENCE_PRECISION_HINT`` (without it OpenVINO runs f32 models in bf16 on CPUs with
+AVX512_BF16 or AMX), then checked on the compiled model's runtime graph.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import openvino as ov
+
+from quench.backend.base import Compiled, CompileSpec, Engine, Runner
+from quench.backend.openvino.runner import (
+    BIN,
+    CONFIG_KEYS,
+    DEVICE,
+    XML,
+    OpenVinoRunner,
+    core,
+    runtime_precisions,
+)
+from quench.errors import ModelError, QuenchError
+from quench.hw import cpu_info
+
+PRECISIONS = (
+    "force_float32",
+    "force_float16",
+    "force_bfloat16",
+    "qint8_mixed_float32",
+    "qint8_mixed_float16",
+)
+_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def cpu_capabilities() -> frozenset[str]:
+    """The CPU's ``OPTIMIZATION_CAPABILITIES`` per OpenVINO, or a guess from the ISA flags."""
+    try:
+        return frozenset(str(c) for c in core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    except Exception:  # older/odd plugin builds: fall back to /proc/cpuinfo
+        flags = set(cpu_info()["flags"])  # type: ignore[arg-type]
+        caps = {"FP32", "INT8"}
+        if flags & {"avx512_bf16", "amx_bf16"}:
+            caps.add("BF16")
+        if flags & {"avx512_fp16", "amx_fp16"}:
+            caps.add("FP16")
+        return frozenset(caps)
+
+
+def device_name() -> str:
+    try:
+        return str(core().get_property(DEVICE, "FULL_DEVICE_NAME"))
+    except Exception:
+        return str(cpu_info()["model"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one precision runs on this CPU."""
+
+    hint: str  # INFERENCE_PRECISION_HINT: f32 / bf16 / f16
+    stored: str
+    computes: str
+    compress_to_fp16: bool = False
+    int8: bool = False
+
+
+def _float_compute(caps: frozenset[str]) -> tuple[str, str]:
+    """Half-precision compute for ``*float16`` modes: f16, else bf16, else f32 (and why)."""
+    if "FP16" in caps:
+        return "f16", "float16"
+    if "BF16" in caps:
+        return "bf16", "bfloat16 (this CPU has no float16 arithmetic)"
+    return "f32", "float32 (this CPU has neither float16 nor bfloat16 arithmetic)"
+
+
+def plan(precision: str, caps: frozenset[str]) -> Plan:
+    """The precision plan for ``precision`` given the CPU capabilities ``caps``."""
+    if precision == "force_float32":
+        return Plan("f32", "float32", "float32")
+    if precision == "force_float16":
+        hint, computes = _float_compute(caps)
+        return Plan(hint, "float16 weights", computes, compress_to_fp16=True)
+    if precision == "force_bfloat16":
+        if "BF16" not in caps:
+            raise QuenchError(
+                "this CPU has no bfloat16 support (OpenVINO lists "
+                f"{', '.join(sorted(caps)) or 'nothing'}); use force_float32 or force_float16"
+            )
+        return Plan("bf16", "float32 weights", "bfloat16")
+    if precision.startswith("qint8_mixed_"):
+        if "INT8" not in caps:
+            raise QuenchError("this CPU has no int8 support in OpenVINO; use a float precision")
+        if precision == "qint8_mixed_float32":
+            hint, rest = "f32", "float32"
+        else:
+            hint, rest = _float_compute(caps)
+        return Plan(
+            hint,
+            "int8 weights (QDQ), float32 elsewhere",
+            f"int8 (quantized Conv/Gemm), {rest} elsewhere",
+            int8=True,
+        )
+    raise QuenchError(f"engine openvino cannot build precision {precision}")
+
+
+def _config(p: Plan, spec: CompileSpec) -> dict[str, str]:
+    config = {"INFERENCE_PRECISION_HINT": p.hint, "PERFORMANCE_HINT": "LATENCY"}
+    if spec.threads:
+        config["INFERENCE_NUM_THREADS"] = str(spec.threads)
+    for key, value in spec.options.items():
+        k = key.upper()
+        if k == "INFERENCE_PRECISION_HINT":
+            raise QuenchError("the inference precision follows --precision; do not set it")
+        if k not in CONFIG_KEYS:
+            raise QuenchError(
+                f"unknown OpenVINO option {key!r}; "
+                f"use one of {', '.join(sorted(CONFIG_KEYS - {'INFERENCE_PRECISION_HINT'}))}"
+            )
+        config[k] = str(value).upper() if k == "PERFORMANCE_HINT" else str(value)
+    return config
+
+
+def convert(model: onnx.ModelProto, batch: int | None, compress_to_fp16: bool) -> tuple[bytes, bytes]:
+    """ONNX model -> OpenVINO IR (xml, bin), batch dimension fixed or dynamic, names kept."""
+    with tempfile.TemporaryDirectory(prefix="quench-ov-") as tmp:
+        src = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(src), save_as_external_data=model.ByteSize() > 2**31 - 1)
+        try:
+            om = ov.convert_model(str(src))
+        except Exception as exc:  # OpenVINO raises its own exception types
+            raise ModelError(f"OpenVINO cannot convert the model: {exc}".splitlines()[0]) from None
+        initializers = {t.name for t in model.graph.initializer}
+        onnx_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+        # Keep the ONNX tensor names exactly (one name per port).
+        for port, name in zip(om.inputs, onnx_inputs, strict=False):
+            if name in port.get_names():
+                port.get_tensor().set_names({name})
+        for port, out in zip(om.outputs, model.graph.output, strict=False):
+            if out.name in port.get_names():
+                port.get_tensor().set_names({out.name})
+        shapes = {}
+        for port in om.inputs:
+            shape = port.get_partial_shape()
+            if shape.rank.is_static and shape.rank.get_length() > 0:
+                shape[0] = ov.Dimension() if batch is None else ov.Dimension(batch)
+                shapes[port.get_any_name()] = shape
+        if shapes:
+            om.reshape(shapes)
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(om, str(xml), compress_to_fp16=compress_to_fp16)
+        return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+
+
+class OpenVinoEngine(Engine):
+    name = "openvino"
+
+    @staticmethod
+    def version() -> str:
+        return ov.__version__
+
+    def supports(self, precision: str) -> bool:
+        return precision in PRECISIONS
+
+    def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
+        if not self.supports(spec.precision):
+            raise QuenchError(f"engine openvino cannot build precision {spec.precision}")
+        caps = cpu_capabilities()
+        p = plan(spec.precision, caps)
+        if p.int8 and not any(n.op_type in _QDQ for n in model.graph.node):
+            raise ModelError(
+                f"{spec.precision} needs a QDQ-quantized model (QuantizeLinear/DequantizeLinear)"
+            )
+        config = _config(p, spec)
+        xml, weights = convert(model, spec.batch, p.compress_to_fp16)
+
+        # Compile what the artifact will hold and look at what really executes.
+        with OpenVinoRunner(xml, weights, config, threads=spec.threads) as run:
+            props = run.properties()
+            counts = runtime_precisions(run.compiled)
+        ran = counts["runtime_precisions"]
+        if p.int8 and not (ran.get("i8") or ran.get("u8")):
+            raise QuenchError(f"OpenVINO runs no int8 kernels for this model ({ran})")
+        return Compiled(
+            payloads={XML: xml, BIN: weights},
+            options=config,
+            info={
+                "stored": p.stored,
+                "computes": p.computes,
+                "device": device_name(),
+                "capabilities": sorted(caps),
+                "inference_precision": _NAMES[props["INFERENCE_PRECISION_HINT"]],
+                "performance_hint": props["PERFORMANCE_HINT"],
+                **counts,
+            },
+        )
+
+    def runner(
+        self, payloads: dict[str, bytes], options: dict[str, Any], threads: int | None = None
+    ) -> Runner:
+        return OpenVinoRunner(payloads[XML], payloads[BIN], options, threads=threads)

@@ -1,0 +1,164 @@
+"""OpenVINO runner (CPU device): IR read from memory, compiled with the artifact's config."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import cache
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from quench.backend.base import Runner, TensorMeta
+from quench.errors import QuenchError
+
+DEVICE = "CPU"
+XML, BIN = "model.xml", "model.bin"
+
+# Properties an artifact (or a build's spec.options) may set, as OpenVINO's string names.
+CONFIG_KEYS = frozenset(
+    {
+        "INFERENCE_PRECISION_HINT",
+        "PERFORMANCE_HINT",
+        "PERFORMANCE_HINT_NUM_REQUESTS",
+        "EXECUTION_MODE_HINT",
+        "NUM_STREAMS",
+        "INFERENCE_NUM_THREADS",
+        "ENABLE_CPU_PINNING",
+        "ENABLE_HYPER_THREADING",
+        "SCHEDULING_CORE_TYPE",
+        "CPU_DENORMALS_OPTIMIZATION",
+    }
+)
+# Runtime-model layers that do no arithmetic of their own.
+_PASSIVE = frozenset({"Const", "Input", "Output", "Parameter", "Result"})
+_HEAVY = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution"})
+
+
+@cache
+def core() -> ov.Core:
+    """One OpenVINO core per process (creating one loads the device plugins)."""
+    return ov.Core()
+
+
+def read_ir(xml: bytes, weights: bytes) -> ov.Model:
+    """An ``ov.Model`` from IR bytes, without temporary files."""
+    buf = np.frombuffer(weights, np.uint8) if weights else np.zeros(0, np.uint8)
+    return core().read_model(model=xml, weights=ov.Tensor(buf))
+
+
+def precision_hint(compiled: ov.CompiledModel) -> str:
+    """The inference precision the compiled model really uses: ``f32``, ``bf16`` or ``f16``."""
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def _node_precision(rt: Any) -> str:
+    """What a runtime-model node computes in: its kernel's type, refined by runtimePrecision.
+
+    ``runtimePrecision`` alone can mislead (a Convolution whose weights are stored f16 reports
+    f16 while its kernel is ``brgconv_avx512_f32``), so the kernel name's suffix wins when it is
+    a type; int8 kernels (``..._I8``) are reported as u8/i8 from ``runtimePrecision``.
+    """
+    runtime = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else "?"
+    kernel = rt["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
+    if kernel == "i8":
+        return runtime if runtime in ("u8", "i8") else "i8"
+    if kernel in ("f32", "bf16", "f16"):
+        return kernel
+    return runtime
+
+
+def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, Any]:
+    """Count the executing nodes of the compiled model by the precision they compute in."""
+    overall: Counter[str] = Counter()
+    heavy: dict[str, Counter[str]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        layer = rt["layerType"].astype(str) if "layerType" in rt else op.get_type_name()
+        if layer in _PASSIVE:
+            continue
+        prec = _node_precision(rt)
+        overall[prec] += 1
+        if layer in _HEAVY:
+            heavy.setdefault(layer, Counter())[prec] += 1
+    return {
+        "runtime_precisions": dict(sorted(overall.items())),
+        "heavy_layers": {k: dict(sorted(v.items())) for k, v in sorted(heavy.items())},
+    }
+
+
+def _shape(port: Any) -> tuple[int | str, ...]:
+    dims: list[int | str] = []
+    for i, d in enumerate(port.get_partial_shape()):
+        dims.append(d.get_length() if d.is_static else ("N" if i == 0 else "?"))
+    return tuple(dims)
+
+
+def _meta(port: Any) -> TensorMeta:
+    return TensorMeta(port.get_any_name(), port.get_element_type().to_dtype().name, _shape(port))
+
+
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
+    def __init__(
+        self, xml: bytes, weights: bytes, config: dict[str, Any], threads: int | None = None
+    ) -> None:
+        super().__init__()
+        unknown = set(config) - CONFIG_KEYS
+        if unknown:
+            raise QuenchError(f"unknown OpenVINO option(s): {', '.join(sorted(unknown))}")
+        self._xml, self._weights = xml, weights
+        self.config = {k: str(v) for k, v in config.items()}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = str(threads)
+        self.threads = threads
+        self._compiled: ov.CompiledModel | None = None
+        self._request: ov.InferRequest | None = None
+        self._out_names: list[str] = []
+
+    def _activate(self) -> None:
+        compiled = core().compile_model(read_ir(self._xml, self._weights), DEVICE, self.config)
+        wanted = self.config.get("INFERENCE_PRECISION_HINT")
+        if wanted and precision_hint(compiled) != wanted:
+            raise QuenchError(
+                f"this model was built to compute in {wanted} but OpenVINO runs it in "
+                f"{precision_hint(compiled)} on this CPU; rebuild it here"
+            )
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._out_names = [p.get_any_name() for p in compiled.outputs]
+
+    def _deactivate(self) -> None:
+        self._request = None
+        self._compiled = None
+
+    @property
+    def compiled(self) -> ov.CompiledModel:
+        if self._compiled is None:
+            raise RuntimeError("runner is not active: call activate() first")
+        return self._compiled
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._request is None:
+            raise RuntimeError("runner is not active: call activate() first")
+        self._request.infer(feed)
+        # The request reuses its output buffers: copy them out.
+        return {
+            name: np.array(self._request.get_output_tensor(i).data, copy=True)
+            for i, name in enumerate(self._out_names)
+        }
+
+    def inputs(self) -> list[TensorMeta]:
+        return [_meta(p) for p in self.compiled.inputs]
+
+    def outputs(self) -> list[TensorMeta]:
+        return [_meta(p) for p in self.compiled.outputs]
+
+    def properties(self) -> dict[str, str]:
+        """What the compiled model runs with (precision, hint, streams, threads)."""
+        keys = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS")
+        props = {k: str(self.compiled.get_property(k)) for k in keys}
+        props["INFERENCE_PRECISION_HINT"] = precision_hint(self.compiled)
+        props["INFERENCE_NUM_THREADS"] = str(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        return props
