@@ -171,7 +171,13 @@ def _floats3(text: str | None, what: str) -> tuple[float, float, float] | None:
 def build(
     model: Annotated[Path, typer.Argument(help="The ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .quench artifact to write.")],
-    precision: Annotated[str, typer.Option(help="Precision mode.")] = "force_float32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="force_float32 | force_float16 | force_bfloat16 | qint8_mixed_float16 | "
+            "qint8_mixed_float32 (see the README's precision table)."
+        ),
+    ] = "force_float32",
     preset: Annotated[
         str | None, typer.Option(help="Model preset (see 'quench zoo list'); detected if omitted.")
     ] = None,
@@ -183,7 +189,9 @@ def build(
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch", help="Mutable batch size (the default).")
     ] = False,
-    engine: Annotated[str, typer.Option(help="Engine.")] = "onnxruntime",
+    engine: Annotated[
+        str, typer.Option(help="auto | onnxruntime | openvino (auto: the first that runs it).")
+    ] = "auto",
     threads: Annotated[
         int | None, typer.Option(help="Engine threads (default: all cores).")
     ] = None,
@@ -196,6 +204,31 @@ def build(
     ] = None,
     channel_order: Annotated[str | None, typer.Option(help="RGB or BGR.")] = None,
     layout: Annotated[str | None, typer.Option(help="NCHW or NHWC.")] = None,
+    calib_images: Annotated[
+        str | None, typer.Option(help="INT8: calibration images (folder or list file).")
+    ] = None,
+    calib_count: Annotated[int, typer.Option(min=1, help="INT8: images to calibrate on.")] = 200,
+    calib_method: Annotated[
+        str | None,
+        typer.Option(help="INT8: minmax | entropy | percentile (default: measured best)."),
+    ] = None,
+    calib_cache: Annotated[
+        str | None, typer.Option(help="INT8: calibration cache file to reuse / write.")
+    ] = None,
+    bias_correction: Annotated[
+        bool | None,
+        typer.Option("--bias-correction/--no-bias-correction", help="INT8: correct conv biases."),
+    ] = None,
+    check_images: Annotated[
+        str | None, typer.Option(help="Measure accuracy on these images at build time.")
+    ] = None,
+    check_labels: Annotated[
+        str | None,
+        typer.Option(help="Ground truth for --check-images (else: agreement with fp32)."),
+    ] = None,
+    max_top1_drop: Annotated[
+        float | None, typer.Option(help="Fail the build if top-1 drops more (percentage points).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON.")
@@ -223,6 +256,15 @@ def build(
             interpolation=interpolation,
             channel_order=channel_order.upper() if channel_order else None,
             layout=layout.upper() if layout else None,
+            calib_images=calib_images,
+            calib_count=calib_count,
+            calib_method=calib_method,
+            calib_cache=calib_cache,
+            bias_correction=bias_correction,
+            check_images=check_images,
+            check_labels=check_labels,
+            max_top1_drop=max_top1_drop,
+            progress=not quiet,
         )
         m = do_build(model, output, opts, log=None if quiet else info)
     if as_json:
@@ -373,6 +415,82 @@ def eval_(
         )
     if res.failed:
         raise typer.Exit(1)
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise fail(f"--batch takes sizes like 1,4,8, got {text!r}", code=2) from None
+    if not values or any(v < 1 for v in values):
+        raise fail(f"--batch takes sizes >= 1, got {text!r}", code=2)
+    return values
+
+
+@app.command()
+def perf(
+    model: Annotated[Path, typer.Argument(help="A .quench artifact, or an .onnx file (baseline).")],
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1,4,8",
+    threads: Annotated[int | None, typer.Option(min=1, help="Engine threads.")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Timed iterations per batch size.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, help="Seconds per batch size (default 10).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed iterations first.")] = 20,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
+    from quench.perf import perf_model, perf_onnx
+
+    sizes = _batches(batch)
+    if iterations is not None and duration is not None:
+        raise fail("--iterations and --duration exclude each other", code=2)
+    with user_errors():
+        if model.suffix.lower() == ".onnx":
+            results = perf_onnx(model, sizes, iterations, duration, warmup, threads, not quiet)
+        else:
+            results = perf_model(
+                _load(model, threads), sizes, iterations, duration, warmup, not quiet
+            )
+    _print_perf(results)
+    if json_out:
+        from quench.hw import cpu_info
+        from quench.perf import peak_macs
+
+        peak = {c: peak_macs(c, results[0].threads) for c in {r.compute for r in results}}
+        doc = {
+            "machine": cpu_info(),
+            "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
+            "results": [r.to_dict() for r in results],
+        }
+        json_out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _print_perf(results: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="quench perf", title_justify="left")
+    for col in ("Model", "Quant_Mode", "Batch_Size", "Throughput (qps)", "device"):
+        table.add_column(col, justify="right" if col[0] in "BT" else "left")
+    for col in ("p50 ms", "p90 ms", "p99 ms", "% of peak"):
+        table.add_column(col, justify="right")
+    for r in results:
+        lat = r.latency_ms
+        table.add_row(
+            r.model,
+            r.precision,
+            str(r.batch),
+            f"{r.qps:.2f}",
+            f"cpu ({r.engine}, {r.threads} threads)",
+            f"{lat['p50']:.2f}",
+            f"{lat['p90']:.2f}",
+            f"{lat['p99']:.2f}",
+            f"{r.peak_share:.1%}" if r.peak_share is not None else "-",
+        )
+    Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("info")

@@ -129,3 +129,42 @@ def set_batch(model: onnx.ModelProto, batch: int | None, symbol: str = "N") -> o
             dim.dim_value = batch
     del m.graph.value_info[:]  # stale intermediate shapes may pin the old batch
     return m
+
+
+def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
+
+    Shapes come from running the model once on a batch of 1 (ONNX Runtime, every node's output
+    exposed), so models whose shapes static inference cannot resolve are counted too.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    m = set_batch(model, 1)
+    inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
+    wanted = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    have = {o.name for o in m.graph.output}
+    probe = {t for n in wanted for t in (n.output[0], n.input[0], n.input[1]) if t not in inits}
+    for name in sorted(probe - have):
+        m.graph.output.append(onnx.ValueInfoProto(name=name))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = _real_inputs(m)[0].name
+    names = [o.name for o in sess.get_outputs()]
+    x = np.zeros((1, *input_shape), np.float32)
+    shapes = {n: a.shape for n, a in zip(names, sess.run(names, {inp: x}), strict=True)}
+    shapes.update(inits)
+    macs = 0
+    for n in wanted:
+        out = int(np.prod(shapes[n.output[0]]))
+        if n.op_type == "Conv":
+            macs += out * int(np.prod(shapes[n.input[1]][1:]))
+        elif n.op_type == "Gemm":
+            trans_a = next((a.i for a in n.attribute if a.name == "transA"), 0)
+            a = shapes[n.input[0]]
+            macs += out * int(a[0] if trans_a else a[1])
+        else:
+            macs += out * int(shapes[n.input[0]][-1])
+    return macs

@@ -20,16 +20,18 @@ def default_threads() -> int:
 def cpu_info() -> dict[str, object]:
     """CPU model name, ISA flags and core count (from /proc/cpuinfo where available)."""
     model, flags = platform.processor() or platform.machine(), set()
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key == "flags" and not flags:
+            if key == "flags" and not flags:
                 flags = set(value.split())
+            elif key and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
+    model = fields.get("model name", model)
     interesting = [
         f
         for f in (
@@ -46,9 +48,30 @@ def cpu_info() -> dict[str, object]:
         )
         if f in flags
     ]
+    family = fields.get("cpu family")
     return {
         "model": model,
+        "vendor": fields.get("vendor_id"),
+        "family": int(family) if family and family.isdigit() else None,
         "machine": platform.machine(),
         "cores": default_threads(),
+        "clock_ghz": round(nominal_clock_hz() / 1e9, 3),
         "flags": interesting,
     }
+
+
+@cache
+def nominal_clock_hz() -> float:
+    """The CPU's maximum (else current) clock: cpufreq's cpuinfo_max_freq or cpuinfo's MHz."""
+    try:
+        khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        return float(khz) * 1e3
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":")[1]) * 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2.5e9  # unknown: a typical server clock

@@ -17,7 +17,7 @@ import onnx
 from quench import __version__, artifact
 from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.errors import ModelError, QuenchError
-from quench.graph import SourceModel, find_io, load_model, num_classes, set_batch
+from quench.graph import SourceModel, count_macs, find_io, load_model, num_classes, set_batch
 from quench.hw import cpu_info
 from quench.labels import load_labels
 from quench.presets import Preset, detect_preset, get_preset
@@ -181,6 +181,12 @@ def build(
         "quench_version": __version__,
         "source": src.describe(),
         "preset": {"name": preset.name, "chosen": how},
+        "model": {
+            "macs_per_image": count_macs(src.model, preset.data.input_shape),
+            "parameters": sum(
+                int(np.prod(t.dims)) for t in src.model.graph.initializer if t.data_type == 1
+            ),
+        },
         "precision": {"mode": opts.precision, **compiled.info},
         "engine": {"name": engine.name, "version": engine.version(), "options": compiled.options},
         "io": {

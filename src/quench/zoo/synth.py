@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from quench import graph
 from quench.errors import QuenchError
 
 __all__ = ["SYNTH", "count_macs", "count_params", "synth", "synth_resnet50_v1"]
@@ -310,48 +311,6 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name not in buffers)
 
 
-def _static_shapes(model: onnx.ModelProto, image_size: int) -> dict[str, list[int]]:
-    """Shapes of all tensors for one ``image_size`` x ``image_size`` image (batch 1)."""
-    g = model.graph
-    inits = {t.name: list(t.dims) for t in g.initializer}
-    inputs = []
-    for vi in g.input:
-        if vi.name in inits:
-            continue
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        # An NCHW image gets the requested size; any other input just batch 1.
-        dims = [1, dims[1] or 3, image_size, image_size] if len(dims) == 4 else [1, *dims[1:]]
-        inputs.append(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, dims))
-    for t in g.initializer:
-        inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    outputs = [
-        helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in g.output
-    ]
-    shell = helper.make_model(
-        helper.make_graph(list(g.node), "shapes", inputs, outputs),
-        opset_imports=list(model.opset_import),
-    )
-    shell.ir_version = model.ir_version
-    shell = onnx.shape_inference.infer_shapes(shell, strict_mode=True)
-    shapes: dict[str, list[int]] = {}
-    for vi in [*shell.graph.input, *shell.graph.value_info, *shell.graph.output]:
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    return shapes
-
-
 def count_macs(model: onnx.ModelProto, image_size: int = 224) -> int:
     """Multiply-accumulates of the Conv, Gemm and MatMul nodes for one image."""
-    shapes = _static_shapes(model, image_size)
-    macs = 0
-    for n in model.graph.node:
-        if n.op_type == "Conv":
-            out, w = shapes[n.output[0]], shapes[n.input[1]]
-            macs += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif n.op_type == "Gemm":
-            a = shapes[n.input[0]]
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[1]
-            macs += int(np.prod(shapes[n.output[0]])) * k
-        elif n.op_type == "MatMul":
-            macs += int(np.prod(shapes[n.output[0]])) * shapes[n.input[0]][-1]
-    return macs
+    return graph.count_macs(model, (3, image_size, image_size))

@@ -128,7 +128,9 @@ def _config(p: Plan, spec: CompileSpec) -> dict[str, str]:
     return config
 
 
-def convert(model: onnx.ModelProto, batch: int | None, compress_to_fp16: bool) -> tuple[bytes, bytes]:
+def convert(
+    model: onnx.ModelProto, batch: int | None, compress_to_fp16: bool
+) -> tuple[bytes, bytes]:
     """ONNX model -> OpenVINO IR (xml, bin), batch dimension fixed or dynamic, names kept."""
     with tempfile.TemporaryDirectory(prefix="quench-ov-") as tmp:
         src = Path(tmp) / "model.onnx"
@@ -167,13 +169,18 @@ class OpenVinoEngine(Engine):
         return ov.__version__
 
     def supports(self, precision: str) -> bool:
-        return precision in PRECISIONS
+        """Whether ``precision`` runs on this CPU (bf16 needs BF16, int8 needs INT8 listed)."""
+        if precision not in PRECISIONS:
+            return False
+        try:
+            plan(precision, cpu_capabilities())
+        except QuenchError:
+            return False
+        return True
 
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
-        if not self.supports(spec.precision):
-            raise QuenchError(f"engine openvino cannot build precision {spec.precision}")
         caps = cpu_capabilities()
-        p = plan(spec.precision, caps)
+        p = plan(spec.precision, caps)  # refuses unknown precisions and what this CPU lacks
         if p.int8 and not any(n.op_type in _QDQ for n in model.graph.node):
             raise ModelError(
                 f"{spec.precision} needs a QDQ-quantized model (QuantizeLinear/DequantizeLinear)"

@@ -157,8 +157,9 @@ class OpenVinoRunner(Runner):
 
     def properties(self) -> dict[str, str]:
         """What the compiled model runs with (precision, hint, streams, threads)."""
-        keys = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS")
-        props = {k: str(self.compiled.get_property(k)) for k in keys}
+        props = {}
+        for key in ("PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
+            value = self.compiled.get_property(key)
+            props[key] = str(getattr(value, "name", value))  # enums -> "LATENCY"
         props["INFERENCE_PRECISION_HINT"] = precision_hint(self.compiled)
-        props["INFERENCE_NUM_THREADS"] = str(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         return props

@@ -1,0 +1,242 @@
+"""Throughput and latency per batch size (like MagicMind's ``mm_run``), with share of peak.
+
+The share of peak is ``MACs per image x images/s / peak MACs/s``; the peak is worked out from
+the CPU's ISA flags, its core count and its nominal clock (see ``peak_macs``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quench.hw import cpu_info, default_threads, nominal_clock_hz
+
+# MACs per cycle per core, by what the CPU can do (see README "Share of peak").
+_FP32_MACS = {"avx512_full": 32, "avx512_half": 16, "avx2": 16, "sse": 4}
+
+
+@dataclass
+class PerfResult:
+    model: str
+    precision: str
+    engine: str
+    batch: int
+    threads: int
+    iterations: int
+    seconds: float
+    qps: float
+    latency_ms: dict[str, float]
+    compute: str  # float32 | bfloat16 | float16 | int8
+    macs_per_image: int | None = None
+    peak_share: float | None = None
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fp32_macs_per_cycle(info: dict[str, Any]) -> tuple[int, str]:
+    """fp32 FMA lanes x FMA pipes per cycle per core, from the CPU family and flags."""
+    flags = set(info.get("flags", []))
+    vendor_family = (info.get("vendor"), info.get("family"))
+    if "avx512f" in flags:
+        # AMD Zen 4 (family 25) executes 512-bit FMAs on 256-bit pipes; Zen 5 (26) and Intel
+        # server cores with two FMA units do two full 512-bit FMAs per cycle.
+        if vendor_family == ("AuthenticAMD", 25):
+            return _FP32_MACS["avx512_half"], "AVX-512 on 2x256-bit FMA pipes (Zen 4)"
+        return _FP32_MACS["avx512_full"], "AVX-512, 2 FMA pipes x 16 fp32 lanes"
+    if "avx2" in flags and "fma" in flags:
+        return _FP32_MACS["avx2"], "AVX2, 2 FMA pipes x 8 fp32 lanes"
+    return _FP32_MACS["sse"], "SSE"
+
+
+def peak_macs(compute: str, threads: int | None = None) -> tuple[float, str]:
+    """Peak MACs/s of this CPU for a compute precision, and how it was worked out."""
+    info = cpu_info()
+    flags = set(info.get("flags", []))
+    base, how = fp32_macs_per_cycle(info)
+    factor, why = 1, "fp32 FMA"
+    if compute == "bfloat16" and "amx_bf16" in flags:
+        factor, why = 32, "AMX-BF16"
+    elif compute == "bfloat16" and "avx512_bf16" in flags:
+        factor, why = 2, "VDPBF16PS: 2 bf16 MACs per fp32 lane"
+    elif compute == "float16" and "avx512_fp16" in flags:
+        factor, why = 2, "AVX512-FP16: 32 fp16 lanes"
+    elif compute == "int8" and "amx_int8" in flags:
+        factor, why = 64, "AMX-INT8"
+    elif compute == "int8" and flags & {"avx512_vnni", "avx_vnni"}:
+        factor, why = 4, "VNNI VPDPBUSD: 4 u8xs8 MACs per 32-bit lane"
+    elif compute == "int8":
+        factor, why = 2, "PMADDUBSW: 2 MACs per 16-bit lane"
+    cores = threads or default_threads()
+    hz = nominal_clock_hz()
+    macs = cores * hz * base * factor
+    return macs, (f"{cores} cores x {hz / 1e9:.2f} GHz x {base * factor} MACs/cycle ({how}; {why})")
+
+
+def compute_of(manifest: dict[str, Any]) -> str:
+    """The arithmetic that dominates an artifact: int8, bfloat16, float16 or float32."""
+    mode = manifest["precision"]["mode"]
+    text = str(manifest["precision"].get("computes", "")).lower()
+    if mode.startswith("qint8"):
+        return "int8"
+    for kind in ("bfloat16", "float16"):
+        if text.startswith(kind):
+            return kind
+    return "float32"
+
+
+def measure(
+    infer: Callable[[np.ndarray], Any],
+    input_shape: tuple[int, ...],
+    batch: int,
+    iterations: int | None = None,
+    duration: float | None = None,
+    warmup: int = 20,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[int, float, np.ndarray]:
+    """Run ``infer`` on one random batch; returns (iterations, seconds, latencies in s)."""
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    for _ in range(warmup):
+        infer(x)
+    if iterations is None and duration is None:
+        duration = 10.0
+    lat: list[float] = []
+    start = time.perf_counter()
+    deadline = start + duration if duration is not None else float("inf")
+    while True:
+        t = time.perf_counter()
+        infer(x)
+        now = time.perf_counter()
+        lat.append(now - t)
+        if on_step:
+            on_step()
+        if (iterations is not None and len(lat) >= iterations) or now >= deadline:
+            break
+    return len(lat), time.perf_counter() - start, np.asarray(lat)
+
+
+def summarize(
+    lat: np.ndarray, iterations: int, seconds: float, batch: int
+) -> tuple[float, dict[str, float]]:
+    ms = lat * 1e3
+    pct = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
+    stats = {**pct, "mean": float(ms.mean()), "min": float(ms.min()), "max": float(ms.max())}
+    return batch * iterations / seconds, {k: round(v, 3) for k, v in stats.items()}
+
+
+def perf_model(
+    model: Any,
+    batches: list[int],
+    iterations: int | None = None,
+    duration: float | None = None,
+    warmup: int = 20,
+    progress: bool = True,
+) -> list[PerfResult]:
+    """Measure a loaded ``quench.Model`` at each batch size."""
+    from quench.errors import QuenchError
+    from quench.progress import Bar
+
+    if model.fixed_batch and any(b != model.fixed_batch for b in batches):
+        raise QuenchError(
+            f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
+            f"{model.fixed_batch} or rebuild with --dynamic-batch"
+        )
+    compute = compute_of(model.manifest)
+    macs = model.manifest.get("model", {}).get("macs_per_image")
+    runner = model.runner
+    threads = getattr(runner, "threads", None) or default_threads()
+    peak, _ = peak_macs(compute, threads)
+    results = []
+    for b in batches:
+        total = iterations if iterations is not None else None
+        with Bar(f"perf batch {b}", total, enabled=progress) as bar:
+            n, secs, lat = measure(
+                lambda x: runner.infer({model.input_name: x}),
+                model.data.input_shape,
+                b,
+                iterations,
+                duration,
+                warmup,
+                on_step=bar.advance,
+            )
+        qps, stats = summarize(lat, n, secs, b)
+        results.append(
+            PerfResult(
+                model=model.name,
+                precision=model.precision,
+                engine=model.engine,
+                batch=b,
+                threads=threads,
+                iterations=n,
+                seconds=round(secs, 3),
+                qps=round(qps, 2),
+                latency_ms=stats,
+                compute=compute,
+                macs_per_image=macs,
+                peak_share=round(macs * qps / peak, 4) if macs else None,
+            )
+        )
+    return results
+
+
+def perf_onnx(
+    path: str | Path,
+    batches: list[int],
+    iterations: int | None = None,
+    duration: float | None = None,
+    warmup: int = 20,
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[PerfResult]:
+    """Baseline: the raw ONNX file on plain ONNX Runtime (default session options)."""
+    import onnxruntime as ort
+
+    from quench.graph import count_macs, load_model
+    from quench.progress import Bar
+
+    src = load_model(path)
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
+    macs = count_macs(src.model, shape)
+    peak, _ = peak_macs("float32", threads)
+    results = []
+    for b in batches:
+        with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
+            n, secs, lat = measure(
+                lambda x: sess.run(None, {inp.name: x}),
+                shape,
+                b,
+                iterations,
+                duration,
+                warmup,
+                on_step=bar.advance,
+            )
+        qps, stats = summarize(lat, n, secs, b)
+        results.append(
+            PerfResult(
+                model=Path(path).stem,
+                precision="onnx (source)",
+                engine=f"onnxruntime {ort.__version__} (default options)",
+                batch=b,
+                threads=threads or default_threads(),
+                iterations=n,
+                seconds=round(secs, 3),
+                qps=round(qps, 2),
+                latency_ms=stats,
+                compute="float32",
+                macs_per_image=macs,
+                peak_share=round(macs * qps / peak, 4),
+            )
+        )
+    return results
