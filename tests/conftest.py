@@ -101,7 +101,12 @@ def tiny_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 TINY_BUILD = dict(
-    preset="imagenet", resize=36, crop=SIZE, mean=(120.0, 115.0, 100.0), std=(60.0, 60.0, 60.0)
+    preset="imagenet",
+    resize=36,
+    crop=SIZE,
+    mean=(120.0, 115.0, 100.0),
+    std=(60.0, 60.0, 60.0),
+    engine="onnxruntime",  # pinned: --engine auto picks by timing, which varies
 )
 
 

@@ -83,7 +83,7 @@ def test_dynamic_batch_manifest(tiny_artifact: Path, tiny_model: Path, tiny_labe
         "precision": "force_float32",
         "preset": "imagenet",
         "labels": str(tiny_labels),
-        "engine": "auto",
+        "engine": "onnxruntime",
         "mean": [120.0, 115.0, 100.0],
         "std": [60.0, 60.0, 60.0],
         "resize": 36,
@@ -326,7 +326,7 @@ def test_preset_is_detected_from_tensor_names(tmp_path: Path) -> None:
         input_name="data",
         output_name="resnetv17_dense0_fwd",
     )
-    model = build(src, tmp_path / "r50ish.quench")
+    model = build(src, tmp_path / "r50ish.quench", engine="onnxruntime")
     m = model.manifest
     assert m["preset"] == {"name": "resnet50-v1-7", "chosen": "detected"}
     assert m["name"] == "resnet50-v1-7"
@@ -366,6 +366,7 @@ def test_custom_data_config_nhwc_bgr(tmp_path: Path, tiny_labels: Path) -> None:
     model = build(
         src,
         tmp_path / "nhwc.quench",
+        engine="onnxruntime",
         labels=str(tiny_labels),
         preset="imagenet",
         mean=(10.0, 20.0, 30.0),
@@ -443,7 +444,7 @@ def test_resnet50_replica_builds_and_classifies(tmp_path: Path) -> None:
 
     src = tmp_path / "resnet50-v1-7.onnx"
     synth_resnet50_v1(src, seed=0)
-    model = build(src, tmp_path / "r50.quench", batch=1)
+    model = build(src, tmp_path / "r50.quench", batch=1, engine="onnxruntime")
     m = model.manifest
     assert m["preset"] == {"name": "resnet50-v1-7", "chosen": "detected"}
     assert m["source"]["opset"] == 7
@@ -465,3 +466,37 @@ def test_resnet50_replica_builds_and_classifies(tmp_path: Path) -> None:
     model.close()
     assert pred.classes[0] == int(np.argmax(logits))
     assert pred.scores[0] == pytest.approx(float(_softmax(logits)[0].max()), abs=1e-4)
+
+
+def test_auto_engine_measures_candidates_and_keeps_the_fastest(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path
+) -> None:
+    opts = {**TINY_BUILD, "engine": "auto"}
+    m = build(
+        tiny_model, tmp_path / "auto.quench", labels=str(tiny_labels), select_seconds=0.1, **opts
+    ).manifest
+    sel = m["engine_selection"]
+    assert sel["requested"] == "auto"
+    assert {c["engine"] for c in sel["candidates"]} == {"onnxruntime", "openvino"}
+    for c in sel["candidates"]:
+        assert set(c["qps_by_batch"]) == {"1", "8"} and c["score"] > 0
+    best = max(sel["candidates"], key=lambda c: c["score"])
+    assert sel["chosen"] == best["engine"] == m["engine"]["name"]
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_forcing_an_engine(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path, engine: str
+) -> None:
+    opts = {**TINY_BUILD, "engine": engine}
+    model = build(tiny_model, tmp_path / f"{engine}.quench", labels=str(tiny_labels), **opts)
+    m = model.manifest
+    assert m["engine"]["name"] == engine
+    assert m["engine_selection"] == {
+        "requested": engine,
+        "chosen": engine,
+        "candidates": [{"engine": engine}],
+    }
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(tiny_model)).run(None, {"images": x})[0]
+    np.testing.assert_allclose(model.predict(x), ref, rtol=1e-4, atol=1e-4)

@@ -97,6 +97,8 @@ FLAGS = [
     "120,115,100",
     "--std",
     "60",
+    "--engine",
+    "onnxruntime",
 ]
 
 

@@ -53,7 +53,15 @@ class Artifact:
 
         Left out: the date, timings, the host, and measured figures that vary in the last bits.
         """
-        skip = ("created", "build_seconds", "content_digest", "host", "verification", "timings")
+        skip = (
+            "created",
+            "build_seconds",
+            "content_digest",
+            "host",
+            "verification",
+            "timings",
+            "engine_selection",
+        )
         m = {k: v for k, v in self.manifest.items() if k not in skip}
         h = hashlib.sha256(json.dumps(m, sort_keys=True).encode())
         for name in sorted(self.payloads):

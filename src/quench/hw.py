@@ -62,7 +62,14 @@ def cpu_info() -> dict[str, object]:
 
 @cache
 def nominal_clock_hz() -> float:
-    """The CPU's maximum (else current) clock: cpufreq's cpuinfo_max_freq or cpuinfo's MHz."""
+    """The CPU's clock: $QUENCH_CPU_CLOCK_GHZ (e.g. a measured boost clock) if set, else
+    cpufreq's cpuinfo_max_freq, else cpuinfo's MHz."""
+    try:
+        ghz = float(os.environ.get("QUENCH_CPU_CLOCK_GHZ", ""))
+        if ghz > 0 and ghz != float("inf"):
+            return ghz * 1e9
+    except ValueError:
+        pass
     try:
         khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
         return float(khz) * 1e3

@@ -68,6 +68,7 @@ class BuildOptions:
     check_images: str | None = None
     check_labels: str | None = None
     max_top1_drop: float | None = None  # percentage points
+    select_seconds: float = 1.0  # --engine auto: timing per candidate and batch size
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,14 +92,14 @@ def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tup
     return preset, how
 
 
-def choose_engine(name: str, precision: str) -> Engine:
-    """The named engine, or for ``auto`` the first installed engine that runs ``precision``."""
+def candidate_engines(name: str, precision: str) -> list[Engine]:
+    """The named engine, or for ``auto`` every installed engine that runs ``precision``."""
     if name != "auto":
         engine = get_engine(name)
         if not engine.supports(precision):
             raise QuenchError(f"engine {engine.name} cannot run precision {precision} on this CPU")
-        return engine
-    problems = []
+        return [engine]
+    found, problems = [], []
     for candidate in ENGINE_ORDER:
         if candidate not in ENGINES:
             continue
@@ -108,9 +109,29 @@ def choose_engine(name: str, precision: str) -> Engine:
             problems.append(str(exc))
             continue
         if engine.supports(precision):
-            return engine
-    why = "; ".join(problems) or "none supports it"
-    raise QuenchError(f"no installed engine runs {precision} here ({why})")
+            found.append(engine)
+    if not found:
+        why = "; ".join(problems) or "none supports it"
+        raise QuenchError(f"no installed engine runs {precision} here ({why})")
+    return found
+
+
+def time_candidate(
+    engine: Engine, compiled: Compiled, spec: CompileSpec, shape: tuple[int, ...], seconds: float
+) -> dict[str, Any]:
+    """Images/s of a compiled candidate at the batch sizes it will serve (tactic timing)."""
+    from quench.perf import measure
+
+    batches = [spec.batch] if spec.batch else [1, 8]
+    qps = {}
+    with engine.runner(compiled.payloads, compiled.options, threads=spec.threads) as run:
+        for b in batches:
+            n, secs, _ = measure(
+                lambda x: run.infer({spec.input_name: x}), shape, b, duration=seconds, warmup=2
+            )
+            qps[str(b)] = round(b * n / secs, 2)
+    score = float(np.exp(np.mean(np.log(list(qps.values())))))
+    return {"engine": engine.name, "qps_by_batch": qps, "score": round(score, 2)}
 
 
 def build(
@@ -153,7 +174,7 @@ def build(
             f"{src.path}: the model has {classes} classes but the label set has {len(labels)}; "
             "pass --labels FILE"
         )
-    engine = choose_engine(opts.engine, opts.precision)
+    engines = candidate_engines(opts.engine, opts.precision)
     payloads: dict[str, bytes] = {}
     quant_info: dict[str, Any] | None = None
     to_compile = src.model
@@ -164,12 +185,34 @@ def build(
         timings["calibrate_quantize"] = round(time.perf_counter() - t, 3)
 
     spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
-    say(f"compiling with {engine.name} {engine.version()} ({opts.precision})")
+    reference = set_batch(src.model, opts.batch)
+    candidates: list[tuple[Engine, Compiled, dict[str, Any], dict[str, Any]]] = []
     t = time.perf_counter()
-    compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
-    timings["compile"] = round(time.perf_counter() - t, 3)
+    for engine in engines:
+        say(f"compiling with {engine.name} {engine.version()} ({opts.precision})")
+        try:
+            compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
+            verification = _verify(reference, compiled, engine, spec, preset)
+        except QuenchError as exc:
+            if len(engines) == 1:
+                raise
+            say(f"  {engine.name} rejected: {exc}")
+            continue
+        timing: dict[str, Any] = {"engine": engine.name}
+        if len(engines) > 1:
+            timing = time_candidate(
+                engine, compiled, spec, preset.data.input_shape, opts.select_seconds
+            )
+            say(f"  {engine.name}: {timing['qps_by_batch']} images/s by batch size")
+        candidates.append((engine, compiled, verification, timing))
+    if not candidates:
+        raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
+    candidates.sort(key=lambda c: -c[3].get("score", 0.0))
+    engine, compiled, verification, _ = candidates[0]
+    timings["compile_and_select"] = round(time.perf_counter() - t, 3)
+    if len(candidates) > 1:
+        say(f"chose {engine.name} (fastest of {len(candidates)} measured)")
     payloads.update(compiled.payloads)
-    verification = _verify(set_batch(src.model, opts.batch), compiled, engine, spec, preset)
     say(
         f"checked against the source model on random input: max |diff| "
         f"{verification['max_abs_diff']:.2e}, top-1 agreement {verification['top1_agreement']:.0%}"
@@ -208,6 +251,11 @@ def build(
         "build": _settings(opts),
         "host": cpu_info(),
         "verification": verification,
+        "engine_selection": {
+            "requested": opts.engine,
+            "chosen": engine.name,
+            "candidates": [c[3] for c in candidates],
+        },
     }
     if quant_info is not None:
         manifest["quantization"] = quant_info
@@ -228,7 +276,7 @@ def build(
 
 def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
-    skip = {"progress", "extra"}
+    skip = {"progress", "extra", "select_seconds"}
     if opts.precision not in INT8_PRECISIONS:
         skip |= {"calib_images", "calib_count", "calib_method", "calib_cache", "bias_correction"}
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
