@@ -325,3 +325,20 @@ def test_options(engine, float_model) -> None:
         compile_(engine, float_model, "force_float32", options={"INFERENCE_PRECISION_HINT": "bf16"})
     with pytest.raises(QuenchError, match="unknown OpenVINO option"):
         engine.runner(c.payloads, {"bogus": "1"})
+
+
+def test_streams_split_the_batch_and_keep_order(build, engine, float_model) -> None:
+    compiled = build("force_float32")
+    spec = CompileSpec("force_float32", "images", "logits", None, threads=2)
+    assert {"streams": 2} in engine.variants(spec)
+    assert engine.variants(CompileSpec("force_float32", "images", "logits", 4, threads=2)) == [{}]
+    x = batch_of(5, seed=3)
+    ref = reference(float_model, x)
+    options = {**compiled.options, "streams": 2}
+    with engine.runner(compiled.payloads, options, threads=2) as r:
+        assert r.streams == 2 and len(r._stream_requests) == 2
+        assert r.properties()["INFERENCE_PRECISION_HINT"] == "f32"
+        for n in (1, 2, 5):  # 1: below the stream count, served by the latency request
+            got = r.infer({"images": x[:n]})["logits"]
+            assert got.shape == (n, NUM_CLASSES)
+            assert rel_diff(got, ref[:n]) < 1e-4

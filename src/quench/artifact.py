@@ -61,6 +61,7 @@ class Artifact:
             "verification",
             "timings",
             "engine_selection",
+            "quantization",  # its settings are in payload/calibration.json; the rest is timing
         )
         m = {k: v for k, v in self.manifest.items() if k not in skip}
         h = hashlib.sha256(json.dumps(m, sort_keys=True).encode())

@@ -97,6 +97,10 @@ class Engine(ABC):
     @abstractmethod
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled: ...
 
+    def variants(self, spec: CompileSpec) -> list[dict[str, Any]]:
+        """Runtime option sets the builder may time against each other (default: one)."""
+        return [{}]
+
     @abstractmethod
     def runner(
         self, payloads: dict[str, bytes], options: dict[str, Any], threads: int | None = None

@@ -17,7 +17,15 @@ import onnx
 from quench import __version__, artifact
 from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.errors import ModelError, QuenchError
-from quench.graph import SourceModel, count_macs, find_io, load_model, num_classes, set_batch
+from quench.graph import (
+    SourceModel,
+    count_macs,
+    find_io,
+    load_model,
+    num_classes,
+    set_batch,
+    upgrade_opset,
+)
 from quench.hw import cpu_info
 from quench.labels import load_labels
 from quench.presets import Preset, detect_preset, get_preset
@@ -198,13 +206,17 @@ def build(
                 raise
             say(f"  {engine.name} rejected: {exc}")
             continue
-        timing: dict[str, Any] = {"engine": engine.name}
-        if len(engines) > 1:
-            timing = time_candidate(
-                engine, compiled, spec, preset.data.input_shape, opts.select_seconds
-            )
-            say(f"  {engine.name}: {timing['qps_by_batch']} images/s by batch size")
-        candidates.append((engine, compiled, verification, timing))
+        variants = engine.variants(spec) if opts.engine == "auto" else [{}]
+        for variant in variants:
+            option_set = Compiled(compiled.payloads, {**compiled.options, **variant}, compiled.info)
+            timing: dict[str, Any] = {"engine": engine.name}
+            if len(engines) > 1 or len(variants) > 1:
+                timing = time_candidate(
+                    engine, option_set, spec, preset.data.input_shape, opts.select_seconds
+                )
+                timing["options"] = variant
+                say(f"  {engine.name} {variant or ''}: {timing['qps_by_batch']} images/s by batch")
+            candidates.append((engine, option_set, verification, timing))
     if not candidates:
         raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
     candidates.sort(key=lambda c: -c[3].get("score", 0.0))
@@ -318,7 +330,7 @@ def _quantize(
         f"calibration: {len(calib.files)} images, method {config.method}"
         + (f", reusing ranges from {cache_file}" if cached else "")
     )
-    optimized = optimize(set_batch(src.model, None), level="basic")
+    optimized = optimize(upgrade_opset(set_batch(src.model, None), 13), level="basic")
     with Bar("quantizing", None, enabled=opts.progress) as bar:
         result = quantize(
             optimized,

@@ -21,13 +21,14 @@ from quench.backend.openvino.runner import (
     BIN,
     CONFIG_KEYS,
     DEVICE,
+    STREAMS,
     XML,
     OpenVinoRunner,
     core,
     runtime_precisions,
 )
 from quench.errors import ModelError, QuenchError
-from quench.hw import cpu_info
+from quench.hw import cpu_info, default_threads
 
 PRECISIONS = (
     "force_float32",
@@ -208,6 +209,13 @@ class OpenVinoEngine(Engine):
                 **counts,
             },
         )
+
+    def variants(self, spec: CompileSpec) -> list[dict[str, Any]]:
+        """Runtime configurations worth timing: one stream, or the batch split over streams."""
+        cores = spec.threads or default_threads()
+        if spec.batch is None and cores > 1:
+            return [{}, {STREAMS: cores}]
+        return [{}]
 
     def runner(
         self, payloads: dict[str, bytes], options: dict[str, Any], threads: int | None = None

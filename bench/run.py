@@ -1,0 +1,1043 @@
+#!/usr/bin/env python3
+"""Peers vs Quench on one machine, in one run: writes BENCHMARKS.md.
+
+Measures, on the ResNet-50 v1 replica and at each batch size: plain ONNX Runtime (fp32, and the
+ORT INT8 route: quant_pre_process + quantize_static QDQ), OpenVINO's own ``benchmark_app``
+(f32 pinned, its default hint, bf16 pinned), OpenVINO + NNCF INT8 (default parameters), and
+``quench build`` + ``quench perf`` in every precision mode. Every number in the report comes
+from this run; failures are recorded in the report, never fatal.
+
+    .venv/bin/python bench/run.py [--batches 1,4,8] [--duration 10] [--only fp32,bf16,int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+QUENCH = BIN / "quench"
+BENCHMARK_APP = BIN / "benchmark_app"
+MODEL_NAME = "resnet50-v1-7"
+CHW = (3, 224, 224)
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "imagenet-sample" / "calib.txt"
+
+FAMILIES = ("fp32", "bf16", "int8")
+FAMILY_ALIASES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8"}
+FAMILY_TITLE = {
+    "fp32": "FP32",
+    "bf16": "Reduced precision (bf16 / fp16)",
+    "int8": "INT8",
+}
+FAMILY_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+QUENCH_MODES = {
+    "force_float32": "fp32",
+    "force_bfloat16": "bf16",
+    "force_float16": "bf16",
+    "qint8_mixed_float32": "int8",
+    "qint8_mixed_float16": "int8",
+}
+OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
+
+CLOCK_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+static double now(clockid_t c) {
+    struct timespec t;
+    clock_gettime(c, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+int main(int argc, char **argv) {
+    long total = argc > 1 ? atol(argv[1]) : 2000000000L, chunks = 4, per = total / chunks;
+    unsigned long x = 0, one = 1;
+    for (long c = 0; c < chunks; c++) {
+        double w0 = now(CLOCK_MONOTONIC), t0 = now(CLOCK_THREAD_CPUTIME_ID);
+        for (long i = 0; i < per; i++) {
+#if defined(__x86_64__) || defined(__i386__)
+            __asm__ volatile("add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0"
+                             : "+r"(x) : "r"(one));
+#elif defined(__aarch64__)
+            __asm__ volatile("add %0, %0, %1\n\tadd %0, %0, %1\n\t"
+                             "add %0, %0, %1\n\tadd %0, %0, %1" : "+r"(x) : "r"(one));
+#else
+#error "no inline asm for this architecture"
+#endif
+        }
+        double t1 = now(CLOCK_THREAD_CPUTIME_ID), w1 = now(CLOCK_MONOTONIC);
+        printf("chunk %ld adds %ld cpu_s %.6f wall_s %.6f\n", c, 4 * per, t1 - t0, w1 - w0);
+    }
+    printf("check %lu\n", x);
+    return 0;
+}
+"""
+
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def rel(p: Path | str) -> str:
+    """A path as written in commands: relative to the repo root (the subprocesses' cwd)."""
+    p = Path(p).absolute()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def first_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"(error\b|\w*(Error|Exception)\b)", ln, re.IGNORECASE) or "[ ERROR ]" in ln:
+            return ln[:400]
+    return (lines[-1] if lines else "no output")[:400]
+
+
+# -- running things -------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    cmd: str
+    rc: int | None  # None: timed out or could not start
+    out: str  # stdout + stderr
+    seconds: float
+    log: str
+    stdout: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def error(self) -> str:
+        if self.rc is None:
+            return first_error(self.out)
+        return f"exit {self.rc}: {first_error(self.out)}"
+
+
+class Runner:
+    def __init__(self, work: Path, env: dict[str, str]) -> None:
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self.count = 0
+
+    def run(self, name: str, cmd: list[str], timeout: float) -> Proc:
+        self.count += 1
+        log = self.logs / f"{self.count:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
+        text = shlex.join(cmd)
+        t = time.perf_counter()
+        try:
+            p = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            proc = Proc(text, None, f"error: cannot start: {exc}", 0.0, rel(log))
+        else:
+            try:
+                out, errs = p.communicate(timeout=timeout)
+                rc: int | None = p.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, errs = p.communicate()
+                errs += f"\nerror: timed out after {timeout:.0f} s"
+                rc = None
+            both = f"{out}\n{errs}" if out and errs else out or errs
+            proc = Proc(text, rc, both, time.perf_counter() - t, rel(log), out)
+        log.write_text(f"$ {text}\n# rc={proc.rc} seconds={proc.seconds:.1f}\n{proc.out}")
+        if not proc.ok:
+            say(f"  FAILED ({proc.error()}); log {proc.log}")
+        return proc
+
+
+# -- machine --------------------------------------------------------------------------------
+
+
+def measure_clock(work: Path, env: dict[str, str]) -> tuple[float | None, str]:
+    """The real (boost) clock from a chain of dependent integer adds: 1 add per cycle."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        return None, "not measured (no gcc)"
+    src, exe = work / "clock.c", work / "clock"
+    src.write_text(CLOCK_C)
+    try:
+        subprocess.run([gcc, "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
+        out = subprocess.run(
+            [str(exe), "2000000000"], check=True, capture_output=True, text=True, timeout=120
+        ).stdout
+    except (subprocess.SubprocessError, OSError) as exc:
+        return None, f"not measured ({type(exc).__name__}: {exc})"
+    chunks = [
+        (int(m[1]), float(m[2]), float(m[3]))
+        for m in re.finditer(r"adds (\d+) cpu_s ([\d.]+) wall_s ([\d.]+)", out)
+    ]
+    if not chunks:
+        return None, "not measured (no output)"
+    ghz = max(adds / cpu / 1e9 for adds, cpu, _ in chunks if cpu > 0)
+    wall = max(adds / w / 1e9 for adds, _, w in chunks if w > 0)
+    how = (
+        f"gcc -O2 loop of dependent integer adds (4 per iteration, 2e9 iterations in 4 chunks, "
+        f"clock_gettime): best chunk {ghz:.3f} GHz on thread CPU time ({wall:.3f} GHz on wall "
+        f"time)"
+    )
+    return ghz, how
+
+
+def reported_clock_ghz() -> tuple[float | None, str]:
+    try:
+        khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        return float(khz) / 1e6, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":")[1]) / 1e3, "/proc/cpuinfo 'cpu MHz'"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "unknown"
+
+
+def cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return f"{line.split('=', 1)[1].strip(chr(34))}, kernel {platform.release()}"
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def ram_gib() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except (OSError, ValueError):
+        pass
+    return "unknown"
+
+
+def version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{rev}{' + uncommitted changes' if dirty else ''}" if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    family: str
+    kind: str  # "peer" | "quench"
+    label: str
+    settings: str
+    compute: str  # for the share of peak: float32 | bfloat16 | float16 | int8
+    qps: dict[int, float] = field(default_factory=dict)
+    p50: dict[int, float] = field(default_factory=dict)
+    p99: dict[int, float] = field(default_factory=dict)
+    peak: dict[int, float] = field(default_factory=dict)  # share of peak, 0..1
+    device: str = "cpu"
+    commands: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mode: str = ""  # quench precision mode
+    model: str = MODEL_NAME
+
+
+@dataclass
+class Prep:
+    """A model-preparation step (peer quantization or quench build)."""
+
+    label: str
+    family: str
+    seconds: float | None
+    command: str
+    error: str | None = None
+    detail: str = ""
+
+
+# -- peers ----------------------------------------------------------------------------------
+
+
+def quench_perf(
+    runner: Runner, name: str, model: Path, out: Path, batches: list[int], duration: float
+) -> tuple[Proc, dict[str, Any] | None]:
+    out.unlink(missing_ok=True)
+    cmd = [
+        rel(QUENCH),
+        "perf",
+        rel(model),
+        "--batch",
+        ",".join(map(str, batches)),
+        "--duration",
+        f"{duration:g}",
+        "--json",
+        rel(out),
+        "-q",
+    ]
+    timeout = 180 + len(batches) * (2 * duration + 90)
+    p = runner.run(name, cmd, timeout)
+    doc = None
+    if p.ok:
+        try:
+            doc = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            p.rc, p.out = 1, p.out + f"\nerror: no JSON results ({exc})"
+    return p, doc
+
+
+def fill_from_perf(row: Row, p: Proc, doc: dict[str, Any] | None, keep_peak: bool) -> None:
+    row.commands.append(p.cmd)
+    if doc is None:
+        row.errors.append(p.error())
+        return
+    for r in doc["results"]:
+        b = int(r["batch"])
+        row.qps[b] = float(r["qps"])
+        row.p50[b] = float(r["latency_ms"]["p50"])
+        row.p99[b] = float(r["latency_ms"]["p99"])
+        if keep_peak and r.get("peak_share") is not None:
+            row.peak[b] = float(r["peak_share"])
+        row.device = f"cpu ({r['engine']}, {r['threads']} threads)"
+        if row.kind == "quench":
+            row.compute = r.get("compute", row.compute)
+            row.model = r.get("model", row.model)
+
+
+BA_NUM = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def parse_benchmark_app(out: str) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    pats = {
+        "fps": rf"Throughput:\s*{BA_NUM}\s*FPS",
+        "median": rf"Median:\s*{BA_NUM}\s*ms",
+        "pct": rf"(\d+) percentile:\s*{BA_NUM}\s*ms",
+        "count": r"Count:\s*(\d+)\s*iterations",
+        "duration": rf"Duration:\s*{BA_NUM}\s*ms",
+        "precision": r"INFERENCE_PRECISION_HINT:\s*<Type: '(\w+)'>",
+        "hint": r"PERFORMANCE_HINT:\s*(\w+)",
+        "streams": r"NUM_STREAMS:\s*(\d+)",
+        "requests": r"Measuring performance \(.*?(\d+) inference requests?",
+        "mode": r"Start inference (\w+)",
+    }
+    for key, pat in pats.items():
+        m = re.search(pat, out)
+        if m:
+            res[key] = m.groups() if key == "pct" else m[1]
+    return res
+
+
+def ov_precision_name(t: str | None) -> str | None:
+    return {"bfloat16": "bf16", "f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16"}.get(
+        t or ""
+    )
+
+
+def run_benchmark_app(
+    runner: Runner,
+    row: Row,
+    model: Path,
+    extra: list[str],
+    batches: list[int],
+    duration: float,
+) -> dict[str, Any]:
+    """benchmark_app at each batch size (+ one -latency_percentile 99 run at the smallest)."""
+    seen: dict[str, Any] = {}
+    for b in batches:
+        cmd = [
+            rel(BENCHMARK_APP),
+            "-m",
+            rel(model),
+            "-d",
+            "CPU",
+            *extra,
+            "-shape",
+            f"[{b},{','.join(map(str, CHW))}]",
+            "-t",
+            f"{duration:g}",
+        ]
+        say(f"  {row.label}: batch {b}")
+        p = runner.run(f"ba-{row.label}-b{b}", cmd, 240 + 3 * duration)
+        row.commands.append(p.cmd)
+        r = parse_benchmark_app(p.out)
+        if not p.ok or "fps" not in r:
+            row.errors.append(f"batch {b}: {p.error() if not p.ok else 'no Throughput line'}")
+            continue
+        row.qps[b] = float(r["fps"])
+        if "median" in r:
+            row.p50[b] = float(r["median"])
+        if "count" in r and "duration" in r:
+            own = b * int(r["count"]) / (float(r["duration"]) / 1e3)
+            if abs(own - row.qps[b]) > 0.05 * row.qps[b]:
+                row.notes.append(
+                    f"batch {b}: Throughput {row.qps[b]:.1f} FPS but batch x count / duration = "
+                    f"{own:.1f}"
+                )
+        if not seen:
+            seen = r
+        if b == min(batches):
+            p99 = [*cmd, "-latency_percentile", "99"]
+            say(f"  {row.label}: batch {b}, p99 run")
+            q = runner.run(f"ba-{row.label}-b{b}-p99", p99, 240 + 3 * duration)
+            row.commands.append(q.cmd)
+            rq = parse_benchmark_app(q.out)
+            if q.ok and rq.get("pct"):
+                row.p99[b] = float(rq["pct"][1])
+            else:
+                row.errors.append(f"batch {b} p99 run: {q.error() if not q.ok else 'no line'}")
+    if seen:
+        prec = ov_precision_name(seen.get("precision"))
+        reqs = f"{seen['requests']} requests, " if seen.get("requests") else ""
+        row.settings += (
+            f"; ran as: {seen.get('hint', '?').lower()} hint, inference precision "
+            f"{prec or '?'}, {seen.get('streams', '?')} stream(s), {reqs}"
+            f"{seen.get('mode', '?')}"
+        )
+        row.device = "cpu (OpenVINO benchmark_app)"
+    return seen
+
+
+def ort_int8_step(args: argparse.Namespace) -> int:
+    """Hidden step: the ORT user's INT8 route (quant_pre_process + quantize_static, QDQ)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    from quench.build.calibration import load_calibration
+    from quench.presets import get_preset
+
+    t = time.perf_counter()
+    src, dest = Path(args.model), Path(args.dest)
+    calib = load_calibration(
+        args.calib_images, get_preset(MODEL_NAME).data, args.calib_count, progress=False
+    )
+    m = onnx.load(str(src), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    name = next(i.name for i in m.graph.input if i.name not in inits)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self) -> dict[str, Any] | None:
+            if self.i >= len(calib.tensor):
+                return None
+            self.i += 1
+            return {name: calib.tensor[self.i - 1 : self.i]}
+
+    notes = []
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        # Per-channel QDQ needs DequantizeLinear's axis (opset 13); quantize_static only lifts
+        # old models to opset 11 and then writes an invalid graph. Convert first, as ORT's
+        # quantization docs advise, with ONNX's own version converter.
+        from onnx import version_converter
+
+        m = version_converter.convert_version(onnx.load(str(src)), 13)
+        m.ir_version = max(m.ir_version, 7)  # opset 13's IR: initializers need not be inputs
+        # ... and must not be, or ORT treats them as overridable inputs and folds nothing (its
+        # warning points to remove_initializer_from_input.py, which does this):
+        keep = [i for i in m.graph.input if i.name not in inits]
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+        src = dest.with_name(dest.stem + "-opset13.onnx")
+        onnx.save(m, str(src))
+        notes.append(
+            f"source opset {opset} converted to 13 (onnx.version_converter, IR 7, initializers "
+            "removed from the graph inputs)"
+        )
+    pre = dest.with_name(dest.stem + "-preprocessed.onnx")
+    try:
+        import sympy  # noqa: F401  (symbolic shape inference needs it)
+
+        skip_symbolic = False
+    except ImportError:
+        skip_symbolic = True  # what ORT's own error message suggests without sympy
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=skip_symbolic)
+    quantize_static(
+        str(pre),
+        str(dest),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    if skip_symbolic:
+        notes.append("sympy not installed: quant_pre_process(skip_symbolic_shape=True)")
+    done = {
+        "seconds": time.perf_counter() - t,
+        "images": len(calib.files),
+        "note": "; ".join(notes),
+    }
+    print(json.dumps(done))
+    return 0
+
+
+def nncf_int8_step(args: argparse.Namespace) -> int:
+    """Hidden step: the OpenVINO user's INT8 route (nncf.quantize, default parameters)."""
+    import nncf
+    import openvino as ov
+
+    from quench.build.calibration import load_calibration
+    from quench.presets import get_preset
+
+    t = time.perf_counter()
+    calib = load_calibration(
+        args.calib_images, get_preset(MODEL_NAME).data, args.calib_count, progress=False
+    )
+    model = ov.Core().read_model(args.model)
+    items = [calib.tensor[i : i + 1] for i in range(len(calib.tensor))]
+    quantized = nncf.quantize(model, nncf.Dataset(items))
+    ov.save_model(quantized, args.dest)
+    print(json.dumps({"seconds": time.perf_counter() - t, "images": len(calib.files)}))
+    return 0
+
+
+def prep_step(
+    runner: Runner, label: str, family: str, step: str, model: Path, dest: Path, args: Any
+) -> Prep:
+    dest.unlink(missing_ok=True)
+    cmd = [
+        rel(sys.executable),
+        rel(Path(__file__)),
+        "--step",
+        step,
+        "--model",
+        rel(model),
+        "--dest",
+        rel(dest),
+        "--calib-images",
+        rel(args.calib_images),
+        "--calib-count",
+        str(args.calib_count),
+    ]
+    say(f"{label}: quantizing")
+    p = runner.run(step, cmd, 1800)
+    if not p.ok or not dest.exists():
+        return Prep(label, family, None, p.cmd, p.error() if not p.ok else "no output model")
+    detail = f"{args.calib_count} calibration images"
+    try:
+        done = json.loads(p.stdout.strip().splitlines()[-1])
+        detail = f"{done['images']} calibration images" + (
+            f" ({done['note']})" if done.get("note") else ""
+        )
+    except (ValueError, IndexError, KeyError, TypeError):
+        pass
+    return Prep(label, family, p.seconds, p.cmd, detail=detail)
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def family_table(rows: list[Row], batches: list[int]) -> list[str]:
+    b0, bmax = min(batches), max(batches)
+    peers = [r for r in rows if r.kind == "peer"]
+    best = {b: max((r.qps[b] for r in peers if b in r.qps), default=None) for b in batches}
+    head = (
+        ["Config", "Settings"]
+        + [f"qps b={b}" for b in batches]
+        + [f"p50 ms b={b0}", f"p99 ms b={b0}"]
+        + [f"Quench / best peer b={b}" for b in batches]
+        + [f"% of peak b={bmax}"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        ratios = []
+        for b in batches:
+            if r.kind == "quench" and b in r.qps and best[b]:
+                ratios.append(f"**{r.qps[b] / best[b]:.2f}x**")
+            else:
+                ratios.append("")
+        cells = (
+            [f"**{r.label}**" if r.kind == "quench" else r.label, r.settings]
+            + [fmt(r.qps.get(b)) for b in batches]
+            + [fmt(r.p50.get(b0), 2), fmt(r.p99.get(b0), 2)]
+            + ratios
+            + [pct(r.peak.get(bmax))]
+        )
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    for b in batches:
+        if best[b]:
+            who = next(r.label for r in peers if r.qps.get(b) == best[b])
+            lines.append(f"- best peer at b={b}: {who}, {best[b]:,.1f} qps")
+    for r in rows:
+        for e in r.errors:
+            lines.append(f"- {r.label}: **failed** {e}")
+        for n in r.notes:
+            lines.append(f"- {r.label}: {n}")
+    return lines
+
+
+def write_report(
+    path: Path,
+    args: argparse.Namespace,
+    machine: list[tuple[str, str]],
+    rows: list[Row],
+    preps: list[Prep],
+    batches: list[int],
+    started: datetime,
+    extra_notes: list[str],
+) -> None:
+    out: list[str] = [
+        "# Benchmarks: ResNet-50 v1, peers vs Quench, CPU",
+        "",
+        f"Produced {started:%Y-%m-%d %H:%M} UTC by one run of "
+        f"`{rel(sys.executable)} {shlex.join(sys.argv)}` "
+        f"(cwd {rel(Path.cwd()) if Path.cwd() != REPO else 'repo root'}; took "
+        f"{(time.perf_counter() - T0) / 60:.1f} min). Every figure below comes from that run.",
+        "",
+        "Model: the ResNet-50 v1 replica (`quench zoo synth resnet50-v1-7`): the structure of "
+        "the ONNX model zoo's resnet50-v1-7 with synthetic weights, so speeds are "
+        "representative, accuracy is not. Input float32 [b,3,224,224].",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in machine],
+        "",
+    ]
+    for fam in FAMILIES:
+        frows = [r for r in rows if r.family == fam]
+        if not frows:
+            continue
+        out += [f"## {FAMILY_TITLE[fam]}", "", *family_table(frows, batches), ""]
+
+    qrows = [r for r in rows if r.kind == "quench" and r.qps]
+    if qrows:
+        out += [
+            "## Quench, MagicMind-style",
+            "",
+            "| Model | Quant_Mode | Batch_Size | Throughput (qps) | device | % of peak |",
+            "|---|---|---:|---:|---|---:|",
+        ]
+        for r in qrows:
+            for b in batches:
+                if b in r.qps:
+                    out.append(
+                        f"| {r.model} | {r.mode} | {b} | {r.qps[b]:,.2f} | {r.device} | "
+                        f"{pct(r.peak.get(b))} |"
+                    )
+        out.append("")
+
+    if preps:
+        out += [
+            "## Build / quantization times",
+            "",
+            "Wall time of the whole command (process start, reading calibration images, "
+            "calibration, conversion, writing the result).",
+            "",
+            "| What | Family | Seconds | Notes |",
+            "|---|---|---:|---|",
+        ]
+        for p in preps:
+            note = f"**failed**: {p.error}" if p.error else p.detail
+            out.append(f"| {p.label} | {p.family} | {fmt(p.seconds)} | {note.replace('|', '/')} |")
+        out.append("")
+
+    out += [
+        "## How measured",
+        "",
+        f"- Batch sizes {', '.join(map(str, batches))}; {args.duration:g} s per measurement; "
+        f"all threads the process may use (no thread flags anywhere).",
+        "- qps = images per second (batch x iterations / seconds).",
+        "- `quench perf` (ONNX Runtime rows and Quench rows): one random batch, 20 untimed "
+        "iterations, then synchronous back-to-back inference for the duration; p50/p99 over "
+        "the per-iteration latencies. On an `.onnx` file it runs a plain "
+        "`onnxruntime.InferenceSession(path)` with default session options.",
+        "- `benchmark_app`: Throughput (FPS) parsed from its output; it counts images (checked: "
+        "batch x count / duration). p50 is its Median; p99 comes from a second run at "
+        f"b={min(batches)} with `-latency_percentile 99`. With the throughput hint several "
+        "requests are in flight, so its latency is per request under load.",
+        "- % of peak = MACs per image x qps / peak MACs per second for the row's arithmetic "
+        "(quench.perf.peak_macs, with the measured clock); Quench rows show `quench perf`'s own "
+        "figure, peer rows the same formula applied here.",
+        "- INT8 rows calibrate on the same images, read through the resnet50-v1-7 preset's "
+        "preprocessing (quench.build.calibration.load_calibration).",
+        *[f"- {n}" for n in extra_notes],
+        "",
+    ]
+    for r in rows:
+        out += [f"**{r.label}** ({FAMILY_TITLE[r.family]})", "", "```"]
+        out += r.commands or ["(not run)"]
+        out += ["```", ""]
+    if preps:
+        out += ["Model preparation:", "", "```", *[p.command for p in preps], "```", ""]
+    out.append(f"Logs of every command: `{rel(args.work / 'logs')}`.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,4,8", help="Batch sizes, comma separated.")
+    ap.add_argument("--duration", type=float, default=10.0, help="Seconds per measurement.")
+    ap.add_argument("--calib-images", type=Path, default=DEFAULT_CALIB, help="INT8 calibration.")
+    ap.add_argument("--calib-count", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="Scratch dir.")
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--only", default="fp32,bf16,int8", help="Families: fp32,bf16,int8.")
+    ap.add_argument("--step", choices=("ort-int8", "nncf-int8"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--dest", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        args.batch_list = sorted({int(v) for v in args.batches.split(",") if v.strip()})
+    except ValueError:
+        ap.error(f"--batches takes sizes like 1,4,8, got {args.batches!r}")
+    if not args.batch_list or min(args.batch_list) < 1:
+        ap.error("--batches takes sizes >= 1")
+    fams = {FAMILY_ALIASES.get(v.strip().lower()) for v in args.only.split(",") if v.strip()}
+    if None in fams or not fams:
+        ap.error(f"--only takes fp32,bf16,int8, got {args.only!r}")
+    args.families = [f for f in FAMILIES if f in fams]
+    if args.duration <= 0 or args.calib_count < 1:
+        ap.error("--duration must be > 0 and --calib-count >= 1")
+    args.work = args.work.absolute()
+    args.out = args.out.absolute()
+    args.calib_images = args.calib_images.absolute()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.step == "ort-int8":
+        return ort_int8_step(args)
+    if args.step == "nncf-int8":
+        return nncf_int8_step(args)
+
+    started = datetime.now(timezone.utc)
+    batches, fams, dur = args.batch_list, args.families, args.duration
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"work dir {work}; families {','.join(fams)}; batches {batches}; {dur:g} s each")
+    load_start = loadavg()
+
+    # 1. machine + measured clock (exported before quench.hw caches its clock)
+    reported, reported_how = reported_clock_ghz()
+    env = dict(os.environ)
+    say("measuring the clock")
+    ghz, clock_how = measure_clock(work, env)
+    if ghz:
+        os.environ["QUENCH_CPU_CLOCK_GHZ"] = env["QUENCH_CPU_CLOCK_GHZ"] = f"{ghz:.3f}"
+    say(f"clock: {clock_how}")
+
+    from quench.hw import cpu_info, default_threads
+    from quench.perf import peak_macs
+
+    info = cpu_info()
+    threads = default_threads()
+    runner = Runner(work, env)
+
+    # 2. model
+    src = work / "resnet50-replica.onnx"
+    extra_notes: list[str] = []
+    if not src.exists():
+        say("writing the ResNet-50 replica")
+        p = runner.run(
+            "synth", [rel(QUENCH), "zoo", "synth", MODEL_NAME, "-o", rel(src)], timeout=600
+        )
+        if not p.ok:
+            say("cannot make the model; writing what there is")
+            extra_notes.append(f"model generation failed: {p.error()}")
+    extra_notes.insert(0, f"Model file: `{rel(src)}`.")
+    macs = None
+    if src.exists():
+        try:
+            from quench.graph import count_macs, load_model
+
+            macs = count_macs(load_model(src).model, CHW)
+        except Exception as exc:
+            extra_notes.append(f"MAC count failed: {type(exc).__name__}: {exc}")
+    need_calib = "int8" in fams
+    if need_calib and not args.calib_images.exists():
+        extra_notes.append(f"calibration images {rel(args.calib_images)} not found")
+
+    try:
+        import openvino as ov
+
+        ov_default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        m = re.search(r"'(\w+)'", ov_default)
+        ov_default = m[1] if m else ov_default
+    except Exception:
+        ov_default = "f32"
+    ov_default_family = OV_PRECISION_FAMILY.get(ov_precision_name(ov_default) or "f32", "fp32")
+
+    rows: list[Row] = []
+    preps: list[Prep] = []
+    ort_v, ov_v = version("onnxruntime"), version("openvino")
+
+    # 3. peers
+    if "fp32" in fams:
+        say("ONNX Runtime fp32 (quench perf on the source ONNX)")
+        row = Row(
+            "fp32", "peer", f"ONNX Runtime {ort_v}", "InferenceSession(path), defaults", "float32"
+        )
+        p, doc = quench_perf(runner, "ort-fp32", src, work / "ort-fp32.json", batches, dur)
+        fill_from_perf(row, p, doc, keep_peak=False)
+        rows.append(row)
+
+    ov_src_configs = []
+    if "fp32" in fams:
+        ov_src_configs.append(
+            (
+                "fp32",
+                "f32, latency hint",
+                ["-hint", "latency", "-infer_precision", "f32"],
+                "float32",
+            )
+        )
+    if ov_default_family in fams:
+        ov_src_configs.append(("default", "default hint and precision", [], "?"))
+    if "bf16" in fams:
+        ov_src_configs.append(
+            (
+                "bf16",
+                "bf16, latency hint",
+                ["-hint", "latency", "-infer_precision", "bf16"],
+                "bfloat16",
+            )
+        )
+    for fam, settings, extra, compute in ov_src_configs:
+        label = f"OpenVINO {ov_v.split('-')[0]} benchmark_app"
+        fam_ = ov_default_family if fam == "default" else fam
+        row = Row(fam_, "peer", label, settings, compute)
+        say(f"{label}: {settings}")
+        seen = run_benchmark_app(runner, row, src, extra, batches, dur)
+        if fam == "default":
+            prec = ov_precision_name(seen.get("precision")) or ov_precision_name(ov_default)
+            row.family = OV_PRECISION_FAMILY.get(prec or "f32", "fp32")
+            row.compute = {"bf16": "bfloat16", "f16": "float16"}.get(prec or "", "float32")
+        rows.append(row)
+
+    if "int8" in fams:
+        qdq = work / "ort-int8-qdq.onnx"
+        prep = prep_step(
+            runner, "ONNX Runtime quantize_static (QDQ)", "int8", "ort-int8", src, qdq, args
+        )
+        prep.detail += "; quant_pre_process + QDQ, per-channel, U8 activations, S8 weights, MinMax"
+        preps.append(prep)
+        row = Row(
+            "int8",
+            "peer",
+            f"ONNX Runtime {ort_v} INT8",
+            "quantize_static QDQ U8S8 per-channel MinMax; default session",
+            "int8",
+        )
+        if prep.error:
+            row.errors.append(f"quantization: {prep.error}")
+            row.commands.append(prep.command)
+        else:
+            say("ONNX Runtime INT8 (quench perf on the QDQ model)")
+            p, doc = quench_perf(runner, "ort-int8", qdq, work / "ort-int8.json", batches, dur)
+            fill_from_perf(row, p, doc, keep_peak=False)
+        rows.append(row)
+
+        ir = work / "nncf-int8.xml"
+        prep = prep_step(
+            runner, "OpenVINO + NNCF nncf.quantize", "int8", "nncf-int8", src, ir, args
+        )
+        prep.detail += "; nncf.quantize defaults, ov.save_model"
+        preps.append(prep)
+        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
+            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
+            row = Row("int8", "peer", label, f"benchmark_app, {settings}", "int8")
+            if prep.error:
+                row.errors.append(f"quantization: {prep.error}")
+            else:
+                say(f"{label}: {settings}")
+                run_benchmark_app(runner, row, ir, extra, batches, dur)
+            rows.append(row)
+
+    # 4. quench
+    for mode, fam in QUENCH_MODES.items():
+        if fam not in fams:
+            continue
+        art = work / f"r50-{mode}.quench"
+        art.unlink(missing_ok=True)
+        cmd = [rel(QUENCH), "build", rel(src), "-o", rel(art), "--precision", mode, "--json"]
+        if fam == "int8":
+            cache = work / f"calib-{mode}.json"
+            cache.unlink(missing_ok=True)  # calibrate for real: honest build time
+            cmd += [
+                "--calib-images",
+                rel(args.calib_images),
+                "--calib-count",
+                str(args.calib_count),
+                "--calib-cache",
+                rel(cache),
+            ]
+        say(f"quench build {mode}")
+        p = runner.run(f"build-{mode}", cmd, 1800 if fam == "int8" else 900)
+        row = Row(fam, "quench", f"Quench {mode}", "", "float32", mode=mode)
+        row.commands.append(p.cmd)
+        detail = ""
+        if p.ok:
+            try:
+                m = json.loads(p.stdout)
+                prec, eng = m.get("precision", {}), m.get("engine", {})
+                row.settings = f"engine {eng.get('name', '?')}, computes {prec.get('computes')}"
+                detail = row.settings
+            except ValueError:
+                row.settings = "(manifest not parsed)"
+        preps.append(
+            Prep(
+                f"quench build --precision {mode}",
+                fam,
+                p.seconds if p.ok else None,
+                p.cmd,
+                None if p.ok else p.error(),
+                detail,
+            )
+        )
+        if not p.ok or not art.exists():
+            row.errors.append(f"build: {p.error() if not p.ok else 'no artifact'}")
+            rows.append(row)
+            continue
+        say(f"quench perf {mode}")
+        q, doc = quench_perf(runner, f"perf-{mode}", art, work / f"r50-{mode}.json", batches, dur)
+        row.commands.pop()  # the build line is listed under model preparation
+        fill_from_perf(row, q, doc, keep_peak=True)
+        rows.append(row)
+
+    # share of peak for peer rows: the same formula quench perf uses
+    for r in rows:
+        if r.kind == "peer" and macs:
+            compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
+            peak, _ = peak_macs(compute, threads)
+            r.peak = {b: macs * q / peak for b, q in r.qps.items()}
+
+    # 5. report
+    peaks = []
+    for c in ("float32", "bfloat16", "float16", "int8"):
+        v, how = peak_macs(c, threads)
+        peaks.append(f"{c}: {v / 1e9:,.0f} GMAC/s ({how})")
+    machine = [
+        ("CPU", f"{info.get('model')} ({info.get('vendor')}, family {info.get('family')})"),
+        ("ISA flags", ", ".join(info.get("flags", [])) or "none of interest"),
+        (
+            "Cores",
+            f"{threads} usable by this process; {os.cpu_count()} logical CPUs; "
+            f"cpuinfo 'cpu cores' {cpuinfo_field('cpu cores') or '?'}, "
+            f"siblings {cpuinfo_field('siblings') or '?'}",
+        ),
+        ("RAM", ram_gib()),
+        ("OS", os_name()),
+        ("Python", f"{platform.python_version()} ({rel(sys.executable)})"),
+        (
+            "Packages",
+            f"onnxruntime {ort_v}, openvino {ov_v}, nncf {version('nncf')}, "
+            f"onnx {version('onnx')}, numpy {version('numpy')}, quench {version('quench')} "
+            f"(git {git_rev()})",
+        ),
+        ("Reported clock", f"{fmt(reported, 3)} GHz ({reported_how})"),
+        ("Measured clock", f"{fmt(ghz, 3)} GHz: {clock_how}"),
+        (
+            "Clock used for % of peak",
+            f"{fmt(ghz or reported, 3)} GHz"
+            + (" (QUENCH_CPU_CLOCK_GHZ, exported to every quench command)" if ghz else ""),
+        ),
+        ("Peak MAC rates", "; ".join(peaks)),
+        ("MACs per image", f"{macs:,}" if macs else "unknown"),
+        ("OpenVINO CPU default inference precision", str(ov_default)),
+        ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
+    ]
+    write_report(args.out, args, machine, rows, preps, batches, started, extra_notes)
+    (work / "results.json").write_text(
+        json.dumps(
+            {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},
+            indent=2,
+            default=str,
+        )
+    )
+    say(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""quench perf: measurement, table, JSON, peak arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import quench
+from quench import hw, perf
+from quench.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_perf_model_fields(tiny_artifact: Path) -> None:
+    model = quench.load(tiny_artifact)
+    res = perf.perf_model(model, [1, 3], iterations=7, warmup=2, progress=False)
+    assert [r.batch for r in res] == [1, 3]
+    for r in res:
+        assert r.iterations == 7 and r.qps > 0 and r.seconds > 0
+        assert set(r.latency_ms) == {"p50", "p90", "p99", "mean", "min", "max"}
+        assert (
+            r.latency_ms["min"] <= r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
+        )
+        assert r.qps == pytest.approx(r.batch * r.iterations / r.seconds, rel=0.01)
+        assert r.compute == "float32" and r.precision == "force_float32"
+        assert r.macs_per_image == model.manifest["model"]["macs_per_image"] > 0
+        peak, _ = perf.peak_macs("float32", r.threads)
+        assert r.peak_share == pytest.approx(r.macs_per_image * r.qps / peak, rel=0.01)
+
+
+def test_perf_cli_table_and_json(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    res = invoke(
+        "perf", tiny_artifact, "--batch", "1,2", "--iterations", 5, "--warmup", 1, "--json", out
+    )
+    assert res.exit_code == 0, res.output
+    for col in (
+        "Model",
+        "Quant_Mode",
+        "Batch_Size",
+        "Throughput (qps)",
+        "device",
+        "p99 ms",
+        "% of peak",
+    ):
+        assert col in res.stdout
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cores"] >= 1
+    assert "float32" in doc["peak"] and doc["peak"]["float32"]["macs_per_second"] > 0
+    assert [r["batch"] for r in doc["results"]] == [1, 2]
+    assert all(r["iterations"] == 5 for r in doc["results"])
+    assert {"qps", "latency_ms", "peak_share", "engine", "precision"} <= set(doc["results"][0])
+
+
+def test_perf_raw_onnx_baseline(tiny_model: Path) -> None:
+    res = invoke("perf", tiny_model, "--batch", "2", "--iterations", 3, "--warmup", 0)
+    assert res.exit_code == 0, res.output
+    assert "onnx (source)" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [["--batch", "0"], ["--batch", "a,b"], ["--iterations", "3", "--duration", "1"]]
+)
+def test_perf_usage_errors(tiny_artifact: Path, args: list[str]) -> None:
+    assert invoke("perf", tiny_artifact, *args).exit_code == 2
+
+
+def test_perf_fixed_batch_mismatch(tmp_path: Path, tiny_model: Path, tiny_labels: Path) -> None:
+    from conftest import TINY_BUILD
+
+    m = quench.build(
+        str(tiny_model), str(tmp_path / "b2.quench"), labels=str(tiny_labels), batch=2, **TINY_BUILD
+    )
+    res = invoke("perf", m.path, "--batch", "1,2", "--iterations", 2)
+    assert res.exit_code == 1
+    assert "fixed batch 2" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert invoke("perf", m.path, "--batch", "2", "--iterations", 2).exit_code == 0
+
+
+def _cpu(monkeypatch: pytest.MonkeyPatch, flags: list[str], family: int = 26) -> None:
+    info = {"vendor": "AuthenticAMD", "family": family, "flags": flags}
+    monkeypatch.setattr(perf, "cpu_info", lambda: info)
+    monkeypatch.setattr(perf, "default_threads", lambda: 2)
+    monkeypatch.setattr(perf, "nominal_clock_hz", lambda: 3.0e9)
+
+
+def test_peak_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cpu(monkeypatch, ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"])
+    assert perf.peak_macs("float32")[0] == 2 * 3.0e9 * 32
+    assert perf.peak_macs("bfloat16")[0] == 2 * 3.0e9 * 64
+    assert perf.peak_macs("int8")[0] == 2 * 3.0e9 * 128
+    assert perf.peak_macs("float16")[0] == 2 * 3.0e9 * 32  # no AVX512-FP16
+    assert "VNNI" in perf.peak_macs("int8")[1]
+    _cpu(monkeypatch, ["avx2", "fma", "avx512f"], family=25)  # Zen 4: 512-bit ops split in two
+    assert perf.peak_macs("float32")[0] == 2 * 3.0e9 * 16
+    assert perf.peak_macs("int8")[0] == 2 * 3.0e9 * 16 * 2
+    _cpu(monkeypatch, ["avx2", "fma"])
+    assert perf.peak_macs("float32", threads=1)[0] == 3.0e9 * 16
+
+
+def test_clock_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    hw.nominal_clock_hz.cache_clear()
+    monkeypatch.setenv("QUENCH_CPU_CLOCK_GHZ", "4.25")
+    try:
+        assert hw.nominal_clock_hz() == pytest.approx(4.25e9)
+    finally:
+        hw.nominal_clock_hz.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("mode", "computes", "expected"),
+    [
+        ("force_float32", "float32", "float32"),
+        ("force_bfloat16", "bfloat16", "bfloat16"),
+        ("force_float16", "bfloat16 (this CPU has no float16 arithmetic)", "bfloat16"),
+        ("force_float16", "float16", "float16"),
+        ("qint8_mixed_float16", "int8 ...", "int8"),
+    ],
+)
+def test_compute_of(mode: str, computes: str, expected: str) -> None:
+    assert perf.compute_of({"precision": {"mode": mode, "computes": computes}}) == expected
