@@ -168,3 +168,27 @@ def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
         else:
             macs += out * int(shapes[n.input[0]][-1])
     return macs
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model at ``opset`` or newer (INT8 per-channel DequantizeLinear needs opset 13).
+
+    Initializers are also dropped from the graph inputs (IR >= 4), so that optimisers may fold
+    them as constants.
+    """
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current < opset:
+        try:
+            model = version_converter.convert_version(model, opset)
+        except Exception as exc:  # the converter raises assorted errors
+            raise ModelError(f"cannot convert the model to opset {opset}: {exc}") from None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.ir_version = max(m.ir_version, 7)
+    inits = {t.name for t in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    return m
