@@ -1,0 +1,292 @@
+"""INT8 post-training quantization (quench.build.quantize) on the tiny generated classifier.
+
+Tolerances: on fresh random inputs the QDQ model must pick the same top-1 class as fp32 for at
+least 90% of the images and its logits must be within 5% relative (L2) error of fp32's (8% for
+``entropy``, which clips ranges hardest by design).
+
+Most tests set ``float_first_layer=False``: the tiny model has a single Conv, which the default
+would keep in float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import SIZE, make_classifier
+from quench.build import quantize as qmod
+from quench.build.quantize import METHODS, QuantConfig, QuantResult, quantize
+from quench.errors import QuenchError
+
+TOP1_AGREEMENT = 0.90
+REL_ERROR = {"entropy": 0.08}
+REL_ERROR_DEFAULT = 0.05
+ALL_INT8 = QuantConfig(float_first_layer=False)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Noise plus a per-image, per-channel offset, so the pooled features differ between images."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
+    return x + rng.standard_normal((n, 3, 1, 1), dtype=np.float32)
+
+
+def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT basic graph optimisation (BN folded into the conv), as the builder does."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": x})[0]
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    path = make_classifier(tmp_path_factory.mktemp("quant") / "tiny.onnx")
+    model = _optimize(onnx.load(path))
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"node{i}"
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib() -> np.ndarray:
+    return _images(48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def test_images() -> np.ndarray:
+    return _images(64, seed=2)
+
+
+@pytest.fixture(scope="module")
+def default_result(fp32: onnx.ModelProto, calib: np.ndarray) -> QuantResult:
+    return quantize(fp32, "images", calib, QuantConfig())
+
+
+def _fidelity(q: onnx.ModelProto, f: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
+    yq, yf = _run(q, x), _run(f, x)
+    agree = float(np.mean(yq.argmax(1) == yf.argmax(1)))
+    rel = float(np.linalg.norm(yq - yf) / np.linalg.norm(yf))
+    return agree, rel
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_methods_close_to_fp32(
+    fp32: onnx.ModelProto,
+    calib: np.ndarray,
+    test_images: np.ndarray,
+    method: str,
+    bias_correction: bool,
+) -> None:
+    config = replace(ALL_INT8, method=method, bias_correction=bias_correction)
+    res = quantize(fp32, "images", calib, config)
+    ops = {n.op_type for n in res.model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert res.info["quantized_nodes"].get("Conv") == 1
+    assert res.info["quantized_nodes"].get("Gemm") == 1
+    assert res.info["method"] == method
+    assert res.info["bias_corrected"] == (2 if bias_correction else 0)
+    agree, rel = _fidelity(res.model, fp32, test_images)
+    assert agree >= TOP1_AGREEMENT, (method, agree)
+    assert rel < REL_ERROR.get(method, REL_ERROR_DEFAULT), (method, rel)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"weight_method": "mse"},
+        {"activation_type": "int8"},
+        {"per_channel": False},
+        {"method": "percentile", "percentile": 99.9},
+    ],
+)
+def test_options_close_to_fp32(
+    fp32: onnx.ModelProto, calib: np.ndarray, test_images: np.ndarray, change: dict
+) -> None:
+    res = quantize(fp32, "images", calib, replace(ALL_INT8, **change))
+    agree, rel = _fidelity(res.model, fp32, test_images)
+    assert agree >= TOP1_AGREEMENT and rel < REL_ERROR_DEFAULT, (change, agree, rel)
+
+
+def test_first_layer_float_by_default(
+    fp32: onnx.ModelProto, calib: np.ndarray, test_images: np.ndarray
+) -> None:
+    res = quantize(fp32, "images", calib, QuantConfig())
+    conv = next(n for n in res.model.graph.node if n.op_type == "Conv")
+    assert conv.input[0] == "images"  # the input is not quantized ...
+    assert conv.name in res.info["float_nodes"]
+    assert res.info["quantized_nodes"].get("Gemm") == 1  # ... the rest is
+    agree, rel = _fidelity(res.model, fp32, test_images)
+    assert agree >= TOP1_AGREEMENT and rel < REL_ERROR_DEFAULT, (agree, rel)
+
+
+def test_cache_round_trip_skips_calibration(
+    fp32: onnx.ModelProto,
+    calib: np.ndarray,
+    default_result: QuantResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_calibration(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibration ran although a cache was given")
+
+    monkeypatch.setattr(qmod, "_collect", no_calibration)
+    again = quantize(fp32, "images", calib, QuantConfig(), cache=default_result.ranges)
+    assert again.model.SerializeToString() == default_result.model.SerializeToString()
+    assert again.ranges == default_result.ranges
+    assert again.info["cache_reused"] is True
+    # with a cache, the calibration images are not needed at all
+    empty = np.zeros((0, 3, SIZE, SIZE), np.float32)
+    third = quantize(fp32, "images", empty, QuantConfig(), cache=default_result.ranges)
+    assert third.model.SerializeToString() == default_result.model.SerializeToString()
+
+
+def test_cache_is_an_ort_calibration_cache(
+    default_result: QuantResult, tmp_path: Path, fp32: onnx.ModelProto
+) -> None:
+    """The ranges bytes load with ORT's own reader (quantize_static's calibration cache)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    path = tmp_path / "cache.json"
+    path.write_bytes(default_result.ranges)
+    data = load_tensors_data(path)
+    computed = [o for n in fp32.graph.node for o in n.output]
+    assert set(computed) <= set(data.keys())
+    lo, hi = data[computed[0]].range_value
+    assert float(lo) <= float(hi)
+
+
+def test_cache_for_other_method_is_refused(
+    fp32: onnx.ModelProto, calib: np.ndarray, default_result: QuantResult
+) -> None:
+    other = next(m for m in METHODS if m != QuantConfig().method)
+    with pytest.raises(QuenchError, match="method"):
+        quantize(fp32, "images", calib, QuantConfig(method=other), cache=default_result.ranges)
+    with pytest.raises(QuenchError, match="cache"):
+        quantize(fp32, "images", calib, QuantConfig(), cache=b"{not json")
+
+
+def test_deterministic(
+    fp32: onnx.ModelProto, calib: np.ndarray, default_result: QuantResult
+) -> None:
+    again = quantize(fp32, "images", calib, QuantConfig())
+    assert again.model.SerializeToString() == default_result.model.SerializeToString()
+    assert again.ranges == default_result.ranges
+    for method in ("percentile", "mse"):
+        cfg = replace(ALL_INT8, method=method, weight_method="mse")
+        a = quantize(fp32, "images", calib, cfg)
+        b = quantize(fp32, "images", calib, cfg)
+        assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+def test_bias_correction_reduces_mean_error(fp32: onnx.ModelProto, calib: np.ndarray) -> None:
+    """Per class, the mean (over the calibration images) of quantized - fp32 logits shrinks."""
+    ref = _run(fp32, calib)
+    errors = {}
+    for bc in (False, True):
+        config = replace(ALL_INT8, method="minmax", bias_correction=bc)
+        res = quantize(fp32, "images", calib, config)
+        errors[bc] = float(np.abs((_run(res.model, calib) - ref).mean(axis=0)).mean())
+    assert errors[True] < errors[False], errors
+
+
+def test_progress_and_info(fp32: onnx.ModelProto, calib: np.ndarray) -> None:
+    calls: list[tuple[int, int]] = []
+    res = quantize(fp32, "images", calib, QuantConfig(), progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1] == len(calls)
+    assert res.info["calibration_images"] == len(calib)
+    assert res.info["seconds"] >= 0
+
+
+def test_exclude_keeps_node_in_float(fp32: onnx.ModelProto, calib: np.ndarray) -> None:
+    gemm = next(n.name for n in fp32.graph.node if n.op_type == "Gemm")
+    res = quantize(fp32, "images", calib, replace(ALL_INT8, exclude=(gemm,)))
+    assert "Gemm" not in res.info["quantized_nodes"]
+    node = next(n for n in res.model.graph.node if n.name == gemm)
+    weight = {t.name for t in res.model.graph.initializer}
+    assert node.input[1] in weight  # the float weight, not a DequantizeLinear output
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"method": "bogus"}, "unknown calibration method"),
+        ({"weight_method": "bogus"}, "unknown weight method"),
+        ({"activation_type": "int4"}, "unknown activation type"),
+        ({"percentile": 20.0}, "percentile"),
+        ({"exclude": ("no-such-node",)}, "no-such-node"),
+    ],
+)
+def test_bad_config(fp32: onnx.ModelProto, calib: np.ndarray, change: dict, match: str) -> None:
+    with pytest.raises(QuenchError, match=match):
+        quantize(fp32, "images", calib, replace(QuantConfig(), **change))
+
+
+def test_bad_inputs(fp32: onnx.ModelProto, calib: np.ndarray) -> None:
+    with pytest.raises(QuenchError, match="no input"):
+        quantize(fp32, "pixels", calib, QuantConfig())
+    with pytest.raises(QuenchError, match="calibration"):
+        quantize(fp32, "images", calib[:, :, :8, :8], QuantConfig())
+    with pytest.raises(QuenchError, match="no calibration images"):
+        quantize(fp32, "images", calib[:0], QuantConfig())
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"pads": [1, 1, 1, 1]},
+        {"pads": [0, 1, 2, 1], "strides": [2, 2]},
+        {"pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 2},
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2], "group": 4},
+        {},
+    ],
+)
+def test_bias_shift_matches_conv_of_the_mean(attrs: dict) -> None:
+    """For an input constant per channel, the predicted mean shift is exact."""
+    rng = np.random.default_rng(3)
+    group = attrs.get("group", 1)
+    dw = rng.standard_normal((8, 4 // group, 3, 3)).astype(np.float32)
+    mean = rng.standard_normal(4).astype(np.float32)
+    x = np.broadcast_to(mean[None, :, None, None], (1, 4, 9, 7)).copy()
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], **attrs)
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 9, 7])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(dw, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"x": x})[0].mean(axis=(0, 2, 3))
+    got = qmod._bias_shift(node, dw.astype(np.float64), mean.astype(np.float64), [4, 9, 7])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_on_openvino(
+    fp32: onnx.ModelProto, calib: np.ndarray, test_images: np.ndarray
+) -> None:
+    ov = pytest.importorskip("openvino")
+    res = quantize(fp32, "images", calib, ALL_INT8)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(res.model.SerializeToString(), b""), "CPU")
+    got = compiled(test_images)[0]
+    ref = _run(fp32, test_images)
+    assert float(np.mean(got.argmax(1) == ref.argmax(1))) >= TOP1_AGREEMENT
+    assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < REL_ERROR_DEFAULT
