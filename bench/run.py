@@ -474,7 +474,7 @@ def ort_int8_step(args: argparse.Namespace) -> int:
         quantize_static,
     )
 
-    from quench.build.calibration import load_calibration
+    from quench.builder.calibration import load_calibration
     from quench.presets import get_preset
 
     t = time.perf_counter()
@@ -551,7 +551,7 @@ def nncf_int8_step(args: argparse.Namespace) -> int:
     import nncf
     import openvino as ov
 
-    from quench.build.calibration import load_calibration
+    from quench.builder.calibration import load_calibration
     from quench.presets import get_preset
 
     t = time.perf_counter()
@@ -735,7 +735,7 @@ def write_report(
         "(quench.perf.peak_macs, with the measured clock); Quench rows show `quench perf`'s own "
         "figure, peer rows the same formula applied here.",
         "- INT8 rows calibrate on the same images, read through the resnet50-v1-7 preset's "
-        "preprocessing (quench.build.calibration.load_calibration).",
+        "preprocessing (quench.builder.calibration.load_calibration).",
         *[f"- {n}" for n in extra_notes],
         "",
     ]

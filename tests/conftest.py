@@ -114,7 +114,7 @@ TINY_BUILD = dict(
 def tiny_artifact(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_labels: Path
 ) -> Path:
-    from quench.build import build
+    from quench.builder import build
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny.quench"
     build(tiny_model, out, labels=str(tiny_labels), **TINY_BUILD)

@@ -18,7 +18,7 @@ import quench
 from conftest import TINY_BUILD
 from quench import artifact
 from quench.artifact import Artifact, load, read_manifest, save
-from quench.build import build
+from quench.builder import build
 from quench.errors import ArtifactError
 
 PAYLOAD = "payload/model.onnx"

@@ -1,4 +1,4 @@
-"""quench.build: manifest contents, numerical agreement with the source model, and refusals."""
+"""quench.builder: manifest contents, numerical agreement with the source model, and refusals."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 import quench
 from conftest import NUM_CLASSES, SIZE, TINY_BUILD, make_classifier, make_image
-from quench.build import BuildOptions, build
+from quench.builder import BuildOptions, build
 from quench.errors import ModelError, QuenchError
 from quench.imaging import load_pixels
 from quench.labels import load_labels

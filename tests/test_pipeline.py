@@ -28,7 +28,7 @@ def model(tiny_artifact: Path) -> Iterator[Model]:
 def fixed_model(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_labels: Path
 ) -> Iterator[Model]:
-    from quench.build import build
+    from quench.builder import build
 
     out = tmp_path_factory.mktemp("fixed") / "tiny-b4.quench"
     build(tiny_model, out, labels=str(tiny_labels), batch=4, **TINY_BUILD)

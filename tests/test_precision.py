@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import TINY_BUILD, make_image
-from quench.build import build
+from quench.builder import build
 from quench.errors import QuenchError
 from quench.imaging import Normalizer, load_pixels
 
@@ -310,3 +310,41 @@ def test_overlap_of_calibration_and_check_images_is_warned(
         **TINY_BUILD,
     )
     assert any("also check images" in line for line in logs)
+
+
+def test_auto_falls_back_to_the_next_candidate_that_passes(
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_labels: Path,
+    check_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from quench.builder import core
+
+    real = core._accuracy_check
+    seen: list[str] = []
+
+    def first_fails(built, *args, **kwargs):
+        seen.append(built.engine)
+        result = real(built, *args, **kwargs)
+        if len(seen) == 1:
+            raise core.AccuracyGateError("accuracy check failed: simulated")
+        return result
+
+    monkeypatch.setattr(core, "_accuracy_check", first_fails)
+    logs: list[str] = []
+    opts = {**TINY_BUILD, "engine": "auto"}
+    m = build(
+        tiny_model,
+        tmp_path / "m.quench",
+        labels=str(tiny_labels),
+        log=logs.append,
+        select_seconds=0.05,
+        check_images=str(check_dir),
+        max_top1_drop=50.0,
+        **opts,
+    )
+    assert len(seen) == 2
+    assert m.manifest["engine_selection"]["chosen"] == seen[1] == m.engine
+    assert m.manifest["accuracy"]["passed"] is True
+    assert any("rejected: accuracy check failed: simulated" in line for line in logs)

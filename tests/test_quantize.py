@@ -1,4 +1,4 @@
-"""INT8 post-training quantization (quench.build.quantize) on the tiny generated classifier.
+"""INT8 post-training quantization (quench.builder.quantize) on the tiny generated classifier.
 
 Tolerances: on fresh random inputs the QDQ model must pick the same top-1 class as fp32 for at
 least 90% of the images and its logits must be within 5% relative (L2) error of fp32's (8% for
@@ -20,8 +20,8 @@ import onnxruntime as ort
 import pytest
 
 from conftest import SIZE, make_classifier
-from quench.build import quantize as qmod
-from quench.build.quantize import METHODS, QuantConfig, QuantResult, quantize
+from quench.builder import quantize as qmod
+from quench.builder.quantize import METHODS, QuantConfig, QuantResult, quantize
 from quench.errors import QuenchError
 
 TOP1_AGREEMENT = 0.90

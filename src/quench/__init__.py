@@ -23,8 +23,8 @@ def load(path: str, **options: Any) -> Model:
 
 
 def build(model: str, output: str, **options: Any) -> Model:
-    """Build an ONNX model into a ``.quench`` artifact (see ``quench.build.build``)."""
-    from quench.build import build as _build
+    """Build an ONNX model into a ``.quench`` artifact (see ``quench.builder.build``)."""
+    from quench.builder import build as _build
 
     return _build(model, output, **options)
 

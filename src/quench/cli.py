@@ -235,8 +235,8 @@ def build(
     ] = False,
 ) -> None:
     """Check, optimise and convert an ONNX classifier into one .quench artifact."""
-    from quench.build import BuildOptions
-    from quench.build import build as do_build
+    from quench.builder import BuildOptions
+    from quench.builder import build as do_build
 
     if batch is not None and dynamic_batch:
         raise fail("--batch and --dynamic-batch exclude each other", code=2)  # usage error
