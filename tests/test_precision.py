@@ -348,3 +348,31 @@ def test_auto_falls_back_to_the_next_candidate_that_passes(
     assert m.manifest["engine_selection"]["chosen"] == seen[1] == m.engine
     assert m.manifest["accuracy"]["passed"] is True
     assert any("rejected: accuracy check failed: simulated" in line for line in logs)
+
+
+@pytest.mark.parametrize("keep_float", [True, False])
+def test_first_layer_float_or_quantized(
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_labels: Path,
+    calib_dir: Path,
+    cache_env: Path,
+    keep_float: bool,
+) -> None:
+    m = _build(
+        tmp_path,
+        tiny_model,
+        tiny_labels,
+        "m",
+        precision="qint8_mixed_float32",
+        calib_images=str(calib_dir),
+        float_first_layer=keep_float,
+    )
+    assert m.manifest["build"]["float_first_layer"] is keep_float
+    payload = m.artifact.payloads["model.onnx"]
+    import onnx
+
+    g = onnx.load_from_string(payload).graph
+    first = next(n for n in g.node if "Conv" in n.op_type)
+    # ONNX Runtime's optimised graph: a quantized conv is a QLinearConv
+    assert (first.op_type == "QLinearConv") is not keep_float

@@ -219,6 +219,13 @@ def build(
         bool | None,
         typer.Option("--bias-correction/--no-bias-correction", help="INT8: correct conv biases."),
     ] = None,
+    float_first_layer: Annotated[
+        bool | None,
+        typer.Option(
+            "--float-first-layer/--quantize-first-layer",
+            help="INT8: keep the first conv in float (default; more accurate, a few % slower).",
+        ),
+    ] = None,
     check_images: Annotated[
         str | None, typer.Option(help="Measure accuracy on these images at build time.")
     ] = None,
@@ -261,6 +268,7 @@ def build(
             calib_method=calib_method,
             calib_cache=calib_cache,
             bias_correction=bias_correction,
+            float_first_layer=float_first_layer,
             check_images=check_images,
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,

@@ -76,6 +76,7 @@ class BuildOptions:
     calib_method: str | None = None  # None: the measured default
     calib_cache: str | None = None  # a reusable calibration cache file
     bias_correction: bool | None = None  # None: the measured default
+    float_first_layer: bool | None = None  # None: the default (kept float: more accurate)
     # accuracy check at build time
     check_images: str | None = None
     check_labels: str | None = None
@@ -314,7 +315,14 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
     skip = {"progress", "extra", "select_seconds"}
     if opts.precision not in INT8_PRECISIONS:
-        skip |= {"calib_images", "calib_count", "calib_method", "calib_cache", "bias_correction"}
+        skip |= {
+            "calib_images",
+            "calib_count",
+            "calib_method",
+            "calib_cache",
+            "bias_correction",
+            "float_first_layer",
+        }
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
 
 
@@ -344,6 +352,8 @@ def _quantize(
         config.method = opts.calib_method
     if opts.bias_correction is not None:
         config.bias_correction = opts.bias_correction
+    if opts.float_first_layer is not None:
+        config.float_first_layer = opts.float_first_layer
     settings = {"config": asdict(config), "precision_family": "int8"}
     key = cache_key(src.sha256, calib.digest, settings)
     cache_file = (

@@ -166,7 +166,7 @@ class OpenVinoRunner(Runner):
         batch = len(next(iter(feed.values())))
         if self._stream_requests and batch >= self.streams:
             return self._infer_streams(feed)
-        self._request.infer(feed)
+        self._request.infer(feed, share_inputs=True)  # no input copy: the caller keeps x
         # The request reuses its output buffers: copy them out.
         return {
             name: np.array(self._request.get_output_tensor(i).data, copy=True)
@@ -177,7 +177,9 @@ class OpenVinoRunner(Runner):
         """Split the batch over the streams, run them concurrently, join in order."""
         parts = {k: np.array_split(v, self.streams) for k, v in feed.items()}
         for i, req in enumerate(self._stream_requests):
-            req.start_async({k: np.ascontiguousarray(v[i]) for k, v in parts.items()})
+            req.start_async(
+                {k: np.ascontiguousarray(v[i]) for k, v in parts.items()}, share_inputs=True
+            )
         for req in self._stream_requests:
             req.wait()
         return {
