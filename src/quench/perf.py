@@ -141,7 +141,6 @@ def perf_model(
 ) -> list[PerfResult]:
     """Measure a loaded ``quench.Model`` at each batch size."""
     from quench.errors import QuenchError
-    from quench.progress import Bar
 
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
         raise QuenchError(
@@ -149,29 +148,51 @@ def perf_model(
             f"{model.fixed_batch} or rebuild with --dynamic-batch"
         )
     compute = compute_of(model.manifest)
-    macs = model.manifest.get("model", {}).get("macs_per_image")
     runner = model.runner
-    threads = getattr(runner, "threads", None) or default_threads()
+    return _sweep(
+        lambda x: runner.infer({model.input_name: x}),
+        model.data.input_shape,
+        batches,
+        iterations,
+        duration,
+        warmup,
+        progress,
+        macs=model.manifest.get("model", {}).get("macs_per_image"),
+        compute=compute,
+        threads=getattr(runner, "threads", None) or default_threads(),
+        model=model.name,
+        precision=model.precision,
+        engine=model.engine,
+    )
+
+
+def _sweep(
+    infer: Callable[[np.ndarray], Any],
+    shape: tuple[int, ...],
+    batches: list[int],
+    iterations: int | None,
+    duration: float | None,
+    warmup: int,
+    progress: bool,
+    *,
+    macs: int | None,
+    compute: str,
+    threads: int,
+    **fields: Any,
+) -> list[PerfResult]:
+    """Measure ``infer`` at each batch size; one ``PerfResult`` per size."""
+    from quench.progress import Bar
+
     peak, _ = peak_macs(compute, threads)
     results = []
     for b in batches:
-        total = iterations if iterations is not None else None
-        with Bar(f"perf batch {b}", total, enabled=progress) as bar:
+        with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
             n, secs, lat = measure(
-                lambda x: runner.infer({model.input_name: x}),
-                model.data.input_shape,
-                b,
-                iterations,
-                duration,
-                warmup,
-                on_step=bar.advance,
+                infer, shape, b, iterations, duration, warmup, on_step=bar.advance
             )
         qps, stats = summarize(lat, n, secs, b)
         results.append(
             PerfResult(
-                model=model.name,
-                precision=model.precision,
-                engine=model.engine,
                 batch=b,
                 threads=threads,
                 iterations=n,
@@ -181,6 +202,7 @@ def perf_model(
                 compute=compute,
                 macs_per_image=macs,
                 peak_share=round(macs * qps / peak, 4) if macs else None,
+                **fields,
             )
         )
     return results
@@ -199,7 +221,6 @@ def perf_onnx(
     import onnxruntime as ort
 
     from quench.graph import count_macs, load_model
-    from quench.progress import Bar
 
     src = load_model(path)
     so = ort.SessionOptions()
@@ -209,34 +230,19 @@ def perf_onnx(
     inp = sess.get_inputs()[0]
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
     macs = count_macs(src.model, shape)
-    peak, _ = peak_macs("float32", threads)
-    results = []
-    for b in batches:
-        with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
-            n, secs, lat = measure(
-                lambda x: sess.run(None, {inp.name: x}),
-                shape,
-                b,
-                iterations,
-                duration,
-                warmup,
-                on_step=bar.advance,
-            )
-        qps, stats = summarize(lat, n, secs, b)
-        results.append(
-            PerfResult(
-                model=Path(path).stem,
-                precision="onnx (source)",
-                engine=f"onnxruntime {ort.__version__} (default options)",
-                batch=b,
-                threads=threads or default_threads(),
-                iterations=n,
-                seconds=round(secs, 6),
-                qps=round(qps, 2),
-                latency_ms=stats,
-                compute="float32",
-                macs_per_image=macs,
-                peak_share=round(macs * qps / peak, 4),
-            )
-        )
-    return results
+    quantized = any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in src.model.graph.node)
+    return _sweep(
+        lambda x: sess.run(None, {inp.name: x}),
+        shape,
+        batches,
+        iterations,
+        duration,
+        warmup,
+        progress,
+        macs=macs,
+        compute="int8" if quantized else "float32",
+        threads=threads or default_threads(),
+        model=Path(path).stem,
+        precision="onnx (source)",
+        engine=f"onnxruntime {ort.__version__} (default options)",
+    )
