@@ -52,6 +52,7 @@ def test_perf_cli_table_and_json(tiny_artifact: Path, tmp_path: Path) -> None:
         "% of peak",
     ):
         assert col in res.stdout
+    assert "peak float32:" in res.stderr and "clock from" in res.stderr
     doc = json.loads(out.read_text())
     assert doc["machine"]["cores"] >= 1
     assert "float32" in doc["peak"] and doc["peak"]["float32"]["macs_per_second"] > 0

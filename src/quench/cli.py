@@ -464,6 +464,15 @@ def perf(
                 _load(model, threads), sizes, iterations, duration, warmup, not quiet
             )
     _print_perf(results)
+    if not quiet:
+        from quench.hw import clock_source
+        from quench.perf import peak_macs
+
+        for compute in sorted({r.compute for r in results}):
+            info(
+                f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock from "
+                f"{clock_source()}"
+            )
     if json_out:
         from quench.hw import cpu_info
         from quench.perf import peak_macs
@@ -501,6 +510,95 @@ def _print_perf(results: list[Any]) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+@app.command("run")
+def run_(
+    model: Annotated[
+        Path | None, typer.Option(help="The ONNX model (default: fetch the preset's).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Model preset (default: detected; fetch: resnet50-v1-7).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Images (folder or list) to classify and evaluate.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Ground truth for --images ('file<TAB>index').")
+    ] = None,
+    calib_images: Annotated[
+        str | None, typer.Option(help="INT8 calibration images (folder or list file).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
+    precisions: Annotated[
+        str | None, typer.Option(help="Comma-separated precisions (default: all that run here).")
+    ] = None,
+    batches: Annotated[str, typer.Option(help="Perf batch sizes, comma separated.")] = "1,4,8",
+    duration: Annotated[float, typer.Option(min=0.01, help="Perf seconds per batch size.")] = 5.0,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Perf iterations per batch size (not --duration).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Perf untimed iterations.")] = 20,
+    engine: Annotated[str, typer.Option(help="auto | onnxruntime | openvino.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="Engine threads.")] = None,
+    class_labels: Annotated[
+        str | None, typer.Option(help="Class-name file for the build (quench build --labels).")
+    ] = None,
+    calib_count: Annotated[int, typer.Option(min=1, help="INT8: images to calibrate on.")] = 200,
+    mean: Annotated[str | None, typer.Option(help="Pixel mean, 0..255 units: R,G,B.")] = None,
+    std: Annotated[str | None, typer.Option(help="Pixel std, 0..255 units: R,G,B.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to this.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre crop size.")] = None,
+    force: Annotated[bool, typer.Option(help="Redo every step (ignore state.json).")] = False,
+    fetch_timeout: Annotated[float, typer.Option(help="Network timeout, seconds.")] = 10.0,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The one-click job: fetch, build each precision, classify, eval, perf, write a report."""
+    from quench.run import RunOptions, run_job
+
+    extra = {
+        k: v
+        for k, v in {
+            "mean": _floats3(mean, "mean"),
+            "std": _floats3(std, "std"),
+            "resize": resize,
+            "crop": crop,
+        }.items()
+        if v is not None
+    }
+    opts = RunOptions(
+        model=model,
+        preset=preset,
+        images=images,
+        labels=labels,
+        calib_images=calib_images,
+        out=out,
+        precisions=[p.strip() for p in precisions.split(",") if p.strip()] if precisions else None,
+        batches=_batches(batches),
+        duration=None if iterations is not None else duration,
+        iterations=iterations,
+        warmup=warmup,
+        engine=engine,
+        threads=threads,
+        class_labels=class_labels,
+        calib_count=calib_count,
+        force=force,
+        fetch_timeout=fetch_timeout,
+        build_extra=extra,
+        progress=not quiet,
+        plots=not no_plots,
+    )
+    with user_errors():
+        res = run_job(opts, log=info)
+    model_step = next((s for s in res.steps if s.kind == "model"), None)
+    if model_step is not None and model_step.status == "failed":
+        raise fail(model_step.message)
+    if not res.ok:
+        raise fail(
+            f"{len(res.failed)} step(s) failed: "
+            + "; ".join(f"{s.id}: {s.message}" for s in res.failed)
+        )
+
+
 @app.command("info")
 def info_(
     artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
@@ -525,6 +623,47 @@ def info_(
         "classes",
     ):
         print(f"{key:<15} {json.dumps(d[key]) if isinstance(d[key], dict) else d[key]}")
+
+
+@app.command()
+def serve(
+    artifacts: Annotated[list[Path], typer.Argument(help="One or more .quench artifacts.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 8,
+    max_delay_ms: Annotated[
+        float, typer.Option(min=0, help="Wait this long after a request for more to batch.")
+    ] = 5.0,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Queued requests per model; beyond: 503.")
+    ] = 256,
+    timeout_s: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (504).")] = 30.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit (413).")] = 20.0,
+    name: Annotated[str | None, typer.Option(help="Served model name (one artifact only).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Engine threads per model.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
+) -> None:
+    """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
+    if name and len(artifacts) > 1:
+        raise fail("--name needs exactly one artifact", code=2)
+    with user_errors():
+        from quench.serve import ServeConfig
+        from quench.serve import run as serve_run
+
+        models = [_load(a, threads=threads) for a in artifacts]
+        config = ServeConfig(
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            max_body_mb=max_body_mb,
+            name=name,
+            quiet=quiet,
+        )
+        try:
+            serve_run(models, config, host=host, port=port)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
 
 
 def run() -> None:  # pragma: no cover - console entry for python -m quench

@@ -82,3 +82,15 @@ def nominal_clock_hz() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return 2.5e9  # unknown: a typical server clock
+
+
+def clock_source() -> str:
+    """Where ``nominal_clock_hz`` got its figure (for the perf output)."""
+    if os.environ.get("QUENCH_CPU_CLOCK_GHZ"):
+        return "$QUENCH_CPU_CLOCK_GHZ"
+    if Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").is_file():
+        return "cpufreq cpuinfo_max_freq"
+    return (
+        "/proc/cpuinfo 'cpu MHz' (often the base clock in a VM; set QUENCH_CPU_CLOCK_GHZ "
+        "to the real clock)"
+    )
