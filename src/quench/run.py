@@ -1,0 +1,630 @@
+"""``quench run``: the one-click job (fetch, build every precision, classify, eval, perf, report).
+
+Like MagicMind's ``run.sh`` + ``perf.sh`` + ``eval.sh``. Every step is keyed by the sha256 of its
+inputs (source model, precision, options, Quench version, and for later steps the artifact's
+``content_digest``); ``<out>/state.json`` keeps each key with its result, so a step whose inputs
+did not change is reused. A failed step is reported and the job goes on with what it can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quench import __version__
+from quench.errors import FetchError, QuenchError
+
+DEFAULT_PRESET = "resnet50-v1-7"
+SAMPLE_REL = Path("..") / "shared" / "data" / "imagenet-sample"
+STATE_VERSION = 1
+SAMPLE_COUNT = 4  # images classified in the "classify" step
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunOptions:
+    """Everything ``quench run`` takes."""
+
+    model: str | Path | None = None  # None: fetch the preset's official model
+    preset: str | None = None  # None: detected from the model (fetch: resnet50-v1-7)
+    images: str | Path | None = None  # folder or list file; None: the ImageNet sample's val.txt
+    labels: str | Path | None = None  # ground truth; None: the sample's ground_truth.tsv
+    calib_images: str | Path | None = None  # None: the sample's calib.txt, if found
+    out: str | Path = "report"
+    precisions: list[str] | None = None  # None: every precision an engine runs here
+    batches: list[int] = field(default_factory=lambda: [1, 4, 8])
+    duration: float | None = 5.0  # perf seconds per batch size
+    iterations: int | None = None  # perf iterations per batch size (instead of duration)
+    warmup: int = 20
+    engine: str = "auto"
+    threads: int | None = None
+    class_labels: str | None = None  # class-name file for the build (--labels of quench build)
+    calib_count: int = 200
+    force: bool = False
+    fetch_timeout: float = 10.0
+    # where to look for ../shared/data/imagenet-sample; None: relative to the cwd and the repo
+    sample_dirs: list[Path] | None = None
+    build_extra: dict[str, Any] = field(default_factory=dict)  # more BuildOptions fields
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class Step:
+    """One step of the job and how it went."""
+
+    id: str
+    kind: str  # model | build | classify | eval | perf | report
+    precision: str | None = None
+    status: str = "pending"  # ok | reused | failed | skipped
+    seconds: float = 0.0
+    message: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: list[Step]
+    report: dict[str, Any]
+    files: dict[str, Path]
+
+    @property
+    def failed(self) -> list[Step]:
+        return [s for s in self.steps if s.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+# -- hashing helpers ----------------------------------------------------------------------------
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sig(path: str | Path) -> list[Any]:
+    p = Path(path)
+    try:
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(p), None, None]
+
+
+def _images_sig(paths: list[Path]) -> str:
+    return _sha([_file_sig(p) for p in paths])
+
+
+def _text_sha(path: str | Path) -> str:
+    from quench.zoo.fetch import sha256_file
+
+    return sha256_file(path)
+
+
+# -- sample data --------------------------------------------------------------------------------
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def sample_dirs(opts: RunOptions) -> list[Path]:
+    """Where the ImageNet sample is looked for (in order)."""
+    if opts.sample_dirs is not None:
+        return [Path(p) for p in opts.sample_dirs]
+    seen, out = set(), []
+    for base in (Path.cwd(), _repo_root()):
+        d = (base / SAMPLE_REL).resolve()
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def find_sample(name: str, opts: RunOptions) -> tuple[Path | None, list[Path]]:
+    """The first ``<sample dir>/name`` that exists, and every place looked."""
+    looked = [d / name for d in sample_dirs(opts)]
+    return next((p for p in looked if p.is_file()), None), looked
+
+
+def _where(looked: list[Path]) -> str:
+    return ", ".join(str(p) for p in looked) or "nowhere (no sample folders)"
+
+
+# -- state --------------------------------------------------------------------------------------
+
+
+class State:
+    def __init__(self, path: Path, force: bool) -> None:
+        self.path = path
+        self.steps: dict[str, dict[str, Any]] = {}
+        if not force and path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("version") == STATE_VERSION:
+                    self.steps = dict(doc.get("steps", {}))
+            except (OSError, ValueError):
+                self.steps = {}
+
+    def get(self, step_id: str, key: str) -> dict[str, Any] | None:
+        entry = self.steps.get(step_id)
+        return entry["result"] if entry and entry.get("key") == key else None
+
+    def put(self, step_id: str, key: str, result: dict[str, Any], seconds: float) -> None:
+        self.steps[step_id] = {"key": key, "result": result, "seconds": round(seconds, 3)}
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        doc = {"version": STATE_VERSION, "quench_version": __version__, "steps": self.steps}
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+
+class _Job:
+    def __init__(self, opts: RunOptions, log: Log) -> None:
+        self.opts = opts
+        self.say = log
+        self.out = Path(opts.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = State(self.out / "state.json", opts.force)
+        self.steps: list[Step] = []
+        self.notes: list[str] = []  # skipped things and where data was looked for
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.say(msg)
+
+    def step(
+        self,
+        step: Step,
+        key: str | None,
+        work: Callable[[], dict[str, Any]],
+        valid: Callable[[dict[str, Any]], bool] = lambda r: True,
+        describe: Callable[[dict[str, Any]], str] = lambda r: "",
+    ) -> Step:
+        """Run ``work`` unless the state holds a valid result for ``key``."""
+        self.steps.append(step)
+        label = f"[{step.kind}{' ' + step.precision if step.precision else ''}]"
+        cached = self.state.get(step.id, key) if key else None
+        if cached is not None and valid(cached):
+            step.status, step.result = "reused", cached
+            step.seconds = float(self.state.steps[step.id].get("seconds", 0.0))
+            extra = describe(cached)
+            self.say(f"{label} reused (inputs unchanged){': ' + extra if extra else ''}")
+            return step
+        self.say(f"{label} running ...")
+        t = time.perf_counter()
+        try:
+            step.result = work()
+            step.status = "ok"
+        except KeyboardInterrupt:
+            raise
+        except QuenchError as exc:
+            step.status, step.message = "failed", " ".join(str(exc).split())
+        except Exception as exc:  # a bug or an engine failure: report it, go on
+            step.status = "failed"
+            step.message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+        step.seconds = round(time.perf_counter() - t, 3)
+        if step.status == "ok":
+            if key:
+                self.state.put(step.id, key, step.result, step.seconds)
+            extra = describe(step.result)
+            self.say(f"{label} done in {step.seconds:.1f} s{': ' + extra if extra else ''}")
+        else:
+            self.say(f"{label} FAILED after {step.seconds:.1f} s: {step.message}")
+        return step
+
+    def skip(self, kind: str, precision: str | None, why: str) -> Step:
+        step = Step(f"{kind}:{precision}" if precision else kind, kind, precision, "skipped")
+        step.message = why
+        self.steps.append(step)
+        self.say(f"[{kind}{' ' + precision if precision else ''}] skipped: {why}")
+        return step
+
+    # -- (1) model ------------------------------------------------------------------------------
+    def model(self) -> tuple[Path, str] | None:
+        opts = self.opts
+        step = Step("model", "model")
+
+        def work() -> dict[str, Any]:
+            from quench.zoo.fetch import fetch_model, sha256_file
+
+            if opts.model is not None:
+                path = Path(opts.model)
+                if not path.is_file():
+                    raise QuenchError(f"{path}: no such model file")
+                sig = _file_sig(path)
+                old = self.state.steps.get("model", {}).get("result", {})
+                if not opts.force and old.get("signature") == sig:
+                    sha = old["sha256"]  # same file, same size and mtime: no need to re-hash
+                else:
+                    sha = sha256_file(path)
+                return {"path": str(path), "sha256": sha, "signature": sig, "source": "--model"}
+            name = opts.preset or DEFAULT_PRESET
+            try:
+                res = fetch_model(name, timeout=opts.fetch_timeout, progress=opts.progress)
+            except FetchError as exc:
+                msg = str(exc)
+                if "--model" not in msg:
+                    msg += "; or pass --model PATH"
+                raise FetchError(msg) from None
+            return {
+                "path": str(res.path),
+                "sha256": res.sha256,
+                "signature": _file_sig(res.path),
+                "source": "cache" if res.cached else f"downloaded from {res.url}",
+            }
+
+        self.step(
+            step,
+            None,
+            work,
+            describe=lambda r: f"{r['path']} ({r['source']}, sha256 {r['sha256'][:12]}...)",
+        )
+        if step.status != "ok":
+            return None
+        self.state.put("model", "-", step.result, step.seconds)
+        return Path(step.result["path"]), step.result["sha256"]
+
+    # -- (2) build ------------------------------------------------------------------------------
+    def precisions(self) -> list[str]:
+        from quench.builder.core import PRECISIONS, candidate_engines
+
+        if self.opts.precisions:
+            bad = [p for p in self.opts.precisions if p not in PRECISIONS]
+            if bad:
+                raise QuenchError(
+                    f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}"
+                )
+            return list(self.opts.precisions)
+        chosen = []
+        for p in PRECISIONS:
+            try:
+                candidate_engines(self.opts.engine, p)
+                chosen.append(p)
+            except QuenchError as exc:
+                self.note(f"precision {p} skipped: {exc}")
+        return chosen
+
+    def calibration(self) -> tuple[str | None, str]:
+        if self.opts.calib_images is not None:
+            return str(self.opts.calib_images), "--calib-images"
+        found, looked = find_sample("calib.txt", self.opts)
+        if found:
+            self.note(f"calibration images: {found} (ImageNet sample)")
+            return str(found), "sample"
+        return (
+            None,
+            f"no --calib-images and no ImageNet sample calib.txt (looked in {_where(looked)})",
+        )
+
+    def build(
+        self, src: Path, src_sha: str, precision: str, calib: str | None, calib_why: str
+    ) -> Step:
+        from quench.builder.core import INT8_PRECISIONS, BuildOptions
+        from quench.builder.core import build as do_build
+        from quench.evaluate import list_images
+        from quench.zoo.fetch import sha256_file
+
+        opts = self.opts
+        int8 = precision in INT8_PRECISIONS
+        bo = BuildOptions(
+            precision=precision,
+            preset=opts.preset,
+            labels=opts.class_labels,
+            engine=opts.engine,
+            threads=opts.threads,
+            calib_images=calib if int8 else None,
+            calib_count=opts.calib_count,
+            progress=opts.progress,
+            **opts.build_extra,
+        )
+        settings = {k: v for k, v in asdict(bo).items() if k not in ("progress",)}
+        inputs: dict[str, Any] = {
+            "source_sha256": src_sha,
+            "precision": precision,
+            "options": settings,
+            "quench": __version__,
+        }
+        if opts.class_labels:
+            inputs["class_labels"] = _file_sig(opts.class_labels)
+        if int8 and calib:
+            try:
+                inputs["calib"] = _images_sig(list_images(calib)[: opts.calib_count])
+            except QuenchError:
+                inputs["calib"] = _file_sig(calib)
+        out = self.out / "artifacts" / f"{precision}.quench"
+
+        def work() -> dict[str, Any]:
+            if int8 and not calib:
+                raise QuenchError(f"{precision} needs calibration images: {calib_why}")
+            t = time.perf_counter()
+            m = do_build(src, out, bo, log=lambda s: self.say(f"  {s}"))
+            wall = time.perf_counter() - t
+            man = m.manifest
+            m.close()
+            return {
+                "artifact": str(out),
+                "sha256": sha256_file(out),
+                "size_bytes": out.stat().st_size,
+                "content_digest": man["content_digest"],
+                "name": man["name"],
+                "engine": man["engine"]["name"],
+                "engine_version": man["engine"]["version"],
+                "computes": man["precision"].get("computes"),
+                "build_seconds": round(wall, 3),
+                "timings": man.get("timings", {}),
+            }
+
+        def valid(r: dict[str, Any]) -> bool:
+            return out.is_file() and sha256_file(out) == r.get("sha256")
+
+        step = self.step(
+            Step(f"build:{precision}", "build", precision),
+            _sha(inputs),
+            work,
+            valid,
+            lambda r: (
+                f"{r['artifact']} ({r['size_bytes'] / 1e6:.2f} MB, {r['engine']}, "
+                f"built in {r['build_seconds']:.1f} s)"
+            ),
+        )
+        if step.status == "reused":  # the folder may have moved since
+            step.result = {**step.result, "artifact": str(out)}
+        return step
+
+    # -- (3) classify ---------------------------------------------------------------------------
+    def classify(self, precision: str, build: dict[str, Any], images: list[Path]) -> Step:
+        sample = images[:SAMPLE_COUNT]
+        key = _sha(
+            {
+                "digest": build["content_digest"],
+                "images": _images_sig(sample),
+                "quench": __version__,
+            }
+        )
+
+        def work() -> dict[str, Any]:
+            from quench.model import Model
+
+            with Model.load(build["artifact"], threads=self.opts.threads) as m:
+                preds = [p.to_dict() for p in m.classify(sample, topk=5)]
+            return {"predictions": preds}
+
+        step = self.step(Step(f"classify:{precision}", "classify", precision), key, work)
+        if step.status in ("ok", "reused"):
+            print(f"# top-5, {precision}")
+            for p in step.result["predictions"]:
+                print(p["file"])
+                if "error" in p:
+                    print(f"  error: {p['error']}")
+                    continue
+                for rank, t in enumerate(p["top"]):
+                    print(f"  {rank} [{t['name']}] class {t['class']} score {t['score']:.4f}")
+            sys.stdout.flush()
+        return step
+
+    # -- (4) eval -------------------------------------------------------------------------------
+    def eval(
+        self, precision: str, build: dict[str, Any], images: str | Path, labels: str | Path
+    ) -> Step:
+        from quench.evaluate import list_images
+
+        try:
+            paths = list_images(images)
+            img_sig = _images_sig(paths)
+        except QuenchError:
+            paths, img_sig = [], _file_sig(images)
+        key = _sha(
+            {
+                "digest": build["content_digest"],
+                "images": img_sig,
+                "labels": _file_sig(labels),
+                "threads": self.opts.threads,
+                "quench": __version__,
+            }
+        )
+
+        def work() -> dict[str, Any]:
+            from quench.evaluate import evaluate, read_ground_truth
+            from quench.model import Model
+            from quench.progress import Bar
+
+            truth = read_ground_truth(labels)
+            todo = paths or list_images(images)
+            if not todo:
+                raise QuenchError(f"{images}: no images")
+            with (
+                Model.load(build["artifact"], threads=self.opts.threads) as m,
+                Bar(f"evaluating {precision}", len(todo), enabled=self.opts.progress) as bar,
+            ):
+                res = evaluate(m, todo, truth, on_done=lambda p: bar.advance())
+                meta = {"model": m.name, "precision": m.precision, "engine": m.engine}
+                batch = m.batch_size
+            return {**meta, **res.summary(), "batch": batch, "failed_images": res.failed[:20]}
+
+        return self.step(
+            Step(f"eval:{precision}", "eval", precision),
+            key,
+            work,
+            describe=lambda r: (
+                f"top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} ({r['images']} images)"
+            ),
+        )
+
+    # -- (5) perf -------------------------------------------------------------------------------
+    def perf(self, precision: str, build: dict[str, Any]) -> Step:
+        from quench.hw import cpu_info
+
+        opts = self.opts
+        key = _sha(
+            {
+                "digest": build["content_digest"],
+                "batches": opts.batches,
+                "duration": opts.duration if opts.iterations is None else None,
+                "iterations": opts.iterations,
+                "warmup": opts.warmup,
+                "threads": opts.threads,
+                "cpu": cpu_info(),
+                "quench": __version__,
+            }
+        )
+
+        def work() -> dict[str, Any]:
+            from quench.model import Model
+            from quench.perf import perf_model
+
+            duration = None if opts.iterations is not None else opts.duration
+            with Model.load(build["artifact"], threads=opts.threads) as m:
+                res = perf_model(
+                    m, opts.batches, opts.iterations, duration, opts.warmup, opts.progress
+                )
+            return {"results": [r.to_dict() for r in res]}
+
+        return self.step(
+            Step(f"perf:{precision}", "perf", precision),
+            key,
+            work,
+            describe=lambda r: ", ".join(
+                f"batch {x['batch']}: {x['qps']:.1f} qps" for x in r["results"]
+            ),
+        )
+
+    # -- everything -----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        from quench.evaluate import list_images
+
+        opts = self.opts
+        started = time.perf_counter()
+        self.say(f"quench run -> {self.out} (state: {self.state.path})")
+        if opts.force:
+            self.say("--force: every step is redone")
+        precisions: list[str] = []
+        builds: dict[str, dict[str, Any]] = {}
+        got = self.model()
+        if got is not None:
+            try:
+                precisions = self.precisions()
+            except QuenchError as exc:
+                self.steps.append(Step("precisions", "build", None, "failed", 0.0, str(exc)))
+                self.say(f"[build] FAILED: {exc}")
+            src, src_sha = got
+            calib, calib_why = (None, "")
+            if any(p.startswith("qint8") for p in precisions):
+                calib, calib_why = self.calibration()
+                if calib is None:
+                    if opts.precisions:  # asked for explicitly: those builds fail
+                        self.note(f"INT8 builds will fail: {calib_why}")
+                    else:
+                        self.note(f"INT8 builds skipped: {calib_why}")
+                        for p in [p for p in precisions if p.startswith("qint8")]:
+                            self.skip("build", p, calib_why)
+                        precisions = [p for p in precisions if not p.startswith("qint8")]
+            for p in precisions:
+                step = self.build(src, src_sha, p, calib, calib_why)
+                if step.status in ("ok", "reused"):
+                    builds[p] = step.result
+
+            # inputs for classify / eval
+            images, labels = opts.images, opts.labels
+            if images is None:
+                found, looked = find_sample("val.txt", opts)
+                if found:
+                    images = found
+                    self.note(f"images: {found} (ImageNet sample)")
+                else:
+                    self.note(
+                        f"no --images and no ImageNet sample val.txt (looked in {_where(looked)})"
+                    )
+            if labels is None and opts.images is None and images is not None:
+                found, looked = find_sample("ground_truth.tsv", opts)
+                if found:
+                    labels = found
+                    self.note(f"ground truth: {found} (ImageNet sample)")
+                else:
+                    self.note(
+                        f"no --labels and no sample ground_truth.tsv (looked in {_where(looked)})"
+                    )
+            sample: list[Path] = []
+            if images is not None:
+                try:
+                    sample = list_images(images)[:SAMPLE_COUNT]
+                except QuenchError as exc:
+                    self.steps.append(Step("images", "classify", None, "failed", 0.0, str(exc)))
+                    self.say(f"[classify] FAILED: {exc}")
+            for p in precisions:
+                if p not in builds:
+                    for kind in ("classify", "eval", "perf"):
+                        self.skip(kind, p, "build did not succeed")
+                    continue
+                if sample:
+                    self.classify(p, builds[p], sample)
+                else:
+                    self.skip("classify", p, "no images")
+                if images is not None and labels is not None:
+                    self.eval(p, builds[p], images, labels)
+                else:
+                    self.skip("eval", p, "accuracy needs --images and --labels")
+                self.perf(p, builds[p])
+
+        t = time.perf_counter()
+        from quench import report
+
+        doc = report.collect(self, builds, precisions)
+        doc["total_seconds"] = round(time.perf_counter() - started, 3)
+        files: dict[str, Path] = {}
+        rstep = Step("report", "report")
+        try:
+            files = report.write(doc, self.out, plots=opts.plots)
+            rstep.status = "ok"
+        except Exception as exc:  # the report must not hide the job's results
+            rstep.status, rstep.message = "failed", f"{type(exc).__name__}: {exc}"
+            (self.out / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            files = {"json": self.out / "report.json"}
+        rstep.seconds = round(time.perf_counter() - t, 3)
+        self.steps.append(rstep)
+        if rstep.status == "ok":
+            self.say(
+                f"[report] done in {rstep.seconds:.1f} s: " + ", ".join(map(str, files.values()))
+            )
+        else:
+            self.say(f"[report] FAILED: {rstep.message}")
+        failed = [s for s in self.steps if s.status == "failed"]
+        self.say(
+            f"finished in {time.perf_counter() - started:.1f} s: "
+            + (f"{len(failed)} step(s) failed" if failed else "every step succeeded")
+        )
+        return RunResult(self.out, self.steps, doc, files)
+
+
+def run_job(options: RunOptions | None = None, log: Log | None = None, **kwargs: Any) -> RunResult:
+    """Run the whole job; returns every step's outcome and the report's figures."""
+    opts = options or RunOptions(**kwargs)
+    return _Job(opts, log or _stderr).run()

@@ -1,0 +1,339 @@
+"""``quench run``: the one-click job (build, classify, eval, perf, report) and its step cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from conftest import SIZE, make_image
+from quench import presets
+from quench.cli import app
+from quench.model import Model
+from quench.run import RunOptions, run_job
+
+runner = CliRunner()
+PRECISIONS = "force_float32,qint8_mixed_float32"
+STEPS = {"build", "classify", "eval", "perf"}
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def data(
+    tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path, tiny_model: Path
+) -> dict[str, Path]:
+    """Images, a list file, and ground truth = the fp32 model's own top-1."""
+    d = tmp_path_factory.mktemp("run-data")
+    imgs = d / "images"
+    imgs.mkdir()
+    paths = [make_image(imgs / f"p{i}.jpg", size=(40 + 5 * i, 44), seed=10 + i) for i in range(8)]
+    listing = d / "val.txt"
+    listing.write_text("".join(f"images/{p.name}\n" for p in paths))
+    with Model.load(tiny_artifact) as m:
+        preds = m.classify(paths, topk=1)
+    gt = d / "ground_truth.tsv"
+    gt.write_text(
+        "file\tindex\n" + "".join(f"images/{Path(p.source).name}\t{p.classes[0]}\n" for p in preds)
+    )
+    return {"dir": d, "images": listing, "labels": gt, "calib": imgs, "model": tiny_model}
+
+
+def _args(data: dict[str, Path], tiny_labels: Path, out: Path, *extra: object) -> list[object]:
+    return [
+        "run",
+        "--model",
+        data["model"],
+        "--preset",
+        "imagenet",
+        "--resize",
+        36,
+        "--crop",
+        SIZE,
+        "--mean",
+        "120,115,100",
+        "--std",
+        "60",
+        "--class-labels",
+        tiny_labels,
+        "--engine",
+        "onnxruntime",
+        "--batches",
+        "1,2",
+        "--iterations",
+        3,
+        "--warmup",
+        1,
+        "--out",
+        out,
+        "-q",
+        *extra,
+    ]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {"QUENCH_CACHE": str(tmp / "cache")}
+
+
+@pytest.fixture(scope="module")
+def full_run(
+    tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path], tiny_labels: Path
+) -> tuple[Result, Path]:
+    out = tmp_path_factory.mktemp("run") / "report"
+    res = invoke(
+        *_args(
+            data,
+            tiny_labels,
+            out,
+            "--images",
+            data["images"],
+            "--labels",
+            data["labels"],
+            "--calib-images",
+            data["calib"],
+            "--precisions",
+            PRECISIONS,
+        ),
+        env=_env(out.parent),
+    )
+    return res, out
+
+
+def _report(out: Path) -> dict[str, Any]:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_full_run_writes_report(full_run: tuple[Result, Path]) -> None:
+    res, out = full_run
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    for name in ("report.md", "report.html", "report.json", "state.json"):
+        assert (out / name).is_file(), name
+    for plot in ("throughput", "latency", "accuracy"):
+        assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = _report(out)
+    assert {b["precision"] for b in doc["builds"]} == set(PRECISIONS.split(","))
+    assert {(r["precision"], r["batch"]) for r in doc["perf"]} == {
+        (p, b) for p in PRECISIONS.split(",") for b in (1, 2)
+    }
+    acc = {a["precision"]: a for a in doc["accuracy"]}
+    assert acc["force_float32"]["top1"] == 1.0  # ground truth = fp32's own predictions
+    assert doc["failed"] == [] and doc["machine"]["cores"] >= 1
+    assert doc["machine"]["engines"]["onnxruntime"]
+    md = (out / "report.md").read_text()
+    assert "| Model | Quant_Mode | Batch_Size | Throughput (qps) | device |" in md
+    assert "| Model | Quant_Mode | Batch_Size | TOP1 | TOP5 |" in md
+    assert "top-5, force_float32" in res.stdout and "[class-" in res.stdout  # sample top-5
+
+
+def test_report_figures_match_eval_and_perf(
+    full_run: tuple[Result, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
+    _, out = full_run
+    doc = _report(out)
+    for precision in PRECISIONS.split(","):
+        art = out / "artifacts" / f"{precision}.quench"
+        ev = invoke("eval", art, "--images", data["images"], "--labels", data["labels"], "--json")
+        assert ev.exit_code == 0, ev.stderr
+        got = json.loads(ev.stdout)
+        mine = next(a for a in doc["accuracy"] if a["precision"] == precision)
+        for k in ("top1", "top5", "images", "correct_top1", "correct_top5"):
+            assert mine[k] == got[k], k
+    art = out / "artifacts" / "force_float32.quench"
+    pj = tmp_path / "perf.json"
+    pf = invoke("perf", art, "--batch", "1", "--iterations", 3, "--warmup", 1, "-q", "--json", pj)
+    assert pf.exit_code == 0, pf.stderr
+    theirs = json.loads(pj.read_text())["results"][0]
+    mine = next(r for r in doc["perf"] if r["precision"] == "force_float32" and r["batch"] == 1)
+    assert set(mine) == set(theirs)
+    assert set(mine["latency_ms"]) == set(theirs["latency_ms"])
+    assert mine["qps"] > 0 and theirs["qps"] > 0
+
+
+def test_html_is_self_contained(full_run: tuple[Result, Path]) -> None:
+    _, out = full_run
+    page = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3
+    assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in images)
+    assert "Throughput (qps)" in page and "TOP1" in page and "CPU:" in page
+
+
+def test_second_run_reuses_and_force_rebuilds(
+    full_run: tuple[Result, Path], data: dict[str, Path], tiny_labels: Path
+) -> None:
+    _, first = full_run
+    out = first.parent / "again"
+    shutil.copytree(first, out)  # same state, own folder: the other tests keep theirs
+    args = _args(
+        data,
+        tiny_labels,
+        out,
+        "--images",
+        data["images"],
+        "--labels",
+        data["labels"],
+        "--calib-images",
+        data["calib"],
+        "--precisions",
+        PRECISIONS,
+    )
+    again = invoke(*args, env=_env(first.parent))
+    assert again.exit_code == 0, again.stderr
+    steps = [s for s in _report(out)["steps"] if s["kind"] in STEPS]
+    assert len(steps) == 8 and all(s["status"] == "reused" for s in steps), steps
+    assert again.stderr.count("reused") == 8
+    forced = invoke(*args, "--force", env=_env(first.parent))
+    assert forced.exit_code == 0, forced.stderr
+    steps = [s for s in _report(out)["steps"] if s["kind"] in STEPS]
+    assert all(s["status"] == "ok" for s in steps) and "reused" not in forced.stderr
+
+
+def test_failed_step_still_writes_report(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rep"
+    res = invoke(
+        *_args(
+            data,
+            tiny_labels,
+            out,
+            "--images",
+            data["images"],
+            "--labels",
+            tmp_path / "missing.tsv",
+            "--precisions",
+            "force_float32",
+        ),
+        env=_env(tmp_path),
+    )
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 1 step(s) failed: eval:")
+    doc = _report(out)
+    assert [f["step"] for f in doc["failed"]] == ["eval:force_float32"]
+    assert "missing.tsv" in doc["failed"][0]["error"]
+    assert doc["perf"] and doc["builds"]  # what succeeded is reported
+    assert "eval:force_float32" in (out / "report.md").read_text()
+    assert "Failed steps" in (out / "report.html").read_text()
+
+
+def _tiny_options(data: dict[str, Path], tiny_labels: Path, out: Path, **kw: Any) -> RunOptions:
+    return RunOptions(
+        model=data["model"],
+        preset="imagenet",
+        class_labels=str(tiny_labels),
+        out=out,
+        engine="onnxruntime",
+        batches=[1],
+        iterations=2,
+        warmup=0,
+        build_extra={"resize": 36, "crop": SIZE, "mean": (120.0, 115.0, 100.0), "std": (60.0,) * 3},
+        progress=False,
+        plots=False,
+        **kw,
+    )
+
+
+def test_int8_without_calibration(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
+    lines: list[str] = []
+    nowhere = tmp_path / "no-sample"
+    # asked for explicitly: the INT8 build fails, the rest is reported
+    res = run_job(
+        _tiny_options(
+            data,
+            tiny_labels,
+            tmp_path / "a",
+            precisions=["force_float32", "qint8_mixed_float32"],
+            sample_dirs=[nowhere],
+        ),
+        log=lines.append,
+    )
+    assert res.exit_code == 1
+    assert [s.id for s in res.failed] == ["build:qint8_mixed_float32"]
+    assert "calibration" in res.failed[0].message and str(nowhere) in res.failed[0].message
+    doc = _report(tmp_path / "a")
+    assert doc["failed"][0]["step"] == "build:qint8_mixed_float32"
+    assert [r["precision"] for r in doc["perf"]] == ["force_float32"]
+    # by default: every precision the engine runs; INT8 skipped with a clear line, not a failure
+    lines.clear()
+    res = run_job(
+        _tiny_options(data, tiny_labels, tmp_path / "b", sample_dirs=[nowhere]),
+        log=lines.append,
+    )
+    assert res.exit_code == 0, [s.message for s in res.failed]
+    assert any("INT8 builds skipped" in line and str(nowhere) in line for line in lines)
+    assert any("no --images" in line for line in lines)  # eval skipped, said where it looked
+    assert {s.status for s in res.steps if s.kind == "eval"} == {"skipped"}
+
+
+def test_sample_data_is_found(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
+    sample = data["dir"]  # holds val.txt and ground_truth.tsv, like the ImageNet sample
+    lines: list[str] = []
+    res = run_job(
+        _tiny_options(
+            data, tiny_labels, tmp_path / "rep", precisions=["force_float32"], sample_dirs=[sample]
+        ),
+        log=lines.append,
+    )
+    assert res.ok
+    assert res.report["accuracy"][0]["top1"] == 1.0
+    assert any(str(sample / "val.txt") in line for line in lines)
+
+
+def test_offline_without_model_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is
+    preset = presets.PRESETS["resnet50-v1-7"]
+    monkeypatch.setitem(
+        presets.PRESETS, "resnet50-v1-7", replace(preset, url=f"http://127.0.0.1:{port}/r.onnx")
+    )
+    t = time.perf_counter()
+    res = invoke("run", "--out", tmp_path / "rep", "--no-plots", "-q", env=_env(tmp_path))
+    assert time.perf_counter() - t < 10
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot download resnet50-v1-7") and "--model" in last
+    assert _report(tmp_path / "rep")["failed"][0]["step"] == "model"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
+def test_html_renders_in_chromium(full_run: tuple[Result, Path], tmp_path: Path) -> None:
+    import subprocess
+
+    _, out = full_run
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "/usr/bin/chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            (out / "report.html").as_uri(),
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    assert shot.stat().st_size > 10_000
