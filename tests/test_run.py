@@ -337,3 +337,30 @@ def test_html_renders_in_chromium(full_run: tuple[Result, Path], tmp_path: Path)
         capture_output=True,
     )
     assert shot.stat().st_size > 10_000
+
+
+def test_synthetic_model_skips_accuracy(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    model = onnx.load(str(data["model"]))
+    model.producer_name = "quench-synth"  # what `quench zoo synth` writes
+    synth = tmp_path / "synth.onnx"
+    onnx.save(model, synth)
+    args = _args(
+        {**data, "model": synth},
+        tiny_labels,
+        tmp_path / "out",
+        "--precisions",
+        "force_float32",
+        "--images",
+        data["images"],
+    )
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    text = json.dumps(doc)
+    assert "synthetic weights" in text
+    kinds = {(s["kind"], s["status"]) for s in doc["steps"]}
+    assert ("eval", "skipped") in kinds and ("perf", "ok") in kinds

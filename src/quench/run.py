@@ -563,7 +563,13 @@ class _Job:
                     self.note(
                         f"no --images and no ImageNet sample val.txt (looked in {_where(looked)})"
                     )
-            if labels is None and opts.images is None and images is not None:
+            synthetic = _is_synthetic(src)
+            if labels is None and synthetic:
+                self.note(
+                    "the model has synthetic weights (quench zoo synth): accuracy skipped "
+                    "(pass --labels to measure it anyway)"
+                )
+            elif labels is None and opts.images is None and images is not None:
                 found, looked = find_sample("ground_truth.tsv", opts)
                 if found:
                     labels = found
@@ -622,6 +628,17 @@ class _Job:
             + (f"{len(failed)} step(s) failed" if failed else "every step succeeded")
         )
         return RunResult(self.out, self.steps, doc, files)
+
+
+def _is_synthetic(path: str | Path) -> bool:
+    """Whether the model is a ``quench zoo synth`` replica (its producer name says so)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable models fail later, in the build step, with a clear line
+        return False
+    return model.producer_name == "quench-synth"
 
 
 def run_job(options: RunOptions | None = None, log: Log | None = None, **kwargs: Any) -> RunResult:
