@@ -432,7 +432,7 @@ class _Job:
         return step
 
     # -- (4) eval -------------------------------------------------------------------------------
-    def eval(
+    def evaluate(
         self, precision: str, build: dict[str, Any], images: str | Path, labels: str | Path
     ) -> Step:
         from quench.evaluate import list_images
@@ -595,7 +595,7 @@ class _Job:
                 else:
                     self.skip("classify", p, "no images")
                 if images is not None and labels is not None:
-                    self.eval(p, builds[p], images, labels)
+                    self.evaluate(p, builds[p], images, labels)
                 else:
                     self.skip("eval", p, "accuracy needs --images and --labels")
                 self.perf(p, builds[p])
