@@ -357,3 +357,13 @@ def test_fetch_unreachable(tmp_path: Path) -> None:
 def test_fetch_unknown_preset(tmp_path: Path) -> None:
     res = invoke("fetch", "resnet18", env={"QUENCH_CACHE": str(tmp_path)})
     assert "unknown preset 'resnet18'" in _one_error_line(res)
+
+
+def test_info_shows_engine_selection(tmp_path: Path, tiny_model: Path, tiny_labels: Path) -> None:
+    out = tmp_path / "m.quench"
+    assert (
+        invoke("build", tiny_model, "-o", out, *FLAGS, "--labels", tiny_labels, "-q").exit_code == 0
+    )
+    d = json.loads(invoke("info", out, "--json").stdout)
+    assert d["engine_selection"]["chosen"] == "onnxruntime"
+    assert "engine_selection" in invoke("info", out).stdout

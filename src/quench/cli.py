@@ -610,19 +610,10 @@ def info_(
     if as_json:
         print(json.dumps(d, indent=2))
         return
-    for key in (
-        "name",
-        "precision",
-        "engine",
-        "batch",
-        "io",
-        "preprocess",
-        "source",
-        "created",
-        "quench_version",
-        "classes",
-    ):
-        print(f"{key:<15} {json.dumps(d[key]) if isinstance(d[key], dict) else d[key]}")
+    for key, value in d.items():
+        if key == "path":
+            continue
+        print(f"{key:<17} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
 @app.command()

@@ -156,6 +156,7 @@ class Model:
             "created": m["created"],
             "quench_version": m["quench_version"],
             "classes": len(m["labels"]),
+            **{k: m[k] for k in ("engine_selection", "accuracy", "quantization") if k in m},
         }
 
 
