@@ -52,6 +52,7 @@ QUENCH_MODES = {
     "qint8_mixed_float32": "int8",
     "qint8_mixed_float16": "int8",
 }
+SERVE_MODES = ("force_float32", "qint8_mixed_float32")
 OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
 
 CLOCK_C = r"""
@@ -659,6 +660,7 @@ def write_report(
     batches: list[int],
     started: datetime,
     extra_notes: list[str],
+    serving: list[dict[str, Any]] | None = None,
 ) -> None:
     out: list[str] = [
         "# Benchmarks: ResNet-50 v1, peers vs Quench, CPU",
@@ -701,6 +703,31 @@ def write_report(
                         f"{pct(r.peak.get(b))} |"
                     )
         out.append("")
+
+    if serving:
+        out += [
+            "## Serving: `quench serve` under load",
+            "",
+            "16 concurrent clients on loopback, one image per request (KServe v2 binary tensor "
+            "infer), dynamic batching up to 8 images / 5 ms (`quench serve` defaults); compared "
+            "with `quench perf` at batch 8 on the same artifact in this run.",
+            "",
+            "| Quant_Mode | images/s served | failed | p50 ms | p99 ms | quench perf b=8 | "
+            "served / perf | server exit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in serving:
+            if "error" in e:
+                out.append(f"| {e['mode']} | **failed**: {e['error']} |  |  |  |  |  |  |")
+                continue
+            lat, perf8 = e.get("latency_ms", {}), e.get("perf_b8")
+            ratio = f"{e['images_per_s'] / perf8:.2f}x" if perf8 else "-"
+            out.append(
+                f"| {e['mode']} | {e['images_per_s']:.1f} | {e.get('failed')} | "
+                f"{fmt(lat.get('p50'))} | {fmt(lat.get('p99'))} | {fmt(perf8)} | {ratio} | "
+                f"{e.get('server_exit')} |"
+            )
+        out += ["", "```", *[e["command"] for e in serving], "```", ""]
 
     if preps:
         out += [
@@ -762,6 +789,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="Scratch dir.")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--only", default="fp32,bf16,int8", help="Families: fp32,bf16,int8.")
+    ap.add_argument(
+        "--serve-duration",
+        type=float,
+        default=60.0,
+        help="Seconds of the quench serve load test (16 clients) per artifact; 0 skips it.",
+    )
     ap.add_argument("--step", choices=("ort-int8", "nncf-int8"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dest", help=argparse.SUPPRESS)
@@ -985,6 +1018,34 @@ def main(argv: list[str] | None = None) -> int:
         fill_from_perf(row, q, doc, keep_peak=True)
         rows.append(row)
 
+    # 5. serving: quench serve under 16 concurrent clients vs quench perf at the same batch
+    serving: list[dict[str, Any]] = []
+    if args.serve_duration > 0:
+        for r in rows:
+            if r.kind != "quench" or r.mode not in SERVE_MODES or not r.qps:
+                continue
+            art = work / f"r50-{r.mode}.quench"
+            cmd = [
+                rel(Path(sys.executable)),
+                rel(REPO / "bench" / "load.py"),
+                rel(art),
+                "--clients",
+                "16",
+                "--duration",
+                f"{args.serve_duration:g}",
+                "--warmup",
+                "5",
+                "--json",
+            ]
+            say(f"quench serve load test {r.mode}")
+            p = runner.run(f"serve-{r.mode}", cmd, args.serve_duration + 180)
+            entry: dict[str, Any] = {"mode": r.mode, "command": p.cmd, "perf_b8": r.qps.get(8)}
+            try:
+                entry.update(json.loads(p.stdout))
+            except ValueError:
+                entry["error"] = p.error()
+            serving.append(entry)
+
     # share of peak for peer rows: the same formula quench perf uses
     for r in rows:
         if r.kind == "peer" and macs:
@@ -1027,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         ("OpenVINO CPU default inference precision", str(ov_default)),
         ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
     ]
-    write_report(args.out, args, machine, rows, preps, batches, started, extra_notes)
+    write_report(args.out, args, machine, rows, preps, batches, started, extra_notes, serving)
     (work / "results.json").write_text(
         json.dumps(
             {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},
