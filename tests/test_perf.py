@@ -128,3 +128,28 @@ def test_clock_override(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_compute_of(mode: str, computes: str, expected: str) -> None:
     assert perf.compute_of({"precision": {"mode": mode, "computes": computes}}) == expected
+
+
+def test_perf_end_to_end_images(tiny_artifact: Path, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    res = invoke(
+        "perf",
+        tiny_artifact,
+        "--batch",
+        "2",
+        "--iterations",
+        3,
+        "--warmup",
+        0,
+        "--images",
+        image_dir,
+        "--json",
+        out,
+    )
+    assert res.exit_code == 0, res.output
+    assert "end-to-end batch 2:" in res.stdout and "naive decode-then-infer loop" in res.stdout
+    e2e = json.loads(out.read_text())["end_to_end"][0]
+    assert e2e["images"] == 7 and e2e["pipeline"]["failed"] == 0
+    assert e2e["pipeline"]["images_per_s"] > 0 and e2e["naive_loop"]["images_per_s"] > 0
+    raw = invoke("perf", tmp_path / "x.onnx", "--images", image_dir)
+    assert raw.exit_code == 2

@@ -448,12 +448,18 @@ def perf(
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed iterations first.")] = 20,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Also measure end-to-end images/s on these files (folder or list)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
     from quench.perf import perf_model, perf_onnx
 
     sizes = _batches(batch)
+    if images is not None and model.suffix.lower() == ".onnx":
+        raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
         raise fail("--iterations and --duration exclude each other", code=2)
     with user_errors():
@@ -464,6 +470,25 @@ def perf(
                 _load(model, threads), sizes, iterations, duration, warmup, not quiet
             )
     _print_perf(results)
+    end_to_end = []
+    if images is not None:
+        from quench.evaluate import list_images
+        from quench.perf import perf_images
+
+        with user_errors():
+            files = list_images(images)
+            if not files:
+                raise QuenchError(f"{images}: no images")
+            loaded = _load(model, threads)
+            for r in results:
+                e2e = perf_images(loaded, files, r.batch, progress=not quiet)
+                end_to_end.append(e2e)
+                ratio = e2e["pipeline"]["images_per_s"] / r.qps
+                print(
+                    f"end-to-end batch {r.batch}: {e2e['pipeline']['images_per_s']:.1f} images/s "
+                    f"({ratio:.2f}x engine-only {r.qps:.1f} qps); naive decode-then-infer loop "
+                    f"{e2e['naive_loop']['images_per_s']:.1f} images/s ({len(files)} files)"
+                )
     if not quiet:
         from quench.hw import clock_source
         from quench.perf import peak_macs
@@ -482,6 +507,7 @@ def perf(
             "machine": cpu_info(),
             "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
             "results": [r.to_dict() for r in results],
+            "end_to_end": end_to_end,
         }
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
 

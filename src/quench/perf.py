@@ -6,6 +6,7 @@ the CPU's ISA flags, its core count and its nominal clock (see ``peak_macs``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -246,3 +247,45 @@ def perf_onnx(
         precision="onnx (source)",
         engine=f"onnxruntime {ort.__version__} (default options)",
     )
+
+
+def perf_images(
+    model: Any, images: list[Path], batch: int, naive: bool = True, progress: bool = True
+) -> dict[str, Any]:
+    """End-to-end images/s on real files: the overlapped pipeline, and a naive loop that decodes
+    a batch, then infers it, with nothing overlapped (for comparison)."""
+    from quench.errors import ImageError
+    from quench.imaging import Normalizer, load_pixels
+    from quench.progress import Bar
+
+    out: dict[str, Any] = {"batch": batch, "images": len(images)}
+    with Bar(f"end-to-end batch {batch}", len(images), enabled=progress) as bar:
+        t = time.perf_counter()
+        failed = sum(
+            not p.ok
+            for p in model.iter_classify(
+                images, topk=5, batch_size=batch, on_done=lambda p: bar.advance()
+            )
+        )
+        secs = time.perf_counter() - t
+    out["pipeline"] = {
+        "seconds": round(secs, 3),
+        "images_per_s": round(len(images) / secs, 2),
+        "failed": failed,
+    }
+    if naive:
+        norm = Normalizer(model.data)
+        t = time.perf_counter()
+        for i in range(0, len(images), batch):
+            pixels = []
+            for path in images[i : i + batch]:
+                with contextlib.suppress(ImageError):  # the pipeline reports bad files
+                    pixels.append(load_pixels(path, model.data))
+            if pixels:
+                model.scores(model.run_batch(norm.batch(pixels)))
+        secs = time.perf_counter() - t
+        out["naive_loop"] = {
+            "seconds": round(secs, 3),
+            "images_per_s": round(len(images) / secs, 2),
+        }
+    return out
