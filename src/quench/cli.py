@@ -462,13 +462,13 @@ def perf(
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
         raise fail("--iterations and --duration exclude each other", code=2)
+    loaded = None
     with user_errors():
         if model.suffix.lower() == ".onnx":
             results = perf_onnx(model, sizes, iterations, duration, warmup, threads, not quiet)
         else:
-            results = perf_model(
-                _load(model, threads), sizes, iterations, duration, warmup, not quiet
-            )
+            loaded = _load(model, threads)
+            results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet)
     _print_perf(results)
     end_to_end = []
     if images is not None:
@@ -479,7 +479,7 @@ def perf(
             files = list_images(images)
             if not files:
                 raise QuenchError(f"{images}: no images")
-            loaded = _load(model, threads)
+            assert loaded is not None  # .onnx files were refused above
             for r in results:
                 e2e = perf_images(loaded, files, r.batch, progress=not quiet)
                 end_to_end.append(e2e)

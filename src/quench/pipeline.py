@@ -123,12 +123,3 @@ def classify(
         for _, fut in inflight:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def topk_names(pred: Prediction) -> str:
-    return ", ".join(f"{n} ({s:.3f})" for n, s in zip(pred.names, pred.scores, strict=True))
-
-
-def np_batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(x), size):
-        yield x[i : i + size]

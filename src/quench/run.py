@@ -518,6 +518,15 @@ class _Job:
         )
 
     # -- everything -----------------------------------------------------------------------------
+    def sample_file(self, name: str, what: str, missing: str) -> Path | None:
+        """A file of the ImageNet sample, noting where it was found or where we looked."""
+        found, looked = find_sample(name, self.opts)
+        if found:
+            self.note(f"{what}: {found} (ImageNet sample)")
+        else:
+            self.note(f"{missing} (looked in {_where(looked)})")
+        return found
+
     def run(self) -> RunResult:
         from quench.evaluate import list_images
 
@@ -555,14 +564,9 @@ class _Job:
             # inputs for classify / eval
             images, labels = opts.images, opts.labels
             if images is None:
-                found, looked = find_sample("val.txt", opts)
-                if found:
-                    images = found
-                    self.note(f"images: {found} (ImageNet sample)")
-                else:
-                    self.note(
-                        f"no --images and no ImageNet sample val.txt (looked in {_where(looked)})"
-                    )
+                images = self.sample_file(
+                    "val.txt", "images", "no --images and no ImageNet sample val.txt"
+                )
             synthetic = _is_synthetic(src)
             if labels is None and synthetic:
                 self.note(
@@ -570,14 +574,9 @@ class _Job:
                     "(pass --labels to measure it anyway)"
                 )
             elif labels is None and opts.images is None and images is not None:
-                found, looked = find_sample("ground_truth.tsv", opts)
-                if found:
-                    labels = found
-                    self.note(f"ground truth: {found} (ImageNet sample)")
-                else:
-                    self.note(
-                        f"no --labels and no sample ground_truth.tsv (looked in {_where(looked)})"
-                    )
+                labels = self.sample_file(
+                    "ground_truth.tsv", "ground truth", "no --labels and no sample ground_truth.tsv"
+                )
             sample: list[Path] = []
             if images is not None:
                 try:
