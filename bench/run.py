@@ -36,6 +36,7 @@ BENCHMARK_APP = BIN / "benchmark_app"
 MODEL_NAME = "resnet50-v1-7"
 CHW = (3, 224, 224)
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "imagenet-sample" / "calib.txt"
+DEFAULT_VAL = DEFAULT_CALIB.with_name("val.txt")
 
 FAMILIES = ("fp32", "bf16", "int8")
 FAMILY_ALIASES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8"}
@@ -53,6 +54,8 @@ QUENCH_MODES = {
     "qint8_mixed_float16": "int8",
 }
 SERVE_MODES = ("force_float32", "qint8_mixed_float32")
+PIPELINE_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
+MEMORY_MODE = "qint8_mixed_float32"  # the fastest engine: the most images in flight per second
 OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
 
 CLOCK_C = r"""
@@ -567,6 +570,19 @@ def nncf_int8_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def rss_step(args: argparse.Namespace) -> int:
+    """Run the command given as a JSON list in ``--cmd`` and print its peak resident memory
+    (this process has no other children, so RUSAGE_CHILDREN is that command's own)."""
+    import resource
+
+    cmd = json.loads(args.cmd)
+    t = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=REPO)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_kib": peak_kib}))
+    return 0 if rc == 0 else 1
+
+
 def prep_step(
     runner: Runner, label: str, family: str, step: str, model: Path, dest: Path, args: Any
 ) -> Prep:
@@ -661,6 +677,8 @@ def write_report(
     started: datetime,
     extra_notes: list[str],
     serving: list[dict[str, Any]] | None = None,
+    pipeline: list[dict[str, Any]] | None = None,
+    memory: list[dict[str, Any]] | None = None,
 ) -> None:
     out: list[str] = [
         "# Benchmarks: ResNet-50 v1, peers vs Quench, CPU",
@@ -729,6 +747,48 @@ def write_report(
             )
         out += ["", "```", *[e["command"] for e in serving], "```", ""]
 
+    if pipeline:
+        out += [
+            "## End-to-end: JPEG files to top-5",
+            "",
+            f"`quench perf ART --batch 8 --images {rel(args.images)}`: engine-only qps (random "
+            "batch), then every file through the pipeline (decode + resize + normalise on "
+            "worker threads, overlapped with inference), then a naive loop (decode a batch, "
+            "then infer it), in one command.",
+            "",
+            "| Quant_Mode | engine-only qps | pipeline images/s | pipeline / engine | "
+            "naive loop images/s | images |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for e in pipeline:
+            if "error" in e:
+                out.append(f"| {e['mode']} | **failed**: {e['error']} |  |  |  |  |")
+                continue
+            out.append(
+                f"| {e['mode']} | {e['engine_qps']:.1f} | {e['pipeline']:.1f} | "
+                f"{e['pipeline'] / e['engine_qps']:.2f}x | {e['naive']:.1f} | {e['images']} |"
+            )
+        out += ["", "```", *[e["command"] for e in pipeline], "```", ""]
+    if memory:
+        out += [
+            "## Peak memory of `quench infer`",
+            "",
+            f"Peak resident set size of the whole `quench infer` process ({MEMORY_MODE} "
+            "artifact), on the images above and on them repeated (symlinks).",
+            "",
+            "| images | peak RSS MiB | seconds | images/s | exit |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for e in memory:
+            if "error" in e:
+                out.append(f"| {e['images']} | **failed**: {e['error']} |  |  |  |")
+                continue
+            out.append(
+                f"| {e['images']} | {e['peak_rss_kib'] / 1024:.0f} | {e['seconds']:.1f} | "
+                f"{e['images'] / e['seconds']:.1f} | {e['rc']} |"
+            )
+        out += ["", "```", *[e["command"] for e in memory], "```", ""]
+
     if preps:
         out += [
             "## Build / quantization times",
@@ -795,8 +855,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=60.0,
         help="Seconds of the quench serve load test (16 clients) per artifact; 0 skips it.",
     )
-    ap.add_argument("--step", choices=("ort-int8", "nncf-int8"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--images",
+        type=Path,
+        default=DEFAULT_VAL,
+        help="JPEGs for the end-to-end pipeline and memory measurements (folder or list).",
+    )
+    ap.add_argument(
+        "--memory-images",
+        type=int,
+        default=10000,
+        help="Images (--images repeated) for the peak-memory run of quench infer; 0 skips it.",
+    )
+    ap.add_argument("--step", choices=("ort-int8", "nncf-int8", "rss"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--cmd", help=argparse.SUPPRESS)
     ap.add_argument("--dest", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
@@ -814,6 +887,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.work = args.work.absolute()
     args.out = args.out.absolute()
     args.calib_images = args.calib_images.absolute()
+    args.images = args.images.absolute()
     return args
 
 
@@ -823,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         return ort_int8_step(args)
     if args.step == "nncf-int8":
         return nncf_int8_step(args)
+    if args.step == "rss":
+        return rss_step(args)
 
     started = datetime.now(timezone.utc)
     batches, fams, dur = args.batch_list, args.families, args.duration
@@ -1046,6 +1122,63 @@ def main(argv: list[str] | None = None) -> int:
                 entry["error"] = p.error()
             serving.append(entry)
 
+    # 6. end-to-end pipeline on real JPEGs: engine-only qps and images/s, same command
+    pipeline: list[dict[str, Any]] = []
+    have_images = args.images.exists()
+    if not have_images:
+        extra_notes.append(f"pipeline/memory skipped: {rel(args.images)} not found")
+    for r in rows if have_images else []:
+        if r.kind != "quench" or r.mode not in PIPELINE_MODES or not r.qps:
+            continue
+        art = work / f"r50-{r.mode}.quench"
+        out = work / f"e2e-{r.mode}.json"
+        out.unlink(missing_ok=True)
+        cmd = [rel(QUENCH), "perf", rel(art), "--batch", "8", "--duration", f"{dur:g}"]
+        cmd += ["--images", rel(args.images), "--json", rel(out), "-q"]
+        say(f"end-to-end pipeline {r.mode}")
+        p = runner.run(f"e2e-{r.mode}", cmd, 900)
+        entry = {"mode": r.mode, "command": p.cmd}
+        try:
+            doc = json.loads(out.read_text())
+            e2e = doc["end_to_end"][0]
+            entry.update(
+                engine_qps=doc["results"][0]["qps"],
+                pipeline=e2e["pipeline"]["images_per_s"],
+                naive=e2e["naive_loop"]["images_per_s"],
+                images=e2e["images"],
+            )
+        except (OSError, ValueError, KeyError, IndexError):
+            entry["error"] = p.error()
+        pipeline.append(entry)
+
+    memory: list[dict[str, Any]] = []
+    mem_art = work / f"r50-{MEMORY_MODE}.quench"
+    if have_images and args.memory_images > 0 and mem_art.exists():
+        from quench.evaluate import list_images
+
+        files = list_images(args.images)
+        for count in sorted({len(files), args.memory_images}):
+            folder = work / f"images-{count}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir()
+            for i in range(count):
+                src = files[i % len(files)].absolute()
+                (folder / f"{i:06d}-{src.name}").symlink_to(src)
+            infer = [rel(QUENCH), "infer", rel(mem_art), rel(folder), "-q"]
+            infer += ["-o", rel(work / f"infer-{count}.jsonl")]
+            cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "run.py"), "--step", "rss"]
+            cmd += ["--cmd", json.dumps(infer)]
+            say(f"peak memory of quench infer on {count} images")
+            p = runner.run(f"rss-{count}", cmd, 60 + count)
+            entry = {"images": count, "command": shlex.join(infer)}
+            try:
+                entry.update(json.loads(p.stdout.strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                entry["error"] = p.error()
+            memory.append(entry)
+            shutil.rmtree(folder)
+
     # share of peak for peer rows: the same formula quench perf uses
     for r in rows:
         if r.kind == "peer" and macs:
@@ -1088,7 +1221,19 @@ def main(argv: list[str] | None = None) -> int:
         ("OpenVINO CPU default inference precision", str(ov_default)),
         ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
     ]
-    write_report(args.out, args, machine, rows, preps, batches, started, extra_notes, serving)
+    write_report(
+        args.out,
+        args,
+        machine,
+        rows,
+        preps,
+        batches,
+        started,
+        extra_notes,
+        serving,
+        pipeline,
+        memory,
+    )
     (work / "results.json").write_text(
         json.dumps(
             {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},

@@ -211,3 +211,39 @@ def test_names_with_brackets_are_printed_verbatim(tiny_artifact: Path, tmp_path:
     missing = tmp_path / "[bold]model.quench"
     res = runner.invoke(app, ["infer", str(missing), str(good)])
     _one_line_error(res, missing, "no such artifact file")
+
+
+def test_ctrl_c_keeps_partial_results(tmp_path: Path, tiny_artifact: Path) -> None:
+    """SIGINT mid-run: exits 130 promptly, says so, and the results so far are in the file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = make_image(tmp_path / "big.png", (1200, 900), seed=1)  # slow enough to interrupt
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(3000):
+        (folder / f"{i:05d}.png").symlink_to(big)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "quench", "infer", str(tiny_artifact), str(folder)]
+    proc = subprocess.Popen(
+        [*cmd, "--json", "-q", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = [proc.stdout.readline() for _ in range(20)]  # results are flowing
+    assert all(json.loads(line)["top"] for line in seen)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    rest, stderr = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    printed = len(seen) + len(rest.splitlines())
+    assert printed < 3000  # it really stopped early
+    lines = out.read_text().splitlines()
+    assert len(lines) >= printed - 1  # written before printed, file flushed on the way out
+    assert all("top" in json.loads(line) for line in lines)

@@ -511,3 +511,77 @@ def test_normalizer(layout: str, order: str) -> None:
     batch = norm.batch([px, px[::-1]])
     np.testing.assert_allclose(batch[0], exp, atol=1e-5)
     np.testing.assert_allclose(batch[1], exp[:, ::-1] if layout == "NCHW" else exp[::-1], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (never below 2x the resize
+# size), then resized from the crop window. The result stays within these bounds of the
+# reference computed on the fully decoded pixels (observed: mean 0.19-0.30, max 2 levels).
+# --------------------------------------------------------------------------------------------
+DRAFT_MAX_TOL = 3
+DRAFT_MEAN_TOL = 0.5
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Photo-like: smooth structures at several scales plus mild sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [
+            127 + 100 * np.sin(xx / 23.0) * np.cos(yy / 31.0),
+            127 + 100 * np.sin((xx + yy) / 41.0),
+            xx * 255 / (w - 1),
+        ],
+        -1,
+    )
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((600, 450), (150, 113)),  # 1/4: shorter side 113 >= 2 x 36
+        ((450, 600), (113, 150)),  # portrait
+        ((1200, 145), (600, 73)),  # 1/2 only: 1/4 would leave the shorter side under 72
+        ((2000, 1500), (250, 188)),  # 1/8, the largest scale libjpeg offers
+    ],
+)
+def test_large_jpeg_decoded_at_reduced_scale(
+    tmp_path: Path, size: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    arr = photo(*size)
+    path = save(arr, tmp_path / "big.jpg", quality=95)
+    im, full = imaging._decode(path, DATA.resize)
+    assert (im.size, full) == (decoded, size)
+    fully_decoded = np.asarray(Image.open(path).convert("RGB"))
+    got = load_pixels(path, DATA)
+    assert_close(got, ref_pixels(fully_decoded, 36, 32), DRAFT_MAX_TOL, DRAFT_MEAN_TOL)
+    # sensitive: a crop window off by 2 output pixels is far outside the tolerance
+    shifted = ref_pixels(np.roll(fully_decoded, 2 * max(size) // 36, axis=1), 36, 32)
+    assert np.abs(shifted.astype(int) - got.astype(int)).mean() > 4 * DRAFT_MEAN_TOL
+
+
+def test_small_jpeg_and_large_png_decoded_in_full(tmp_path: Path) -> None:
+    under = save(photo(140, 143), tmp_path / "under.jpg", quality=95)  # shorter side < 4 x 36
+    png = save(photo(600, 450), tmp_path / "big.png")
+    for path in (under, png):
+        im, full = imaging._decode(path, DATA.resize)
+        assert im.size == full
+    arr = photo(600, 450)
+    np.testing.assert_array_equal(
+        load_pixels(png, DATA), imaging.resize_crop(Image.fromarray(arr), DATA)
+    )
+
+
+def test_large_jpeg_with_exif_rotation(tmp_path: Path) -> None:
+    arr = photo(600, 400)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = save(arr, tmp_path / "rot.jpg", quality=95, exif=exif)
+    im, full = imaging._decode(path, DATA.resize)
+    assert full == (400, 600) and im.size == (100, 150)
+    with Image.open(path) as stored:
+        rotated = np.rot90(np.asarray(stored.convert("RGB")), k=-1)
+    assert_close(
+        load_pixels(path, DATA), ref_pixels(rotated, 36, 32), DRAFT_MAX_TOL, DRAFT_MEAN_TOL
+    )

@@ -9,6 +9,7 @@ then a centred ``crop`` square.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,16 @@ def crop_box(width: int, height: int, data: DataConfig) -> tuple[float, float, f
 
 def open_image(source: str | Path | bytes) -> Image.Image:
     """Open and fully decode an image as RGB, or raise ImageError naming the file and reason."""
+    return _decode(source)[0]
+
+
+def _decode(
+    source: str | Path | bytes, shorter: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode ``source`` as RGB. With ``shorter``, a JPEG whose shorter side is at least 4x
+    ``shorter`` is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled
+    decoding), never below 2x ``shorter``. Returns the image and the full-resolution size
+    (after EXIF orientation) it stands for."""
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else open(source, "rb")  # noqa: SIM115
@@ -70,9 +81,14 @@ def open_image(source: str | Path | bytes) -> Image.Image:
                     f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} pixel limit "
                     "(decompression bomb?)"
                 )
+            full = im.size
+            if shorter:
+                _draft(im, shorter)
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            turned = ImageOps.exif_transpose(im)
+            if turned.size != im.size:
+                full = full[::-1]
+            return _to_rgb(turned), full
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
@@ -88,6 +104,14 @@ def open_image(source: str | Path | bytes) -> Image.Image:
             raise ImageError(f"{name}: {reason}") from None
 
 
+def _draft(im: Image.Image, shorter: int) -> None:
+    """Ask the JPEG decoder for the smallest 1/2^k scale keeping the shorter side >= 2x
+    ``shorter`` (no-op for other formats and for images under 4x ``shorter``)."""
+    if im.format == "JPEG" and min(im.size) >= 4 * shorter:
+        k = 2 * shorter / min(im.size)
+        im.draft(None, (math.ceil(im.width * k), math.ceil(im.height * k)))
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette, 16-bit and alpha images become 8-bit RGB."""
     if im.mode == "RGB":
@@ -101,15 +125,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def resize_crop(im: Image.Image, data: DataConfig) -> Image.Image:
+def resize_crop(
+    im: Image.Image, data: DataConfig, full: tuple[int, int] | None = None
+) -> Image.Image:
     """Resize the shorter side to ``data.resize`` and take the centre ``data.crop`` square.
 
-    Exactly the reference (full resize, then crop). For very elongated images, whose full resize
-    would be huge, only the crop window is resampled (``resize(box=...)``: same filter, same
-    output pixels up to +-1 rounding).
+    Exactly the reference (full resize, then crop). Two cases resample only the crop window
+    (``resize(box=...)``: same filter, pixels within +-1 of the full resize): very elongated
+    images, whose full resize would be huge, and a JPEG decoded at reduced scale, where ``full``
+    is the size it stands for and the geometry is worked out at that size.
     """
-    rw, rh = resized_size(im.width, im.height, data.resize)
     resample = _RESAMPLE[data.interpolation]
+    if full is not None and full != im.size:
+        scale = round(full[0] / im.width)
+        box = tuple(v / scale for v in crop_box(*full, data))
+        return im.resize((data.crop, data.crop), resample, box=box)
+    rw, rh = resized_size(im.width, im.height, data.resize)
     if rw * rh > 16 * data.resize * data.resize:
         box = crop_box(im.width, im.height, data)
         return im.resize((data.crop, data.crop), resample, box=box)
@@ -118,8 +149,12 @@ def resize_crop(im: Image.Image, data: DataConfig) -> Image.Image:
 
 
 def load_pixels(source: str | Path | bytes, data: DataConfig) -> np.ndarray:
-    """Decode and resize/crop one image: uint8 array (crop, crop, 3), RGB."""
-    return np.asarray(resize_crop(open_image(source), data))
+    """Decode and resize/crop one image: uint8 array (crop, crop, 3), RGB.
+
+    Large JPEGs (shorter side >= 4x ``data.resize``) are decoded at reduced scale first.
+    """
+    im, full = _decode(source, data.resize)
+    return np.asarray(resize_crop(im, data, full))
 
 
 class Normalizer:
