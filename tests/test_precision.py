@@ -376,3 +376,5 @@ def test_first_layer_float_or_quantized(
     first = next(n for n in g.node if "Conv" in n.op_type)
     # ONNX Runtime's optimised graph: a quantized conv is a QLinearConv
     assert (first.op_type == "QLinearConv") is not keep_float
+    # quantized, it reads whole pixel values (the preset's normalisation undone in the graph)
+    assert m.manifest["quantization"]["first_layer_pixel_grid"] is not keep_float

@@ -290,3 +290,86 @@ def test_runs_on_openvino(
     ref = _run(fp32, test_images)
     assert float(np.mean(got.argmax(1) == ref.argmax(1))) >= TOP1_AGREEMENT
     assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < REL_ERROR_DEFAULT
+
+
+# -- first layer on the pixel grid --------------------------------------------------------------
+GRID_MEAN, GRID_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def _pixel_images(n: int, seed: int) -> np.ndarray:
+    """Normalised whole-pixel images, as the preprocessing makes them."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(0, 256, (n, 3, SIZE, SIZE)).astype(np.float64)
+    p = np.clip(p * 0.3 + rng.integers(0, 180, (n, 3, 1, 1)), 0, 255).round()
+    mean = np.asarray(GRID_MEAN)[None, :, None, None]
+    std = np.asarray(GRID_STD)[None, :, None, None]
+    return ((p - mean) / std).astype(np.float32)
+
+
+def test_pixel_grid_rewrite_is_the_same_function(fp32: onnx.ModelProto) -> None:
+    """Pad * std + mean, then the Conv with folded weights and no padding: same outputs."""
+    model = qmod._prepare(fp32, "images")
+    rewritten, grid, helpers = qmod._pixel_grid_first_conv(model, "images", GRID_MEAN, GRID_STD)
+    assert grid is not None and len(helpers) == 3  # Pad, Mul, Add
+    conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
+    assert conv.input[0] == grid
+    assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [0, 0, 0, 0]
+    x = _pixel_images(8, seed=3)
+    np.testing.assert_allclose(_run(rewritten, x), _run(fp32, x), rtol=1e-4, atol=1e-4)
+    # the Conv now reads whole pixel values
+    probe = onnx.ModelProto.FromString(rewritten.SerializeToString())
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(grid, onnx.TensorProto.FLOAT, None)
+    )
+    pixels = _run_all(probe, x)[1]
+    interior = pixels[:, :, 1:-1, 1:-1]
+    np.testing.assert_allclose(interior, np.round(interior), atol=1e-3)
+    assert interior.min() >= -1e-3 and interior.max() <= 255 + 1e-3
+
+
+def _run_all(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": x})
+
+
+def test_pixel_grid_quantizes_the_first_layer_exactly(
+    fp32: onnx.ModelProto, calib: np.ndarray
+) -> None:
+    x = _pixel_images(48, seed=4)
+    grid = replace(ALL_INT8, input_grid=(GRID_MEAN, GRID_STD))
+    res = quantize(fp32, "images", x, grid)
+    assert res.info["first_layer_pixel_grid"] is True
+    assert res.info["quantized_nodes"].get("Conv") == 1
+    g = res.model.graph
+    q = next(
+        n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "quench_pixel_grid"
+    )
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    assert float(inits[q.input[1]]) == pytest.approx(1.0)  # step 1 ...
+    assert int(inits[q.input[2]]) == 0  # ... from 0: the 256 pixel values exactly
+    # the Conv sees the pixel values themselves; quantizing the normalised input does not
+    test = _pixel_images(4, seed=5)
+    pixels = test * np.asarray(GRID_STD, np.float32)[None, :, None, None]
+    pixels += np.asarray(GRID_MEAN, np.float32)[None, :, None, None]
+    seen = _conv_input(res.model, test)[:, :, 1:-1, 1:-1]  # interior (padding taps: mean)
+    np.testing.assert_allclose(seen, np.round(pixels), atol=1e-3)
+    naive = quantize(fp32, "images", x, ALL_INT8)
+    assert np.abs(_conv_input(naive.model, test) - test).max() > 1e-3
+
+
+def _conv_input(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """What the (first) Conv reads: the output of the DequantizeLinear feeding it."""
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    conv = next(n for n in probe.graph.node if n.op_type == "Conv")
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(conv.input[0], onnx.TensorProto.FLOAT, None)
+    )
+    return _run_all(probe, x)[1]
+
+
+def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -> None:
+    model = qmod._prepare(fp32, "images")
+    same, grid, helpers = qmod._pixel_grid_first_conv(model, "images", (0.0,) * 2, (1.0,) * 2)
+    assert grid is None and helpers == [] and same is model  # 3 input channels, 2 given

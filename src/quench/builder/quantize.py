@@ -89,6 +89,9 @@ class QuantConfig:
     float_first_layer: bool = True  # the Conv/Gemm reading the model input stays float
     weight_method: str = "minmax"
     exclude: tuple[str, ...] = ()  # node names kept in float
+    # (mean, std) per input channel, in pixel units (0..255): with ``float_first_layer=False``
+    # the first Conv is quantized on the pixel grid (see ``_pixel_grid_first_conv``)
+    input_grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     activation_type: str = "uint8"  # or "int8"
     per_channel: bool = True
 
@@ -125,8 +128,12 @@ def quantize(
     _check_config(config)
     model = _prepare(model, input_name)
     exclude = _check_exclude(model, config.exclude)
+    grid: str | None = None
     if config.float_first_layer:
         exclude = sorted({*exclude, *_first_layer(model, input_name)})
+    elif config.input_grid is not None:
+        model, grid, grid_nodes = _pixel_grid_first_conv(model, input_name, *config.input_grid)
+        exclude = sorted({*exclude, *grid_nodes})
     calib = _check_calib(model, input_name, calib, need=cache is None)
     tensors = _activation_tensors(model)
     corrected = _correctable_nodes(model, exclude) if config.bias_correction else []
@@ -152,6 +159,8 @@ def quantize(
             )
             ranges, means = _ranges(stats, config), stats.means
             reused = False
+        if grid is not None:
+            ranges[grid] = (0.0, 255.0)  # whole pixel values: an 8-bit grid with step 1
         cache_bytes = _dump_cache(ranges, means, config, model)
 
         with tempfile.TemporaryDirectory(prefix="quench-quant-") as tmp:
@@ -174,6 +183,7 @@ def quantize(
         "cache_reused": reused,
         "quantized_nodes": _quantized_counts(qdq),
         "float_nodes": sorted(exclude),
+        "first_layer_pixel_grid": grid is not None,
         "bias_corrected": len(corrected_nodes),
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -289,6 +299,87 @@ def _first_layer(model: onnx.ModelProto, input_name: str) -> list[str]:
             if n.op_type not in _COMPUTE_OPS:
                 frontier.extend(o for o in n.output if o)
     return out
+
+
+def _pixel_grid_first_conv(
+    model: onnx.ModelProto,
+    input_name: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[onnx.ModelProto, str | None, list[str]]:
+    """Let the first Conv read whole pixel values, which an 8-bit grid holds exactly.
+
+    The input is ``x = (p - mean) / std`` with ``p`` the integer pixel values; any 8-bit grid over
+    ``x`` misses most of them. Rewritten: ``P = Pad(x, 0) * std + mean`` (``p`` again, the padding
+    taps becoming ``mean``: what the zero padding of ``x`` meant) and ``Conv(P, W / std, b -
+    sum(W / std * mean))`` without padding: the same function, whose input quantizes exactly with
+    step 1 over [0, 255] (interior exactly; padding taps round ``mean`` to a whole value).
+    Returns the model, the new Conv input (``None`` when the graph does not start with a plain
+    Conv on the input) and the helper nodes, which stay float.
+    """
+    g = model.graph
+    users = [n for n in g.node if input_name in n.input]
+    inits = {t.name: t for t in g.initializer}
+    if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != input_name:
+        return model, None, []
+    conv = users[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if attrs.get("group", 1) != 1 or auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+        return model, None, []
+    if conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] not in inits):
+        return model, None, []
+    w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+    if w.ndim != 4 or w.shape[1] != len(mean) or len(std) != len(mean):
+        return model, None, []
+    b = (
+        numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+        if len(conv.input) > 2 and conv.input[2]
+        else np.zeros(w.shape[0])
+    )
+    m = np.asarray(mean, np.float64)[None, :, None, None]
+    s = np.asarray(std, np.float64)[None, :, None, None]
+    w2 = w / s
+    b2 = b - (w2 * m).sum(axis=(1, 2, 3))
+    pads = list(attrs.get("pads", [0, 0, 0, 0])) if auto_pad in (b"NOTSET", "NOTSET") else []
+    pads = pads or [0, 0, 0, 0]
+
+    pre = "quench_pixel_grid"
+    nodes: list[onnx.NodeProto] = []
+    src = input_name
+    if any(pads):
+        top, left, bottom, right = pads
+        g.initializer.append(
+            numpy_helper.from_array(
+                np.array([0, 0, top, left, 0, 0, bottom, right], np.int64), f"{pre}_pads"
+            )
+        )
+        nodes.append(helper.make_node("Pad", [src, f"{pre}_pads"], [f"{pre}_padded"], f"{pre}_pad"))
+        src = f"{pre}_padded"
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(s.astype(np.float32), f"{pre}_std"),
+            numpy_helper.from_array(m.astype(np.float32), f"{pre}_mean"),
+            numpy_helper.from_array(w2.astype(np.float32), f"{pre}_W"),
+            numpy_helper.from_array(b2.astype(np.float32), f"{pre}_B"),
+        ]
+    )
+    nodes.append(helper.make_node("Mul", [src, f"{pre}_std"], [f"{pre}_scaled"], f"{pre}_mul"))
+    nodes.append(helper.make_node("Add", [f"{pre}_scaled", f"{pre}_mean"], [pre], f"{pre}_add"))
+    w_name, b_name = conv.input[1], conv.input[2] if len(conv.input) > 2 else ""
+    del conv.input[:]
+    conv.input.extend([pre, f"{pre}_W", f"{pre}_B"])
+    for a in conv.attribute:
+        if a.name == "pads":
+            a.CopyFrom(helper.make_attribute("pads", [0, 0, 0, 0]))
+    used = {i for n in g.node for i in n.input}
+    for name in (w_name, b_name):
+        if name and name not in used:
+            g.initializer.remove(inits[name])
+    at = list(g.node).index(conv)
+    for k, n in enumerate(nodes):
+        g.node.insert(at + k, n)
+    return model, pre, [n.name for n in nodes]
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
