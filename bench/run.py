@@ -4,8 +4,10 @@
 Measures, on the ResNet-50 v1 replica and at each batch size: plain ONNX Runtime (fp32, and the
 ORT INT8 route: quant_pre_process + quantize_static QDQ), OpenVINO's own ``benchmark_app``
 (f32 pinned, its default hint, bf16 pinned), OpenVINO + NNCF INT8 (default parameters), and
-``quench build`` + ``quench perf`` in every precision mode. Every number in the report comes
-from this run; failures are recorded in the report, never fatal.
+``quench build`` + ``quench perf`` in every precision mode; then ``quench serve`` under load,
+the end-to-end pipeline on real JPEGs and the peak memory of ``quench infer``. Quench's
+artifacts are built first; each family's Quench timings then directly follow its peers'.
+Every number in the report comes from this run; failures are recorded, never fatal.
 
     .venv/bin/python bench/run.py [--batches 1,4,8] [--duration 10] [--only fp32,bf16,int8]
 """
@@ -963,89 +965,9 @@ def main(argv: list[str] | None = None) -> int:
     preps: list[Prep] = []
     ort_v, ov_v = version("onnxruntime"), version("openvino")
 
-    # 3. peers
-    if "fp32" in fams:
-        say("ONNX Runtime fp32 (quench perf on the source ONNX)")
-        row = Row(
-            "fp32", "peer", f"ONNX Runtime {ort_v}", "InferenceSession(path), defaults", "float32"
-        )
-        p, doc = quench_perf(runner, "ort-fp32", src, work / "ort-fp32.json", batches, dur)
-        fill_from_perf(row, p, doc, keep_peak=False)
-        rows.append(row)
-
-    ov_src_configs = []
-    if "fp32" in fams:
-        ov_src_configs.append(
-            (
-                "fp32",
-                "f32, latency hint",
-                ["-hint", "latency", "-infer_precision", "f32"],
-                "float32",
-            )
-        )
-    if ov_default_family in fams:
-        ov_src_configs.append(("default", "default hint and precision", [], "?"))
-    if "bf16" in fams:
-        ov_src_configs.append(
-            (
-                "bf16",
-                "bf16, latency hint",
-                ["-hint", "latency", "-infer_precision", "bf16"],
-                "bfloat16",
-            )
-        )
-    for fam, settings, extra, compute in ov_src_configs:
-        label = f"OpenVINO {ov_v.split('-')[0]} benchmark_app"
-        fam_ = ov_default_family if fam == "default" else fam
-        row = Row(fam_, "peer", label, settings, compute)
-        say(f"{label}: {settings}")
-        seen = run_benchmark_app(runner, row, src, extra, batches, dur)
-        if fam == "default":
-            prec = ov_precision_name(seen.get("precision")) or ov_precision_name(ov_default)
-            row.family = OV_PRECISION_FAMILY.get(prec or "f32", "fp32")
-            row.compute = {"bf16": "bfloat16", "f16": "float16"}.get(prec or "", "float32")
-        rows.append(row)
-
-    if "int8" in fams:
-        qdq = work / "ort-int8-qdq.onnx"
-        prep = prep_step(
-            runner, "ONNX Runtime quantize_static (QDQ)", "int8", "ort-int8", src, qdq, args
-        )
-        prep.detail += "; quant_pre_process + QDQ, per-channel, U8 activations, S8 weights, MinMax"
-        preps.append(prep)
-        row = Row(
-            "int8",
-            "peer",
-            f"ONNX Runtime {ort_v} INT8",
-            "quantize_static QDQ U8S8 per-channel MinMax; default session",
-            "int8",
-        )
-        if prep.error:
-            row.errors.append(f"quantization: {prep.error}")
-            row.commands.append(prep.command)
-        else:
-            say("ONNX Runtime INT8 (quench perf on the QDQ model)")
-            p, doc = quench_perf(runner, "ort-int8", qdq, work / "ort-int8.json", batches, dur)
-            fill_from_perf(row, p, doc, keep_peak=False)
-        rows.append(row)
-
-        ir = work / "nncf-int8.xml"
-        prep = prep_step(
-            runner, "OpenVINO + NNCF nncf.quantize", "int8", "nncf-int8", src, ir, args
-        )
-        prep.detail += "; nncf.quantize defaults, ov.save_model"
-        preps.append(prep)
-        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
-            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
-            row = Row("int8", "peer", label, f"benchmark_app, {settings}", "int8")
-            if prep.error:
-                row.errors.append(f"quantization: {prep.error}")
-            else:
-                say(f"{label}: {settings}")
-                run_benchmark_app(runner, row, ir, extra, batches, dur)
-            rows.append(row)
-
-    # 4. quench
+    # 3. Quench builds first, so that below each family's Quench timings follow its peers' with
+    #    nothing in between (this machine's speed drifts by several percent over minutes)
+    built: dict[str, list[tuple[Row, Path | None, str, str]]] = {f: [] for f in FAMILIES}
     builds = [(mode, fam, "", []) for mode, fam in QUENCH_MODES.items()]
     for mode, variants in QUENCH_VARIANTS.items():
         at = next(i for i, b in enumerate(builds) if b[0] == mode) + 1
@@ -1095,13 +1017,104 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not p.ok or not art.exists():
             row.errors.append(f"build: {p.error() if not p.ok else 'no artifact'}")
+        built[fam].append((row, art if p.ok and art.exists() else None, name, label))
+
+    def quench_rows(fam: str) -> None:
+        for row, art, name, label in built[fam]:
+            if art is not None:
+                say(f"quench perf {label}")
+                out = work / f"r50-{name}.json"
+                q, doc = quench_perf(runner, f"perf-{name}", art, out, batches, dur)
+                row.commands.pop()  # the build line is listed under model preparation
+                fill_from_perf(row, q, doc, keep_peak=True)
             rows.append(row)
-            continue
-        say(f"quench perf {label}")
-        q, doc = quench_perf(runner, f"perf-{name}", art, work / f"r50-{name}.json", batches, dur)
-        row.commands.pop()  # the build line is listed under model preparation
-        fill_from_perf(row, q, doc, keep_peak=True)
+
+    # 4. peers, each family followed by Quench's rows for it
+    if "fp32" in fams:
+        say("ONNX Runtime fp32 (quench perf on the source ONNX)")
+        row = Row(
+            "fp32", "peer", f"ONNX Runtime {ort_v}", "InferenceSession(path), defaults", "float32"
+        )
+        p, doc = quench_perf(runner, "ort-fp32", src, work / "ort-fp32.json", batches, dur)
+        fill_from_perf(row, p, doc, keep_peak=False)
         rows.append(row)
+
+    ov_src_configs = []
+    if "fp32" in fams:
+        ov_src_configs.append(
+            (
+                "fp32",
+                "f32, latency hint",
+                ["-hint", "latency", "-infer_precision", "f32"],
+                "float32",
+            )
+        )
+    if ov_default_family in fams:
+        ov_src_configs.append(("default", "default hint and precision", [], "?"))
+    if "bf16" in fams:
+        ov_src_configs.append(
+            (
+                "bf16",
+                "bf16, latency hint",
+                ["-hint", "latency", "-infer_precision", "bf16"],
+                "bfloat16",
+            )
+        )
+    for group in ("fp32", "bf16"):
+        for fam, settings, extra, compute in ov_src_configs:
+            fam_ = ov_default_family if fam == "default" else fam
+            if fam_ != group:
+                continue
+            label = f"OpenVINO {ov_v.split('-')[0]} benchmark_app"
+            row = Row(fam_, "peer", label, settings, compute)
+            say(f"{label}: {settings}")
+            seen = run_benchmark_app(runner, row, src, extra, batches, dur)
+            if fam == "default":
+                prec = ov_precision_name(seen.get("precision")) or ov_precision_name(ov_default)
+                row.family = OV_PRECISION_FAMILY.get(prec or "f32", "fp32")
+                row.compute = {"bf16": "bfloat16", "f16": "float16"}.get(prec or "", "float32")
+            rows.append(row)
+        quench_rows(group)
+
+    if "int8" in fams:
+        qdq = work / "ort-int8-qdq.onnx"
+        prep = prep_step(
+            runner, "ONNX Runtime quantize_static (QDQ)", "int8", "ort-int8", src, qdq, args
+        )
+        prep.detail += "; quant_pre_process + QDQ, per-channel, U8 activations, S8 weights, MinMax"
+        preps.append(prep)
+        row = Row(
+            "int8",
+            "peer",
+            f"ONNX Runtime {ort_v} INT8",
+            "quantize_static QDQ U8S8 per-channel MinMax; default session",
+            "int8",
+        )
+        if prep.error:
+            row.errors.append(f"quantization: {prep.error}")
+            row.commands.append(prep.command)
+        else:
+            say("ONNX Runtime INT8 (quench perf on the QDQ model)")
+            p, doc = quench_perf(runner, "ort-int8", qdq, work / "ort-int8.json", batches, dur)
+            fill_from_perf(row, p, doc, keep_peak=False)
+        rows.append(row)
+
+        ir = work / "nncf-int8.xml"
+        prep = prep_step(
+            runner, "OpenVINO + NNCF nncf.quantize", "int8", "nncf-int8", src, ir, args
+        )
+        prep.detail += "; nncf.quantize defaults, ov.save_model"
+        preps.append(prep)
+        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
+            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
+            row = Row("int8", "peer", label, f"benchmark_app, {settings}", "int8")
+            if prep.error:
+                row.errors.append(f"quantization: {prep.error}")
+            else:
+                say(f"{label}: {settings}")
+                run_benchmark_app(runner, row, ir, extra, batches, dur)
+            rows.append(row)
+    quench_rows("int8")
 
     # 5. serving: quench serve under 16 concurrent clients vs quench perf at the same batch
     serving: list[dict[str, Any]] = []
@@ -1195,7 +1208,7 @@ def main(argv: list[str] | None = None) -> int:
             peak, _ = peak_macs(compute, threads)
             r.peak = {b: macs * q / peak for b, q in r.qps.items()}
 
-    # 5. report
+    # 7. report
     peaks = []
     for c in ("float32", "bfloat16", "float16", "int8"):
         v, how = peak_macs(c, threads)
