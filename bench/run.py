@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -671,6 +672,28 @@ def family_table(rows: list[Row], batches: list[int]) -> list[str]:
     return lines
 
 
+def measured_section(
+    title: str,
+    intro: str,
+    columns: list[str],
+    entries: list[dict[str, Any]],
+    key: str,
+    cells: Callable[[dict[str, Any]], list[str]],
+) -> list[str]:
+    """A report section: a table with a row per entry (or its error), then the commands."""
+    if not entries:
+        return []
+    out = [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |"]
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
+    for e in entries:
+        if "error" in e:
+            row = [str(e[key]), f"**failed**: {e['error']}", *[""] * (len(columns) - 2)]
+        else:
+            row = [str(e[key]), *cells(e)]
+        out.append("| " + " | ".join(row) + " |")
+    return [*out, "", "```", *[e["command"] for e in entries], "```", ""]
+
+
 def write_report(
     path: Path,
     args: argparse.Namespace,
@@ -726,72 +749,71 @@ def write_report(
                     )
         out.append("")
 
-    if serving:
-        out += [
-            "## Serving: `quench serve` under load",
-            "",
-            "16 concurrent clients on loopback, one image per request (KServe v2 binary tensor "
-            "infer), dynamic batching up to 8 images / 5 ms (`quench serve` defaults); compared "
-            "with `quench perf` at batch 8 on the same artifact in this run.",
-            "",
-            "| Quant_Mode | images/s served | failed | p50 ms | p99 ms | quench perf b=8 | "
-            "served / perf | server exit |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for e in serving:
-            if "error" in e:
-                out.append(f"| {e['mode']} | **failed**: {e['error']} |  |  |  |  |  |  |")
-                continue
-            lat, perf8 = e.get("latency_ms", {}), e.get("perf_b8")
-            ratio = f"{e['images_per_s'] / perf8:.2f}x" if perf8 else "-"
-            out.append(
-                f"| {e['mode']} | {e['images_per_s']:.1f} | {e.get('failed')} | "
-                f"{fmt(lat.get('p50'))} | {fmt(lat.get('p99'))} | {fmt(perf8)} | {ratio} | "
-                f"{e.get('server_exit')} |"
-            )
-        out += ["", "```", *[e["command"] for e in serving], "```", ""]
-
-    if pipeline:
-        out += [
-            "## End-to-end: JPEG files to top-5",
-            "",
-            f"`quench perf ART --batch 8 --images {rel(args.images)}`: engine-only qps (random "
-            "batch), then every file through the pipeline (decode + resize + normalise on "
-            "worker threads, overlapped with inference), then a naive loop (decode a batch, "
-            "then infer it), in one command.",
-            "",
-            "| Quant_Mode | engine-only qps | pipeline images/s | pipeline / engine | "
-            "naive loop images/s | images |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for e in pipeline:
-            if "error" in e:
-                out.append(f"| {e['mode']} | **failed**: {e['error']} |  |  |  |  |")
-                continue
-            out.append(
-                f"| {e['mode']} | {e['engine_qps']:.1f} | {e['pipeline']:.1f} | "
-                f"{e['pipeline'] / e['engine_qps']:.2f}x | {e['naive']:.1f} | {e['images']} |"
-            )
-        out += ["", "```", *[e["command"] for e in pipeline], "```", ""]
-    if memory:
-        out += [
-            "## Peak memory of `quench infer`",
-            "",
-            f"Peak resident set size of the whole `quench infer` process ({MEMORY_MODE} "
-            "artifact), on the images above and on them repeated (symlinks).",
-            "",
-            "| images | peak RSS MiB | seconds | images/s | exit |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for e in memory:
-            if "error" in e:
-                out.append(f"| {e['images']} | **failed**: {e['error']} |  |  |  |")
-                continue
-            out.append(
-                f"| {e['images']} | {e['peak_rss_kib'] / 1024:.0f} | {e['seconds']:.1f} | "
-                f"{e['images'] / e['seconds']:.1f} | {e['rc']} |"
-            )
-        out += ["", "```", *[e["command"] for e in memory], "```", ""]
+    out += measured_section(
+        "Serving: `quench serve` under load",
+        "16 concurrent clients on loopback, one image per request (KServe v2 binary tensor "
+        "infer), dynamic batching up to 8 images / 5 ms (`quench serve` defaults); compared "
+        "with `quench perf` at batch 8 on the same artifact in this run.",
+        [
+            "Quant_Mode",
+            "images/s served",
+            "failed",
+            "p50 ms",
+            "p99 ms",
+            "quench perf b=8",
+            "served / perf",
+            "server exit",
+        ],
+        serving or [],
+        "mode",
+        lambda e: [
+            f"{e['images_per_s']:.1f}",
+            str(e.get("failed")),
+            fmt(e.get("latency_ms", {}).get("p50")),
+            fmt(e.get("latency_ms", {}).get("p99")),
+            fmt(e.get("perf_b8")),
+            f"{e['images_per_s'] / e['perf_b8']:.2f}x" if e.get("perf_b8") else "-",
+            str(e.get("server_exit")),
+        ],
+    )
+    out += measured_section(
+        "End-to-end: JPEG files to top-5",
+        f"`quench perf ART --batch 8 --images {rel(args.images)}`: engine-only qps (random "
+        "batch), then every file through the pipeline (decode + resize + normalise on "
+        "worker threads, overlapped with inference), then a naive loop (decode a batch, "
+        "then infer it), in one command.",
+        [
+            "Quant_Mode",
+            "engine-only qps",
+            "pipeline images/s",
+            "pipeline / engine",
+            "naive loop images/s",
+            "images",
+        ],
+        pipeline or [],
+        "mode",
+        lambda e: [
+            f"{e['engine_qps']:.1f}",
+            f"{e['pipeline']:.1f}",
+            f"{e['pipeline'] / e['engine_qps']:.2f}x",
+            f"{e['naive']:.1f}",
+            str(e["images"]),
+        ],
+    )
+    out += measured_section(
+        "Peak memory of `quench infer`",
+        f"Peak resident set size of the whole `quench infer` process ({MEMORY_MODE} "
+        "artifact), on the images above and on them repeated (symlinks).",
+        ["images", "peak RSS MiB", "seconds", "images/s", "exit"],
+        memory or [],
+        "images",
+        lambda e: [
+            f"{e['peak_rss_kib'] / 1024:.0f}",
+            f"{e['seconds']:.1f}",
+            f"{e['images'] / e['seconds']:.1f}",
+            str(e["rc"]),
+        ],
+    )
 
     if preps:
         out += [
