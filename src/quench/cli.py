@@ -210,7 +210,7 @@ def build(
     calib_count: Annotated[int, typer.Option(min=1, help="INT8: images to calibrate on.")] = 200,
     calib_method: Annotated[
         str | None,
-        typer.Option(help="INT8: minmax | entropy | percentile (default: measured best)."),
+        typer.Option(help="INT8: minmax | entropy | percentile | mse (default: percentile)."),
     ] = None,
     calib_cache: Annotated[
         str | None, typer.Option(help="INT8: calibration cache file to reuse / write.")
