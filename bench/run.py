@@ -58,6 +58,8 @@ QUENCH_MODES = {
 }
 # Build options beyond the defaults, measured as rows of their own: (label suffix, flags)
 QUENCH_VARIANTS = {"qint8_mixed_float32": [("quantize-first-layer", ["--quantize-first-layer"])]}
+# Also timed with two requests in flight, as benchmark_app's default throughput hint runs
+REQUESTS_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
 SERVE_MODES = ("force_float32", "qint8_mixed_float32")
 PIPELINE_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
 MEMORY_MODE = "qint8_mixed_float32"  # the fastest engine: the most images in flight per second
@@ -333,7 +335,13 @@ class Prep:
 
 
 def quench_perf(
-    runner: Runner, name: str, model: Path, out: Path, batches: list[int], duration: float
+    runner: Runner,
+    name: str,
+    model: Path,
+    out: Path,
+    batches: list[int],
+    duration: float,
+    extra: list[str] | None = None,
 ) -> tuple[Proc, dict[str, Any] | None]:
     out.unlink(missing_ok=True)
     cmd = [
@@ -347,6 +355,7 @@ def quench_perf(
         "--json",
         rel(out),
         "-q",
+        *(extra or []),
     ]
     timeout = 180 + len(batches) * (2 * duration + 90)
     p = runner.run(name, cmd, timeout)
@@ -1050,6 +1059,16 @@ def main(argv: list[str] | None = None) -> int:
                 row.commands.pop()  # the build line is listed under model preparation
                 fill_from_perf(row, q, doc, keep_peak=True)
             rows.append(row)
+            if art is not None and label in REQUESTS_MODES:
+                more = Row(fam, "quench", f"Quench {label}, 2 requests", row.settings, "float32")
+                more.mode = f"{label} (2 requests)"
+                say(f"quench perf {label} --requests 2")
+                out = work / f"r50-{name}-2req.json"
+                q, doc = quench_perf(
+                    runner, f"perf-{name}-2req", art, out, batches, dur, ["--requests", "2"]
+                )
+                fill_from_perf(more, q, doc, keep_peak=True)
+                rows.append(more)
 
     # 4. peers, each family followed by Quench's rows for it
     if "fp32" in fams:

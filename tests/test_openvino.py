@@ -343,3 +343,34 @@ def test_streams_split_the_batch_and_keep_order(build, engine, float_model) -> N
             got = r.infer({"images": x[:n]})["logits"]
             assert got.shape == (n, NUM_CLASSES)
             assert rel_diff(got, ref[:n]) < 1e-4
+
+
+def test_concurrent_requests_run_in_parallel_and_match(
+    engine: OpenVinoEngine, build, float_model: onnx.ModelProto
+) -> None:
+    """`quench perf --requests N`: N requests on an N-stream throughput configuration, same
+    precision, same results, callable from N threads at once."""
+    import threading
+
+    compiled = build("force_float32")
+    x = batch_of(2, seed=7)
+    with engine.runner(compiled.payloads, compiled.options, threads=2) as r:
+        assert isinstance(r, OpenVinoRunner)
+        fns = r.concurrent(2)
+        assert len(fns) == 2
+        n, model = r._concurrent
+        assert n == 2 and int(model.get_property("NUM_STREAMS")) == 2
+        assert model.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+        out: dict[int, np.ndarray] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: out.__setitem__(i, fns[i]({"images": x})["logits"]))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        single = r.infer({"images": x})["logits"]
+    for i in range(2):
+        np.testing.assert_allclose(out[i], single, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(single, reference(float_model, x), rtol=1e-3, atol=1e-3)

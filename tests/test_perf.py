@@ -153,3 +153,48 @@ def test_perf_end_to_end_images(tiny_artifact: Path, image_dir: Path, tmp_path: 
     assert e2e["pipeline"]["images_per_s"] > 0 and e2e["naive_loop"]["images_per_s"] > 0
     raw = invoke("perf", tmp_path / "x.onnx", "--images", image_dir)
     assert raw.exit_code == 2
+
+
+def test_perf_requests_in_flight(tiny_artifact: Path, tiny_model: Path, tmp_path: Path) -> None:
+    model = quench.load(tiny_artifact)
+    res = perf.perf_model(model, [1, 2], iterations=12, warmup=2, progress=False, requests=3)
+    for r in res:
+        assert r.requests == 3 and r.iterations == 12 and r.qps > 0
+        assert r.qps == pytest.approx(r.batch * r.iterations / r.seconds, rel=0.01)
+    assert perf.perf_model(model, [1], iterations=3, warmup=0, progress=False)[0].requests == 1
+    out = tmp_path / "perf.json"
+    cli = invoke("perf", tiny_artifact, "--batch", "1", "--iterations", 6, "--requests", 2)
+    assert cli.exit_code == 0, cli.output
+    assert "requests)" in cli.stdout  # the device column says how many (wrapped)
+    cli = invoke(
+        "perf", tiny_model, "--batch", "2", "--iterations", 4, "--requests", 2, "--json", out
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(out.read_text())["results"][0]["requests"] == 2
+    assert invoke("perf", tiny_artifact, "--requests", 0).exit_code == 2
+
+
+def test_measure_concurrent_runs_requests_at_once() -> None:
+    """Two requests that each take 50 ms complete twice as many requests per second as one."""
+    import threading
+    import time
+
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def slow(x: object) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    n, secs, lat = perf.measure_concurrent([slow, slow], (3, 4, 4), 1, duration=0.5, warmup=0)
+    assert peak[0] == 2
+    assert n / secs > 1.5 / 0.05 * 0.8  # ~40 requests/s with two in flight (one: ~20)
+    assert len(lat) == n and lat.min() >= 0.05
+    with pytest.raises(RuntimeError, match="boom"):
+        perf.measure_concurrent(
+            [slow, lambda x: (_ for _ in ()).throw(RuntimeError("boom"))], (3, 4, 4), 1, 3, warmup=0
+        )

@@ -453,6 +453,14 @@ def perf(
         Path | None,
         typer.Option(help="Also measure end-to-end images/s on these files (folder or list)."),
     ] = None,
+    requests: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Requests in flight at once, each a whole batch (like benchmark_app -nireq; "
+            "OpenVINO runs them on as many streams). Default 1: synchronous.",
+        ),
+    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
@@ -463,13 +471,17 @@ def perf(
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
         raise fail("--iterations and --duration exclude each other", code=2)
+    if images is not None and requests > 1:
+        raise fail("--images compares with one request at a time: drop --requests", code=2)
     loaded = None
     with user_errors():
         if model.suffix.lower() == ".onnx":
-            results = perf_onnx(model, sizes, iterations, duration, warmup, threads, not quiet)
+            results = perf_onnx(
+                model, sizes, iterations, duration, warmup, threads, not quiet, requests
+            )
         else:
             loaded = _load(model, threads)
-            results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet)
+            results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet, requests)
     _print_perf(results)
     end_to_end = []
     if images is not None:
@@ -528,7 +540,8 @@ def _print_perf(results: list[Any]) -> None:
             r.precision,
             str(r.batch),
             f"{r.qps:.2f}",
-            f"cpu ({r.engine}, {r.threads} threads)",
+            f"cpu ({r.engine}, {r.threads} threads"
+            + (f", {r.requests} requests)" if r.requests > 1 else ")"),
             f"{lat['p50']:.2f}",
             f"{lat['p90']:.2f}",
             f"{lat['p99']:.2f}",

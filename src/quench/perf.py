@@ -7,6 +7,7 @@ the CPU's ISA flags, its core count and its nominal clock (see ``peak_macs``).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ class PerfResult:
     macs_per_image: int | None = None
     peak_share: float | None = None
     device: str = "cpu"
+    requests: int = 1  # requests in flight at once, each a whole batch
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +125,64 @@ def measure(
     return len(lat), time.perf_counter() - start, np.asarray(lat)
 
 
+def measure_concurrent(
+    infers: list[Callable[[np.ndarray], Any]],
+    input_shape: tuple[int, ...],
+    batch: int,
+    iterations: int | None = None,
+    duration: float | None = None,
+    warmup: int = 20,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[int, float, np.ndarray]:
+    """Like ``measure`` with ``len(infers)`` requests in flight: one thread per function, each
+    running the same random batch back to back; ``iterations`` counts requests of all threads.
+    Latencies are per request, under that load."""
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    if iterations is None and duration is None:
+        duration = 10.0
+    lock = threading.Lock()
+    lat: list[float] = []
+    errors: list[BaseException] = []
+    ready = threading.Barrier(len(infers) + 1)
+    box: dict[str, float] = {}
+
+    def work(infer: Callable[[np.ndarray], Any]) -> None:
+        try:
+            for _ in range(max(1, warmup // len(infers))):
+                infer(x)
+        except BaseException as exc:
+            errors.append(exc)
+        ready.wait()
+        ready.wait()  # start together
+        while not errors:
+            t = time.perf_counter()
+            try:
+                infer(x)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            now = time.perf_counter()
+            with lock:
+                if (iterations is not None and len(lat) >= iterations) or now >= box["deadline"]:
+                    return
+                lat.append(now - t)
+                if on_step:
+                    on_step()
+
+    threads = [threading.Thread(target=work, args=(f,), daemon=True) for f in infers]
+    for t in threads:
+        t.start()
+    ready.wait()  # every thread warmed up
+    start = time.perf_counter()
+    box["deadline"] = start + duration if duration is not None else float("inf")
+    ready.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return len(lat), time.perf_counter() - start, np.asarray(lat)
+
+
 def summarize(
     lat: np.ndarray, iterations: int, seconds: float, batch: int
 ) -> tuple[float, dict[str, float]]:
@@ -139,8 +199,9 @@ def perf_model(
     duration: float | None = None,
     warmup: int = 20,
     progress: bool = True,
+    requests: int = 1,
 ) -> list[PerfResult]:
-    """Measure a loaded ``quench.Model`` at each batch size."""
+    """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight."""
     from quench.errors import QuenchError
 
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
@@ -150,8 +211,16 @@ def perf_model(
         )
     compute = compute_of(model.manifest)
     runner = model.runner
+    if requests > 1:
+        try:
+            fns = runner.concurrent(requests)
+        except NotImplementedError as exc:
+            raise QuenchError(str(exc)) from None
+        infer: Any = [lambda x, f=f: f({model.input_name: x}) for f in fns]
+    else:
+        infer = lambda x: runner.infer({model.input_name: x})  # noqa: E731
     return _sweep(
-        lambda x: runner.infer({model.input_name: x}),
+        infer,
         model.data.input_shape,
         batches,
         iterations,
@@ -168,7 +237,7 @@ def perf_model(
 
 
 def _sweep(
-    infer: Callable[[np.ndarray], Any],
+    infer: Callable[[np.ndarray], Any] | list[Callable[[np.ndarray], Any]],
     shape: tuple[int, ...],
     batches: list[int],
     iterations: int | None,
@@ -181,16 +250,22 @@ def _sweep(
     threads: int,
     **fields: Any,
 ) -> list[PerfResult]:
-    """Measure ``infer`` at each batch size; one ``PerfResult`` per size."""
+    """Measure ``infer`` at each batch size; one ``PerfResult`` per size. A list of functions
+    keeps that many requests in flight (``measure_concurrent``)."""
     from quench.progress import Bar
 
     peak, _ = peak_macs(compute, threads)
     results = []
     for b in batches:
         with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
-            n, secs, lat = measure(
-                infer, shape, b, iterations, duration, warmup, on_step=bar.advance
-            )
+            if isinstance(infer, list):
+                n, secs, lat = measure_concurrent(
+                    infer, shape, b, iterations, duration, warmup, on_step=bar.advance
+                )
+            else:
+                n, secs, lat = measure(
+                    infer, shape, b, iterations, duration, warmup, on_step=bar.advance
+                )
         qps, stats = summarize(lat, n, secs, b)
         results.append(
             PerfResult(
@@ -203,6 +278,7 @@ def _sweep(
                 compute=compute,
                 macs_per_image=macs,
                 peak_share=round(macs * qps / peak, 4) if macs else None,
+                requests=len(infer) if isinstance(infer, list) else 1,
                 **fields,
             )
         )
@@ -217,8 +293,10 @@ def perf_onnx(
     warmup: int = 20,
     threads: int | None = None,
     progress: bool = True,
+    requests: int = 1,
 ) -> list[PerfResult]:
-    """Baseline: the raw ONNX file on plain ONNX Runtime (default session options)."""
+    """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
+    ``requests`` > 1, that many ``run`` calls at once from as many threads."""
     import onnxruntime as ort
 
     from quench.graph import count_macs, load_model
@@ -232,8 +310,12 @@ def perf_onnx(
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
     macs = count_macs(src.model, shape)
     quantized = any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in src.model.graph.node)
+
+    def run(x: np.ndarray) -> Any:
+        return sess.run(None, {inp.name: x})
+
     return _sweep(
-        lambda x: sess.run(None, {inp.name: x}),
+        [run] * requests if requests > 1 else run,
         shape,
         batches,
         iterations,

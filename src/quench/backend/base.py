@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+
+InferFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # one batch, by tensor name
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ class Runner(ABC):
     @abstractmethod
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; inputs and outputs by tensor name."""
+
+    def concurrent(self, n: int) -> list[InferFn]:
+        """``n`` infer functions that may run at the same time, one per thread (one request
+        each), for throughput with several requests in flight."""
+        raise NotImplementedError(f"{self.name} cannot run concurrent requests")
 
     @abstractmethod
     def inputs(self) -> list[TensorMeta]: ...

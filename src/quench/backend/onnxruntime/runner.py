@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from quench.backend.base import Runner, TensorMeta
+from quench.backend.base import InferFn, Runner, TensorMeta
 from quench.hw import default_threads
 
 _LEVELS = {
@@ -53,6 +53,11 @@ class OnnxRuntimeRunner(Runner):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feed), strict=True))
+
+    def concurrent(self, n: int) -> list[InferFn]:
+        """ONNX Runtime sessions may be run from several threads at once."""
+        self.session  # noqa: B018 - fails when not active
+        return [self.infer] * n
 
     def _meta(self, args: list) -> list[TensorMeta]:
         return [TensorMeta(a.name, _DTYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
