@@ -174,7 +174,7 @@ def test_perf_requests_in_flight(tiny_artifact: Path, tiny_model: Path, tmp_path
     assert invoke("perf", tiny_artifact, "--requests", 0).exit_code == 2
 
 
-def test_measure_concurrent_runs_requests_at_once() -> None:
+def test_measure_runs_requests_at_once() -> None:
     """Two requests that each take 50 ms complete twice as many requests per second as one."""
     import threading
     import time
@@ -190,11 +190,11 @@ def test_measure_concurrent_runs_requests_at_once() -> None:
         with lock:
             active[0] -= 1
 
-    n, secs, lat = perf.measure_concurrent([slow, slow], (3, 4, 4), 1, duration=0.5, warmup=0)
+    n, secs, lat = perf.measure([slow, slow], (3, 4, 4), 1, duration=0.5, warmup=0)
     assert peak[0] == 2
     assert n / secs > 1.5 / 0.05 * 0.8  # ~40 requests/s with two in flight (one: ~20)
     assert len(lat) == n and lat.min() >= 0.05
     with pytest.raises(RuntimeError, match="boom"):
-        perf.measure_concurrent(
+        perf.measure(
             [slow, lambda x: (_ for _ in ()).throw(RuntimeError("boom"))], (3, 4, 4), 1, 3, warmup=0
         )

@@ -96,7 +96,7 @@ def compute_of(manifest: dict[str, Any]) -> str:
 
 
 def measure(
-    infer: Callable[[np.ndarray], Any],
+    infer: Callable[[np.ndarray], Any] | list[Callable[[np.ndarray], Any]],
     input_shape: tuple[int, ...],
     batch: int,
     iterations: int | None = None,
@@ -104,12 +104,18 @@ def measure(
     warmup: int = 20,
     on_step: Callable[[], None] | None = None,
 ) -> tuple[int, float, np.ndarray]:
-    """Run ``infer`` on one random batch; returns (iterations, seconds, latencies in s)."""
+    """Run ``infer`` on one random batch; returns (iterations, seconds, latencies in s).
+
+    A list of functions keeps that many requests in flight (one thread each, see
+    ``_measure_concurrent``).
+    """
     x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
-    for _ in range(warmup):
-        infer(x)
     if iterations is None and duration is None:
         duration = 10.0
+    if isinstance(infer, list):
+        return _measure_concurrent(infer, x, iterations, duration, warmup, on_step)
+    for _ in range(warmup):
+        infer(x)
     lat: list[float] = []
     start = time.perf_counter()
     deadline = start + duration if duration is not None else float("inf")
@@ -125,21 +131,16 @@ def measure(
     return len(lat), time.perf_counter() - start, np.asarray(lat)
 
 
-def measure_concurrent(
+def _measure_concurrent(
     infers: list[Callable[[np.ndarray], Any]],
-    input_shape: tuple[int, ...],
-    batch: int,
-    iterations: int | None = None,
-    duration: float | None = None,
-    warmup: int = 20,
-    on_step: Callable[[], None] | None = None,
+    x: np.ndarray,
+    iterations: int | None,
+    duration: float | None,
+    warmup: int,
+    on_step: Callable[[], None] | None,
 ) -> tuple[int, float, np.ndarray]:
-    """Like ``measure`` with ``len(infers)`` requests in flight: one thread per function, each
-    running the same random batch back to back; ``iterations`` counts requests of all threads.
-    Latencies are per request, under that load."""
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
-    if iterations is None and duration is None:
-        duration = 10.0
+    """``len(infers)`` threads each run ``x`` back to back from the same start; ``iterations``
+    counts the requests of all threads; latencies are per request, under that load."""
     lock = threading.Lock()
     lat: list[float] = []
     errors: list[BaseException] = []
@@ -251,21 +252,16 @@ def _sweep(
     **fields: Any,
 ) -> list[PerfResult]:
     """Measure ``infer`` at each batch size; one ``PerfResult`` per size. A list of functions
-    keeps that many requests in flight (``measure_concurrent``)."""
+    keeps that many requests in flight."""
     from quench.progress import Bar
 
     peak, _ = peak_macs(compute, threads)
     results = []
     for b in batches:
         with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
-            if isinstance(infer, list):
-                n, secs, lat = measure_concurrent(
-                    infer, shape, b, iterations, duration, warmup, on_step=bar.advance
-                )
-            else:
-                n, secs, lat = measure(
-                    infer, shape, b, iterations, duration, warmup, on_step=bar.advance
-                )
+            n, secs, lat = measure(
+                infer, shape, b, iterations, duration, warmup, on_step=bar.advance
+            )
         qps, stats = summarize(lat, n, secs, b)
         results.append(
             PerfResult(
