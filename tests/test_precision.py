@@ -378,3 +378,67 @@ def test_first_layer_float_or_quantized(
     assert (first.op_type == "QLinearConv") is not keep_float
     # quantized, it reads whole pixel values (the preset's normalisation undone in the graph)
     assert m.manifest["quantization"]["first_layer_pixel_grid"] is not keep_float
+
+
+def test_auto_with_accuracy_check_also_tries_the_pixel_grid_first_layer(
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_labels: Path,
+    calib_dir: Path,
+    check_dir: Path,
+    cache_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """INT8 + --engine auto + an accuracy check: both first layers are candidates; the fastest
+    that passes wins, and a failing pixel-grid candidate falls back to the float first layer."""
+    from quench.builder import core
+
+    real = core._accuracy_check
+    tried: list[bool] = []
+
+    def grid_fails(built, *args, **kwargs):
+        grid = built.manifest["quantization"]["first_layer_pixel_grid"]
+        tried.append(grid)
+        result = real(built, *args, **kwargs)
+        if grid:
+            raise core.AccuracyGateError("accuracy check failed: simulated for the grid")
+        return result
+
+    monkeypatch.setattr(core, "_accuracy_check", grid_fails)
+    logs: list[str] = []
+    m = build(
+        tiny_model,
+        tmp_path / "m.quench",
+        labels=str(tiny_labels),
+        log=logs.append,
+        precision="qint8_mixed_float32",
+        calib_images=str(calib_dir),
+        select_seconds=0.05,
+        **{**TINY_BUILD, "engine": "auto"},
+        check_images=str(check_dir),
+        max_top1_drop=50.0,
+    )
+    sel = m.manifest["engine_selection"]
+    assert {c["first_layer"] for c in sel["candidates"]} == {"float", "pixel grid"}
+    assert sel["first_layer"] == "float"  # the grid candidates were rejected
+    assert m.manifest["quantization"]["first_layer_pixel_grid"] is False
+    assert False in tried and tried.index(False) == len(tried) - 1  # float tried last, passed
+    assert m.manifest["accuracy"]["passed"] is True
+    # without the simulated failure, the chosen candidate is the fastest one
+    monkeypatch.setattr(core, "_accuracy_check", real)
+    m2 = build(
+        tiny_model,
+        tmp_path / "m2.quench",
+        labels=str(tiny_labels),
+        precision="qint8_mixed_float32",
+        calib_images=str(calib_dir),
+        select_seconds=0.05,
+        **{**TINY_BUILD, "engine": "auto"},
+        check_images=str(check_dir),
+        max_top1_drop=50.0,
+    )
+    sel2 = m2.manifest["engine_selection"]
+    best = max(sel2["candidates"], key=lambda c: c["score"])
+    assert sel2["first_layer"] == best["first_layer"]
+    grid = m2.manifest["quantization"]["first_layer_pixel_grid"]
+    assert grid is (best["first_layer"] == "pixel grid")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,40 +188,65 @@ def build(
             "pass --labels FILE"
         )
     engines = candidate_engines(opts.engine, opts.precision)
-    payloads: dict[str, bytes] = {}
-    quant_info: dict[str, Any] | None = None
-    to_compile = src.model
+    # (model to compile, payloads it adds, quantization info, first-layer tag)
+    sources: list[tuple[onnx.ModelProto, dict[str, bytes], dict[str, Any] | None, str | None]]
+    sources = [(src.model, {}, None, None)]
     if int8:
         t = time.perf_counter()
-        to_compile, calib_payload, quant_info = _quantize(src, input_name, preset, opts, say)
-        payloads[CALIBRATION_PAYLOAD] = calib_payload
+        firsts: list[bool | None] = [opts.float_first_layer]
+        if (
+            opts.engine == "auto"
+            and opts.float_first_layer is None
+            and opts.check_images
+            and not opts.calib_cache
+        ):
+            # with an accuracy check to decide, also try the faster first layer on the pixel
+            # grid: it is kept only when it is faster and passes the check
+            firsts = [True, False]
+        sources = []
+        for first in firsts:
+            o = opts if first is None else replace(opts, float_first_layer=first)
+            qmodel, calib_payload, qinfo = _quantize(src, input_name, preset, o, say)
+            tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
+            sources.append((qmodel, {CALIBRATION_PAYLOAD: calib_payload}, qinfo, tag))
         timings["calibrate_quantize"] = round(time.perf_counter() - t, 3)
 
     spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
     reference = set_batch(src.model, opts.batch)
-    candidates: list[tuple[Engine, Compiled, dict[str, Any], dict[str, Any]]] = []
+    candidates: list[tuple[Engine, Compiled, dict[str, Any], dict[str, Any], int]] = []
     t = time.perf_counter()
-    for engine in engines:
-        say(f"compiling with {engine.name} {engine.version()} ({opts.precision})")
-        try:
-            compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
-            verification = _verify(reference, compiled, engine, spec, preset)
-        except QuenchError as exc:
-            if len(engines) == 1:
-                raise
-            say(f"  {engine.name} rejected: {exc}")
-            continue
-        variants = engine.variants(spec) if opts.engine == "auto" else [{}]
-        for variant in variants:
-            option_set = Compiled(compiled.payloads, {**compiled.options, **variant}, compiled.info)
-            timing: dict[str, Any] = {"engine": engine.name}
-            if len(engines) > 1 or len(variants) > 1:
-                timing = time_candidate(
-                    engine, option_set, spec, preset.data.input_shape, opts.select_seconds
+    for k, (to_compile, _, _, tag) in enumerate(sources):
+        for engine in engines:
+            say(
+                f"compiling with {engine.name} {engine.version()} ({opts.precision}"
+                + (f", first layer {tag})" if tag else ")")
+            )
+            try:
+                compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
+                verification = _verify(reference, compiled, engine, spec, preset)
+            except QuenchError as exc:
+                if len(engines) == 1 and len(sources) == 1:
+                    raise
+                say(f"  {engine.name} rejected: {exc}")
+                continue
+            variants = engine.variants(spec) if opts.engine == "auto" else [{}]
+            for variant in variants:
+                option_set = Compiled(
+                    compiled.payloads, {**compiled.options, **variant}, compiled.info
                 )
-                timing["options"] = variant
-                say(f"  {engine.name} {variant or ''}: {timing['qps_by_batch']} images/s by batch")
-            candidates.append((engine, option_set, verification, timing))
+                timing: dict[str, Any] = {"engine": engine.name}
+                if len(engines) > 1 or len(variants) > 1 or len(sources) > 1:
+                    timing = time_candidate(
+                        engine, option_set, spec, preset.data.input_shape, opts.select_seconds
+                    )
+                    timing["options"] = variant
+                    say(
+                        f"  {engine.name} {variant or ''}: {timing['qps_by_batch']} images/s "
+                        "by batch"
+                    )
+                if tag:
+                    timing["first_layer"] = tag
+                candidates.append((engine, option_set, verification, timing, k))
     if not candidates:
         raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
     candidates.sort(key=lambda c: -c[3].get("score", 0.0))
@@ -257,14 +282,16 @@ def build(
         "build": _settings(opts),
         "host": cpu_info(),
     }
-    if quant_info is not None:
-        base["quantization"] = quant_info
     from quench.model import Model
 
     reference_preds: list[Any] | None = None
-    for rank, (engine, compiled, verification, _) in enumerate(candidates):
+    for rank, (engine, compiled, verification, chosen, k) in enumerate(candidates):
+        _, payloads, quant_info, tag = sources[k]
         if len(candidates) > 1:
-            say(f"{'chose' if rank == 0 else 'next'}: {engine.name} {compiled.options}")
+            say(
+                f"{'chose' if rank == 0 else 'next'}: {engine.name} {compiled.options}"
+                + (f", first layer {tag}" if tag else "")
+            )
         say(
             f"checked against the source model on random input: max |diff| "
             f"{verification['max_abs_diff']:.2e}, "
@@ -282,9 +309,12 @@ def build(
             "engine_selection": {
                 "requested": opts.engine,
                 "chosen": engine.name,
+                **({"first_layer": chosen["first_layer"]} if "first_layer" in chosen else {}),
                 "candidates": [c[3] for c in candidates],
             },
         }
+        if quant_info is not None:
+            manifest["quantization"] = quant_info
         art = artifact.Artifact(manifest, {**payloads, **compiled.payloads})
         built = Model(art, path=Path(output), threads=opts.threads)
         if opts.check_images:
