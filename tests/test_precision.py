@@ -404,20 +404,21 @@ def test_auto_with_accuracy_check_also_tries_the_pixel_grid_first_layer(
             raise core.AccuracyGateError("accuracy check failed: simulated for the grid")
         return result
 
+    def int8_auto(name: str):
+        return build(
+            tiny_model,
+            tmp_path / f"{name}.quench",
+            labels=str(tiny_labels),
+            precision="qint8_mixed_float32",
+            calib_images=str(calib_dir),
+            select_seconds=0.05,
+            **{**TINY_BUILD, "engine": "auto"},
+            check_images=str(check_dir),
+            max_top1_drop=50.0,
+        )
+
     monkeypatch.setattr(core, "_accuracy_check", grid_fails)
-    logs: list[str] = []
-    m = build(
-        tiny_model,
-        tmp_path / "m.quench",
-        labels=str(tiny_labels),
-        log=logs.append,
-        precision="qint8_mixed_float32",
-        calib_images=str(calib_dir),
-        select_seconds=0.05,
-        **{**TINY_BUILD, "engine": "auto"},
-        check_images=str(check_dir),
-        max_top1_drop=50.0,
-    )
+    m = int8_auto("m")
     sel = m.manifest["engine_selection"]
     assert {c["first_layer"] for c in sel["candidates"]} == {"float", "pixel grid"}
     assert sel["first_layer"] == "float"  # the grid candidates were rejected
@@ -426,17 +427,7 @@ def test_auto_with_accuracy_check_also_tries_the_pixel_grid_first_layer(
     assert m.manifest["accuracy"]["passed"] is True
     # without the simulated failure, the chosen candidate is the fastest one
     monkeypatch.setattr(core, "_accuracy_check", real)
-    m2 = build(
-        tiny_model,
-        tmp_path / "m2.quench",
-        labels=str(tiny_labels),
-        precision="qint8_mixed_float32",
-        calib_images=str(calib_dir),
-        select_seconds=0.05,
-        **{**TINY_BUILD, "engine": "auto"},
-        check_images=str(check_dir),
-        max_top1_drop=50.0,
-    )
+    m2 = int8_auto("m2")
     sel2 = m2.manifest["engine_selection"]
     best = max(sel2["candidates"], key=lambda c: c["score"])
     assert sel2["first_layer"] == best["first_layer"]
