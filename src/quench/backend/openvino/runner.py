@@ -169,9 +169,12 @@ class OpenVinoRunner(Runner):
         if self._stream_requests and batch >= self.streams:
             return self._infer_streams(feed)
         self._request.infer(feed, share_inputs=True)  # no input copy: the caller keeps x
-        # The request reuses its output buffers: copy them out.
+        return self._outputs(self._request)
+
+    def _outputs(self, req: ov.InferRequest) -> dict[str, np.ndarray]:
+        """A request reuses its output buffers: copy them out, by name."""
         return {
-            name: np.array(self._request.get_output_tensor(i).data, copy=True)
+            name: np.array(req.get_output_tensor(i).data, copy=True)
             for i, name in enumerate(self._out_names)
         }
 
@@ -184,32 +187,27 @@ class OpenVinoRunner(Runner):
             )
         for req in self._stream_requests:
             req.wait()
-        return {
-            name: np.concatenate(
-                [np.array(r.get_output_tensor(j).data, copy=True) for r in self._stream_requests]
-            )
-            for j, name in enumerate(self._out_names)
-        }
+        parts_out = [self._outputs(r) for r in self._stream_requests]
+        return {name: np.concatenate([o[name] for o in parts_out]) for name in self._out_names}
 
     def concurrent(self, n: int) -> list[InferFn]:
         """``n`` requests on a throughput configuration with ``n`` streams (same precision)."""
         self.compiled  # noqa: B018 - fails when not active
         if n == 1:
             return [self.infer]
-        if self._concurrent is None or self._concurrent[0] != n:
-            config = {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(n)}
-            model = core().compile_model(read_ir(self._xml, self._weights), DEVICE, config)
-            self._concurrent = (n, model)
-        model = self._concurrent[1]
-        names = [p.get_any_name() for p in model.outputs]
+        if self._stream_model is not None and n == self.streams:
+            model = self._stream_model  # the same throughput configuration, already compiled
+        else:
+            if self._concurrent is None or self._concurrent[0] != n:
+                config = {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(n)}
+                model = core().compile_model(read_ir(self._xml, self._weights), DEVICE, config)
+                self._concurrent = (n, model)
+            model = self._concurrent[1]
 
         def make(req: ov.InferRequest) -> InferFn:
             def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 req.infer(feed, share_inputs=True)
-                return {
-                    name: np.array(req.get_output_tensor(i).data, copy=True)
-                    for i, name in enumerate(names)
-                }
+                return self._outputs(req)
 
             return infer
 
