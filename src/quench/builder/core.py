@@ -31,6 +31,7 @@ from quench.labels import load_labels
 from quench.presets import Preset, detect_preset, get_preset
 
 if TYPE_CHECKING:
+    from quench.builder.calibration import CalibrationSet
     from quench.model import Model
 
 PRECISIONS = (
@@ -203,10 +204,14 @@ def build(
             # with an accuracy check to decide, also try the faster first layer on the pixel
             # grid: it is kept only when it is faster and passes the check
             firsts = [True, False]
+        calib = _calibration_images(opts, preset, say)
+        optimized = _optimized(src)
         sources = []
         for first in firsts:
             o = opts if first is None else replace(opts, float_first_layer=first)
-            qmodel, calib_payload, qinfo = _quantize(src, input_name, preset, o, say)
+            qmodel, calib_payload, qinfo = _quantize(
+                src, optimized, input_name, preset, calib, o, say
+            )
             tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
             sources.append((qmodel, {CALIBRATION_PAYLOAD: calib_payload}, qinfo, tag))
         timings["calibrate_quantize"] = round(time.perf_counter() - t, 3)
@@ -285,7 +290,7 @@ def build(
     from quench.model import Model
 
     reference_preds: list[Any] | None = None
-    for rank, (engine, compiled, verification, chosen, k) in enumerate(candidates):
+    for rank, (engine, compiled, verification, _, k) in enumerate(candidates):
         _, payloads, quant_info, tag = sources[k]
         if len(candidates) > 1:
             say(
@@ -309,7 +314,7 @@ def build(
             "engine_selection": {
                 "requested": opts.engine,
                 "chosen": engine.name,
-                **({"first_layer": chosen["first_layer"]} if "first_layer" in chosen else {}),
+                **({"first_layer": tag} if tag else {}),
                 "candidates": [c[3] for c in candidates],
             },
         }
@@ -356,15 +361,9 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
 
 
-def _quantize(
-    src: SourceModel, input_name: str, preset: Preset, opts: BuildOptions, say: Log
-) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
-    """Calibrate on real images (or reuse the cache) and return the QDQ model."""
-    from quench.backend.onnxruntime.loader import optimize
-    from quench.builder.calibration import cache_key, load_calibration
-    from quench.builder.quantize import QuantConfig, quantize
-    from quench.progress import Bar
-    from quench.zoo.fetch import cache_dir
+def _calibration_images(opts: BuildOptions, preset: Preset, say: Log) -> CalibrationSet:
+    """Read the calibration images through the preset's preprocessing (once per build)."""
+    from quench.builder.calibration import load_calibration
 
     assert opts.calib_images is not None
     calib = load_calibration(
@@ -377,6 +376,31 @@ def _quantize(
                 f"warning: {len(overlap)} calibration images are also check images: "
                 "the accuracy check will look better than it is"
             )
+    return calib
+
+
+def _optimized(src: SourceModel) -> onnx.ModelProto:
+    """The graph quantization starts from: opset 13, dynamic batch, BN folded (ORT basic)."""
+    from quench.backend.onnxruntime.loader import optimize
+
+    return optimize(upgrade_opset(set_batch(src.model, None), 13), level="basic")
+
+
+def _quantize(
+    src: SourceModel,
+    optimized: onnx.ModelProto,
+    input_name: str,
+    preset: Preset,
+    calib: CalibrationSet,
+    opts: BuildOptions,
+    say: Log,
+) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
+    """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``."""
+    from quench.builder.calibration import cache_key
+    from quench.builder.quantize import QuantConfig, quantize
+    from quench.progress import Bar
+    from quench.zoo.fetch import cache_dir
+
     config = QuantConfig()
     if opts.calib_method:
         config.method = opts.calib_method
@@ -398,7 +422,6 @@ def _quantize(
         f"calibration: {len(calib.files)} images, method {config.method}"
         + (f", reusing ranges from {cache_file}" if cached else "")
     )
-    optimized = optimize(upgrade_opset(set_batch(src.model, None), 13), level="basic")
     with Bar("quantizing", None, enabled=opts.progress) as bar:
         result = quantize(
             optimized,
