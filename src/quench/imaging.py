@@ -162,10 +162,10 @@ class Normalizer:
 
     def __init__(self, data: DataConfig) -> None:
         self.data = data
-        order = [2, 1, 0] if data.channel_order == "BGR" else [0, 1, 2]
-        self._order = order if order != [0, 1, 2] else None
-        self._scale = (1.0 / np.asarray(data.std, np.float32))[order]
-        self._bias = (-np.asarray(data.mean, np.float32) / np.asarray(data.std, np.float32))[order]
+        self._order = [2, 1, 0] if data.channel_order == "BGR" else None
+        mean, std = (np.asarray(v, np.float32) for v in data.channel_mean_std())
+        self._scale = 1.0 / std
+        self._bias = -mean / std
 
     def new_batch(self, n: int) -> np.ndarray:
         return np.empty((n, *self.data.input_shape), np.float32)

@@ -47,6 +47,12 @@ class DataConfig:
         if self.layout not in ("NCHW", "NHWC"):
             raise QuenchError(f"layout must be NCHW or NHWC, got {self.layout!r}")
 
+    def channel_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``mean`` and ``std`` (given in RGB order) in the order of the model's channels."""
+        if self.channel_order == "BGR":
+            return tuple(self.mean[::-1]), tuple(self.std[::-1])
+        return tuple(self.mean), tuple(self.std)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Per-image tensor shape, without the batch dimension."""

@@ -408,10 +408,8 @@ def _quantize(
         config.bias_correction = opts.bias_correction
     if opts.float_first_layer is not None:
         config.float_first_layer = opts.float_first_layer
-    data = preset.data
-    if data.layout == "NCHW":
-        order = slice(None, None, -1) if data.channel_order == "BGR" else slice(None)
-        config.input_grid = (tuple(data.mean[order]), tuple(data.std[order]))
+    if preset.data.layout == "NCHW":
+        config.input_grid = preset.data.channel_mean_std()
     settings = {"config": asdict(config), "precision_family": "int8"}
     key = cache_key(src.sha256, calib.digest, settings)
     cache_file = (
