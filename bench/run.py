@@ -57,7 +57,7 @@ QUENCH_MODES = {
     "qint8_mixed_float16": "int8",
 }
 # Build options beyond the defaults, measured as rows of their own: (label suffix, flags)
-QUENCH_VARIANTS = {"qint8_mixed_float32": [("quantize-first-layer", ["--quantize-first-layer"])]}
+QUENCH_VARIANTS = {"qint8_mixed_float32": [("float-first-layer", ["--float-first-layer"])]}
 # Also timed with two requests in flight, as benchmark_app's default throughput hint runs
 REQUESTS_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
 SERVE_MODES = ("force_float32", "qint8_mixed_float32")

@@ -350,15 +350,17 @@ def test_auto_falls_back_to_the_next_candidate_that_passes(
     assert any("rejected: accuracy check failed: simulated" in line for line in logs)
 
 
-@pytest.mark.parametrize("keep_float", [True, False])
+@pytest.mark.parametrize("keep_float", [True, False, None])
 def test_first_layer_float_or_quantized(
     tmp_path: Path,
     tiny_model: Path,
     tiny_labels: Path,
     calib_dir: Path,
     cache_env: Path,
-    keep_float: bool,
+    keep_float: bool | None,
 ) -> None:
+    """--float-first-layer / --quantize-first-layer; neither: the pixel grid (the tiny model
+    starts with a plain Conv)."""
     m = _build(
         tmp_path,
         tiny_model,
@@ -368,16 +370,46 @@ def test_first_layer_float_or_quantized(
         calib_images=str(calib_dir),
         float_first_layer=keep_float,
     )
-    assert m.manifest["build"]["float_first_layer"] is keep_float
+    assert m.manifest["build"].get("float_first_layer") is keep_float
+    quantized = keep_float is not True
     payload = m.artifact.payloads["model.onnx"]
     import onnx
 
     g = onnx.load_from_string(payload).graph
     first = next(n for n in g.node if "Conv" in n.op_type)
     # ONNX Runtime's optimised graph: a quantized conv is a QLinearConv
-    assert (first.op_type == "QLinearConv") is not keep_float
-    # quantized, it reads whole pixel values (the preset's normalisation undone in the graph)
-    assert m.manifest["quantization"]["first_layer_pixel_grid"] is not keep_float
+    assert (first.op_type == "QLinearConv") is quantized
+    # quantized, it reads whole pixel values (the preset's normalisation undone in the graph),
+    # its weights rounded by GPTQ
+    q = m.manifest["quantization"]
+    assert q["first_layer_pixel_grid"] is quantized
+    assert q["first_layer_rounding"] == ("gptq" if quantized else None)
+    if quantized:
+        err = q["first_layer_output_error"]
+        assert err["rounded"] < err["nearest"]
+
+
+def test_first_layer_float_by_default_where_the_grid_does_not_fit(
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_labels: Path,
+    calib_dir: Path,
+    cache_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from quench.builder import quantize as qmod
+
+    monkeypatch.setattr(qmod, "pixel_grid_fits", lambda *a, **k: False)
+    m = _build(
+        tmp_path,
+        tiny_model,
+        tiny_labels,
+        "m",
+        precision="qint8_mixed_float32",
+        calib_images=str(calib_dir),
+    )
+    assert m.manifest["quantization"]["first_layer_pixel_grid"] is False
+    assert m.manifest["quantization"]["float_nodes"]  # the first conv stayed float
 
 
 def test_auto_with_accuracy_check_also_tries_the_pixel_grid_first_layer(

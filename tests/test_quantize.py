@@ -10,6 +10,7 @@ would keep in float.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -229,6 +230,7 @@ def test_exclude_keeps_node_in_float(fp32: onnx.ModelProto, calib: np.ndarray) -
         ({"method": "bogus"}, "unknown calibration method"),
         ({"weight_method": "bogus"}, "unknown weight method"),
         ({"activation_type": "int4"}, "unknown activation type"),
+        ({"first_layer_rounding": "up"}, "unknown first-layer rounding"),
         ({"percentile": 20.0}, "percentile"),
         ({"exclude": ("no-such-node",)}, "no-such-node"),
     ],
@@ -373,3 +375,72 @@ def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -
     model = qmod._prepare(fp32, "images")
     same, grid, helpers = qmod._pixel_grid_first_conv(model, "images", (0.0,) * 2, (1.0,) * 2)
     assert grid is None and helpers == [] and same is model  # 3 input channels, 2 given
+    assert qmod.pixel_grid_fits(fp32, "images", (0.0,) * 2, (1.0,) * 2) is False
+    assert qmod.pixel_grid_fits(fp32, "images", GRID_MEAN, GRID_STD) is True
+
+
+def _first_conv_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    conv = next(n for n in probe.graph.node if n.op_type == "Conv")
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    return _run_all(probe, x)[1]
+
+
+def test_gptq_rounding_cuts_the_first_layer_output_error(fp32: onnx.ModelProto) -> None:
+    """On images it did not see, the pixel-grid Conv rounded by GPTQ is closer to the float Conv
+    than the same Conv rounded to nearest (same scales, same ranges)."""
+    calib, test = _pixel_images(48, seed=6), _pixel_images(16, seed=7)
+    grid = replace(ALL_INT8, input_grid=(GRID_MEAN, GRID_STD), bias_correction=False)
+    gptq = quantize(fp32, "images", calib, grid)
+    nearest = quantize(fp32, "images", calib, replace(grid, first_layer_rounding="nearest"))
+    assert gptq.info["first_layer_rounding"] == "gptq"
+    assert nearest.info["first_layer_output_error"] is None
+    err = gptq.info["first_layer_output_error"]
+    assert err["rounded"] < 0.5 * err["nearest"]  # on the calibration moments
+    ref = qmod._pixel_grid_first_conv(qmod._prepare(fp32, "images"), "images", GRID_MEAN, GRID_STD)
+    want = _first_conv_output(ref[0], test)
+    mse = [float(np.mean((_first_conv_output(r.model, test) - want) ** 2)) for r in (gptq, nearest)]
+    assert mse[0] < 0.7 * mse[1]
+    assert _first_conv_output(gptq.model, test).shape == want.shape
+
+
+def test_gptq_round() -> None:
+    """Uncorrelated inputs: GPTQ is rounding to nearest; correlated ones: a smaller output error
+    than nearest, every weight still on the int8 grid."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3))
+    scale = np.abs(w).reshape(8, -1).max(axis=1) / 127
+    nearest = np.clip(np.round(w / scale[:, None, None, None]), -127, 127)
+    same = qmod._gptq_round(w, scale, np.eye(27))
+    np.testing.assert_array_equal(same, nearest)
+    mix = rng.standard_normal((27, 27))
+    p = rng.standard_normal((4000, 27)) @ mix + 3.0  # correlated, not centred (like pixels)
+    h = p.T @ p / len(p)
+    q = qmod._gptq_round(w, scale, h)
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
+
+    def err(ints: np.ndarray) -> float:
+        e = (ints * scale[:, None, None, None] - w).reshape(8, -1)
+        return float(np.einsum("oi,ij,oj->", e, h, e))
+
+    assert err(q) < 0.5 * err(nearest)
+
+
+def test_pixel_grid_cache_keeps_the_moments(fp32: onnx.ModelProto) -> None:
+    """The first layer's input moments travel in the cache: a rebuild from it, without images,
+    is the same model; a cache without them is refused with a clear message."""
+    calib = _pixel_images(24, seed=8)
+    grid = replace(ALL_INT8, input_grid=(GRID_MEAN, GRID_STD))
+    first = quantize(fp32, "images", calib, grid)
+    again = quantize(fp32, "images", calib[:0], grid, cache=first.ranges)
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    doc = json.loads(first.ranges)
+    assert doc["quench"]["first_layer_moments"]["size"] == 27  # 3 channels x 3 x 3
+    del doc["quench"]["first_layer_moments"]
+    with pytest.raises(QuenchError, match="first-layer input moments"):
+        quantize(fp32, "images", calib[:0], grid, cache=json.dumps(doc).encode())
+    # rounding to nearest needs no moments
+    near = replace(grid, first_layer_rounding="nearest")
+    quantize(fp32, "images", calib[:0], near, cache=json.dumps(doc).encode())

@@ -77,7 +77,7 @@ class BuildOptions:
     calib_method: str | None = None  # None: the measured default
     calib_cache: str | None = None  # a reusable calibration cache file
     bias_correction: bool | None = None  # None: the measured default
-    float_first_layer: bool | None = None  # None: the default (kept float: more accurate)
+    float_first_layer: bool | None = None  # None: the pixel grid where it fits, else float
     # accuracy check at build time
     check_images: str | None = None
     check_labels: str | None = None
@@ -397,7 +397,7 @@ def _quantize(
 ) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
     """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``."""
     from quench.builder.calibration import cache_key
-    from quench.builder.quantize import QuantConfig, quantize
+    from quench.builder.quantize import QuantConfig, pixel_grid_fits, quantize
     from quench.progress import Bar
     from quench.zoo.fetch import cache_dir
 
@@ -406,10 +406,15 @@ def _quantize(
         config.method = opts.calib_method
     if opts.bias_correction is not None:
         config.bias_correction = opts.bias_correction
-    if opts.float_first_layer is not None:
-        config.float_first_layer = opts.float_first_layer
     if preset.data.layout == "NCHW":
         config.input_grid = preset.data.channel_mean_std()
+    if opts.float_first_layer is not None:
+        config.float_first_layer = opts.float_first_layer
+    else:  # the default: the first conv on the pixel grid (GPTQ-rounded) where the graph allows
+        grid = config.input_grid
+        config.float_first_layer = not (
+            grid is not None and pixel_grid_fits(optimized, input_name, *grid)
+        )
     settings = {"config": asdict(config), "precision_family": "int8"}
     key = cache_key(src.sha256, calib.digest, settings)
     cache_file = (

@@ -15,7 +15,12 @@ Pipeline (deterministic: the same model, data and config give the same bytes):
    activations, int32 bias. The layer reading the model input stays float (``float_first_layer``)
    and the graph outputs (logits) are left unquantized.
 4. **Weight rounding** (``weight_method="mse"``): per output channel, the weight scale that
-   minimises the squared weight error instead of the one covering the largest weight.
+   minimises the squared weight error instead of the one covering the largest weight. A first
+   layer quantized on the pixel grid (``input_grid``) has its weights rounded by GPTQ
+   (``first_layer_rounding="gptq"``, Frantar et al. 2022): column by column, each rounding error
+   is pushed onto the weights not yet rounded through the inverse of the second moments of the
+   layer's input patches on the calibration images, minimising the output error rather than the
+   weight error (those moments are kept in the cache).
 5. **Bias correction**: weight quantization shifts the mean output of each Conv/Gemm by
    ``op(E[x], W_q - W)``; that shift (per output channel, from the calibration input means, with
    the padding taps weighted by how often they read real input) is subtracted from the float
@@ -30,7 +35,10 @@ held-out halves of the 200 calibration images): against plain MinMax with everyt
 bias correction cuts that KL ~2x, the float first layer ~2x more (the input grid is the largest
 single error), and percentile ranges and float logits a little more: 0.0091 -> 0.0022.
 The ``mse`` method, percentiles 99.99..99.999 and ``weight_method="mse"`` are within noise of the
-default; ``entropy`` is much worse (it clips Relu6 outputs hard).
+default; ``entropy`` is much worse (it clips Relu6 outputs hard). The first conv on the pixel
+grid with GPTQ rounding then measured 0.00226 against 0.00237 for the float first layer (and
+0.00253 rounded to nearest): Quench's builder uses it by default where the graph fits
+(``QuantConfig`` itself keeps the first layer float unless told otherwise).
 
 The ranges and input means are returned as JSON that ORT's ``quantize_static`` can also read as
 a calibration cache; passing it back as ``cache`` skips the calibration pass.
@@ -62,11 +70,13 @@ __all__ = [
     "WEIGHT_METHODS",
     "QuantConfig",
     "QuantResult",
+    "pixel_grid_fits",
     "quantize",
 ]
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_METHODS = ("minmax", "mse")
+FIRST_LAYER_ROUNDINGS = ("gptq", "nearest")
 ACTIVATION_TYPES = ("uint8", "int8")
 
 CACHE_FORMAT = "quench-ranges"
@@ -92,6 +102,7 @@ class QuantConfig:
     # (mean, std) per input channel, in pixel units (0..255): with ``float_first_layer=False``
     # the first Conv is quantized on the pixel grid (see ``_pixel_grid_first_conv``)
     input_grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    first_layer_rounding: str = "gptq"  # that grid layer's weights: "gptq" or "nearest"
     activation_type: str = "uint8"  # or "int8"
     per_channel: bool = True
 
@@ -147,30 +158,41 @@ def quantize(
         dict.fromkeys(_node(model, n).input[0] for n in _correctable_nodes(model, ()))
     )
 
+    gptq = grid is not None and config.first_layer_rounding == "gptq"
     with _quiet():
         if cache is not None:
-            ranges, means = _load_cache(cache, config, model, tensors)
+            ranges, means, moments = _load_cache(cache, config, model, tensors)
             if any(t not in means for t in mean_inputs):
                 raise QuenchError("calibration cache has no input means for bias correction")
+            if gptq and moments is None:
+                raise QuenchError(
+                    "calibration cache has no first-layer input moments (made by an older "
+                    "Quench?): build without it to calibrate again"
+                )
             reused = True
         else:
             stats = _collect(
                 model, input_name, calib, tensors, config.method, mean_inputs, batch, tick
             )
             ranges, means = _ranges(stats, config), stats.means
+            moments = None
+            if gptq:
+                assert grid is not None and config.input_grid is not None
+                moments = _grid_moments(model, grid, calib, *config.input_grid)
             reused = False
         if grid is not None:
             ranges[grid] = (0.0, 255.0)  # whole pixel values: an 8-bit grid with step 1
-        cache_bytes = _dump_cache(ranges, means, config, model)
+        cache_bytes = _dump_cache(ranges, means, config, model, moments if gptq else None)
+        rounding = (grid, moments) if gptq and moments is not None else None
 
         with tempfile.TemporaryDirectory(prefix="quench-quant-") as tmp:
             work = Path(tmp)
             (work / "ranges.json").write_bytes(cache_bytes)  # ORT ignores the "quench" key
-            qdq = _qdq(model, work, config, exclude)
+            qdq = _qdq(model, work, config, exclude, rounding)
             corrected_nodes: list[str] = []
             if corrected:
                 qdq, corrected_nodes = _bias_correct(
-                    model, qdq, work, config, exclude, corrected, means
+                    model, qdq, work, config, exclude, corrected, means, rounding
                 )
 
     info = {
@@ -184,6 +206,10 @@ def quantize(
         "quantized_nodes": _quantized_counts(qdq),
         "float_nodes": sorted(exclude),
         "first_layer_pixel_grid": grid is not None,
+        "first_layer_rounding": (config.first_layer_rounding if grid is not None else None),
+        "first_layer_output_error": (
+            _first_layer_error(qdq, model, *rounding) if rounding is not None else None
+        ),
         "bias_corrected": len(corrected_nodes),
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -203,6 +229,11 @@ def _check_config(config: QuantConfig) -> None:
         raise QuenchError(
             f"unknown weight method {config.weight_method!r}; "
             f"choose one of {', '.join(WEIGHT_METHODS)}"
+        )
+    if config.first_layer_rounding not in FIRST_LAYER_ROUNDINGS:
+        raise QuenchError(
+            f"unknown first-layer rounding {config.first_layer_rounding!r}; "
+            f"choose one of {', '.join(FIRST_LAYER_ROUNDINGS)}"
         )
     if config.activation_type not in ACTIVATION_TYPES:
         raise QuenchError(
@@ -380,6 +411,14 @@ def _pixel_grid_first_conv(
     for k, n in enumerate(nodes):
         g.node.insert(at + k, n)
     return model, pre, [n.name for n in nodes]
+
+
+def pixel_grid_fits(
+    model: onnx.ModelProto, input_name: str, mean: Sequence[float], std: Sequence[float]
+) -> bool:
+    """Whether the first layer can be put on the pixel grid (a plain Conv reads the input)."""
+    work = _prepare(model, input_name)
+    return _pixel_grid_first_conv(work, input_name, mean, std)[1] is not None
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -762,6 +801,7 @@ def _dump_cache(
     means: dict[str, Any],
     config: QuantConfig,
     model: onnx.ModelProto,
+    moments: np.ndarray | None = None,
 ) -> bytes:
     """ORT ``TensorsData`` JSON (readable by ``quantize_static``) plus a ``quench`` section."""
     payload = {
@@ -781,12 +821,17 @@ def _dump_cache(
             "input_means": means,
         },
     }
+    if moments is not None:  # the pixel-grid first layer's input second moments (for GPTQ)
+        payload["quench"]["first_layer_moments"] = {  # type: ignore[index]
+            "size": int(moments.shape[0]),
+            "values": [float(v) for v in moments.reshape(-1)],
+        }
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _load_cache(
     cache: bytes, config: QuantConfig, model: onnx.ModelProto, tensors: list[str]
-) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+) -> tuple[dict[str, tuple[float, float]], dict[str, Any], np.ndarray | None]:
     try:
         d = json.loads(cache)
         q = d["quench"]
@@ -800,6 +845,11 @@ def _load_cache(
             t: {"mean": [float(x) for x in v["mean"]], "shape": [int(x) for x in v["shape"]]}
             for t, v in (q.get("input_means") or {}).items()
         }
+        moments = None
+        if q.get("first_layer_moments") is not None:
+            fm = q["first_layer_moments"]
+            size = int(fm["size"])
+            moments = np.asarray([float(v) for v in fm["values"]], np.float64).reshape(size, size)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise QuenchError(f"unreadable calibration cache ({exc})") from None
     want = config.percentile if config.method == "percentile" else None
@@ -814,7 +864,7 @@ def _load_cache(
         raise QuenchError(
             f"calibration cache does not match the model: no range for {missing[0]!r}"
         )
-    return ranges, means
+    return ranges, means, moments
 
 
 # --------------------------------------------------------------------------------------------
@@ -822,7 +872,11 @@ def _load_cache(
 
 
 def _qdq(
-    model: onnx.ModelProto, work: Path, config: QuantConfig, exclude: Sequence[str]
+    model: onnx.ModelProto,
+    work: Path,
+    config: QuantConfig,
+    exclude: Sequence[str],
+    rounding: tuple[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -845,6 +899,8 @@ def _qdq(
     _float_outputs(qdq)
     if config.weight_method == "mse":
         _refine_weights(qdq, model)
+    if rounding is not None:
+        _gptq_first_layer(qdq, model, *rounding)
     return qdq
 
 
@@ -987,6 +1043,125 @@ def _quantized_counts(qdq: onnx.ModelProto) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# first layer on the pixel grid: GPTQ rounding
+
+
+def _grid_conv(model: onnx.ModelProto, grid: str) -> onnx.NodeProto:
+    """The Conv reading the pixel grid: directly (fp32 model) or through Q/DQ (QDQ model)."""
+    prod = _producers(model)
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
+        src = n.input[0]
+        if src in prod and prod[src].op_type == "DequantizeLinear":
+            q = prod.get(prod[src].input[0])
+            src = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else src
+        if src == grid:
+            return n
+    raise QuenchError(f"no Conv reads {grid!r}")
+
+
+def _grid_patches(
+    model: onnx.ModelProto, grid: str, x: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> Iterator[np.ndarray]:
+    """Per image, the input patches ``[positions, C * kh * kw]`` of the grid Conv: whole pixel
+    values, the padding taps being ``mean`` rounded, as the quantized graph sees them."""
+    conv = _grid_conv(model, grid)
+    inits = {t.name: t for t in model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    kh, kw = inits[conv.input[1]].dims[2:]
+    sh, sw = list(attrs.get("strides", [1, 1]))
+    dh, dw = list(attrs.get("dilations", [1, 1]))
+    pads = [0] * 8
+    if f"{grid}_pads" in inits:
+        pads = [int(v) for v in numpy_helper.to_array(inits[f"{grid}_pads"])]
+    m = np.asarray(mean, np.float64)[:, None, None]
+    s = np.asarray(std, np.float64)[:, None, None]
+    spread = ((pads[2], pads[6]), (pads[3], pads[7]))
+    for img in x:
+        padded = np.pad(img.astype(np.float64), ((0, 0), *spread))
+        p = np.clip(np.round(padded * s + m), 0, 255)
+        win = np.lib.stride_tricks.sliding_window_view(
+            p, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2)
+        )[:, ::sh, ::sw, ::dh, ::dw]
+        yield win.transpose(1, 2, 0, 3, 4).reshape(-1, p.shape[0] * kh * kw)
+
+
+def _grid_moments(
+    model: onnx.ModelProto, grid: str, x: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """``E[p p^T]`` over the grid Conv's input patches ``p`` on the calibration images."""
+    total: np.ndarray | None = None
+    n = 0
+    for cols in _grid_patches(model, grid, x, mean, std):
+        part = cols.T @ cols
+        total = part if total is None else total + part
+        n += len(cols)
+    assert total is not None
+    return total / max(n, 1)
+
+
+def _gptq_round(w: np.ndarray, scale: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    """Int8 weights ``q`` (per-row ``scale``) minimising ``E[((q * scale - w) . p)^2]``.
+
+    GPTQ: round one input column at a time and spread its error over the columns not yet
+    rounded, weighted by the upper Cholesky factor of ``H^-1`` (``H`` the input second moments,
+    damped by 1% of its mean diagonal).
+    """
+    rows = w.reshape(len(w), -1).astype(np.float64).copy()
+    d = rows.shape[1]
+    h = moments + 0.01 * float(np.mean(np.diag(moments))) * np.eye(d)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(rows),))
+    q = np.zeros_like(rows)
+    for i in range(d):
+        q[:, i] = np.clip(np.round(rows[:, i] / s), -127, 127)
+        err = (rows[:, i] - q[:, i] * s) / u[i, i]
+        rows[:, i + 1 :] -= np.outer(err, u[i, i + 1 :])
+    return q.reshape(w.shape).astype(np.int8)
+
+
+def _grid_weights(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str
+) -> tuple[onnx.TensorProto, np.ndarray, np.ndarray]:
+    """The grid Conv's int8 weight tensor in ``qdq``, its per-row scale and the float weights."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    wdq = _producers(qdq)[_grid_conv(qdq, grid).input[1]]
+    if wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits:
+        raise QuenchError("the pixel-grid Conv has no quantized weights")
+    fp_inits = {t.name: t for t in fp32.graph.initializer}
+    w = numpy_helper.to_array(fp_inits[_grid_conv(fp32, grid).input[1]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float64)
+    if _axis(wdq) % w.ndim != 0 and scale.size > 1:
+        raise QuenchError("the pixel-grid Conv's weights are not quantized per output channel")
+    return inits[wdq.input[0]], np.broadcast_to(scale.reshape(-1), (len(w),)), w
+
+
+def _gptq_first_layer(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray
+) -> None:
+    """Re-round the pixel-grid Conv's int8 weights in ``qdq`` by GPTQ (scales unchanged)."""
+    tensor, scale, w = _grid_weights(qdq, fp32, grid)
+    tensor.CopyFrom(numpy_helper.from_array(_gptq_round(w, scale, moments), tensor.name))
+
+
+def _first_layer_error(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray
+) -> dict[str, float]:
+    """Mean squared output error of the grid Conv (pixel units), as rounded vs to nearest."""
+    tensor, scale, w = _grid_weights(qdq, fp32, grid)
+    rows = w.reshape(len(w), -1)
+    nearest = np.clip(np.round(rows / scale[:, None]), -127, 127)
+    used = numpy_helper.to_array(tensor).reshape(len(w), -1).astype(np.float64)
+
+    def err(q: np.ndarray) -> float:
+        e = q * scale[:, None] - rows
+        return float(np.einsum("oi,ij,oj->", e, moments, e) / len(rows))
+
+    return {"rounded": err(used), "nearest": err(nearest)}
+
+
+# --------------------------------------------------------------------------------------------
 # bias correction
 
 
@@ -1050,6 +1225,7 @@ def _bias_correct(
     exclude: Sequence[str],
     nodes: list[str],
     means: dict[str, Any],
+    rounding: tuple[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Remove the expected output shift caused by weight quantization, then re-quantize."""
     q_inits = {t.name: t for t in qdq.graph.initializer}
@@ -1087,7 +1263,7 @@ def _bias_correct(
         if b.shape != shift.shape:
             continue
         t.CopyFrom(numpy_helper.from_array((b - shift).astype(np.float32), t.name))
-    return _qdq(model, work, config, exclude), sorted(shifts)
+    return _qdq(model, work, config, exclude, rounding), sorted(shifts)
 
 
 def _dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
