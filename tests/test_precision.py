@@ -350,17 +350,27 @@ def test_auto_falls_back_to_the_next_candidate_that_passes(
     assert any("rejected: accuracy check failed: simulated" in line for line in logs)
 
 
-@pytest.mark.parametrize("keep_float", [True, False, None])
+@pytest.mark.parametrize(
+    ("keep_float", "fits", "quantized"),
+    [(True, True, False), (False, True, True), (None, True, True), (None, False, False)],
+)
 def test_first_layer_float_or_quantized(
     tmp_path: Path,
     tiny_model: Path,
     tiny_labels: Path,
     calib_dir: Path,
     cache_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
     keep_float: bool | None,
+    fits: bool,
+    quantized: bool,
 ) -> None:
-    """--float-first-layer / --quantize-first-layer; neither: the pixel grid (the tiny model
-    starts with a plain Conv)."""
+    """--float-first-layer / --quantize-first-layer; neither: the pixel grid where the graph
+    fits it (the tiny model starts with a plain Conv), else float."""
+    from quench.builder import quantize as qmod
+
+    if not fits:
+        monkeypatch.setattr(qmod, "pixel_grid_fits", lambda *a, **k: False)
     m = _build(
         tmp_path,
         tiny_model,
@@ -371,7 +381,6 @@ def test_first_layer_float_or_quantized(
         float_first_layer=keep_float,
     )
     assert m.manifest["build"].get("float_first_layer") is keep_float
-    quantized = keep_float is not True
     payload = m.artifact.payloads["model.onnx"]
     import onnx
 
@@ -387,29 +396,6 @@ def test_first_layer_float_or_quantized(
     if quantized:
         err = q["first_layer_output_error"]
         assert err["rounded"] < err["nearest"]
-
-
-def test_first_layer_float_by_default_where_the_grid_does_not_fit(
-    tmp_path: Path,
-    tiny_model: Path,
-    tiny_labels: Path,
-    calib_dir: Path,
-    cache_env: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from quench.builder import quantize as qmod
-
-    monkeypatch.setattr(qmod, "pixel_grid_fits", lambda *a, **k: False)
-    m = _build(
-        tmp_path,
-        tiny_model,
-        tiny_labels,
-        "m",
-        precision="qint8_mixed_float32",
-        calib_images=str(calib_dir),
-    )
-    assert m.manifest["quantization"]["first_layer_pixel_grid"] is False
-    assert m.manifest["quantization"]["float_nodes"]  # the first conv stayed float
 
 
 def test_auto_with_accuracy_check_also_tries_the_pixel_grid_first_layer(

@@ -361,12 +361,14 @@ def test_pixel_grid_quantizes_the_first_layer_exactly(
     assert np.abs(_conv_input(naive.model, test) - test).max() > 1e-3
 
 
-def _conv_input(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """What the (first) Conv reads: the output of the DequantizeLinear feeding it."""
+def _conv_input(model: onnx.ModelProto, x: np.ndarray, output: bool = False) -> np.ndarray:
+    """What the (first) Conv reads (the output of the DequantizeLinear feeding it), or with
+    ``output`` what it writes."""
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     conv = next(n for n in probe.graph.node if n.op_type == "Conv")
+    name = conv.output[0] if output else conv.input[0]
     probe.graph.output.append(
-        onnx.helper.make_tensor_value_info(conv.input[0], onnx.TensorProto.FLOAT, None)
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
     )
     return _run_all(probe, x)[1]
 
@@ -377,15 +379,6 @@ def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -
     assert grid is None and helpers == [] and same is model  # 3 input channels, 2 given
     assert qmod.pixel_grid_fits(fp32, "images", (0.0,) * 2, (1.0,) * 2) is False
     assert qmod.pixel_grid_fits(fp32, "images", GRID_MEAN, GRID_STD) is True
-
-
-def _first_conv_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    conv = next(n for n in probe.graph.node if n.op_type == "Conv")
-    probe.graph.output.append(
-        onnx.helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None)
-    )
-    return _run_all(probe, x)[1]
 
 
 def test_gptq_rounding_cuts_the_first_layer_output_error(fp32: onnx.ModelProto) -> None:
@@ -400,10 +393,13 @@ def test_gptq_rounding_cuts_the_first_layer_output_error(fp32: onnx.ModelProto) 
     err = gptq.info["first_layer_output_error"]
     assert err["rounded"] < 0.5 * err["nearest"]  # on the calibration moments
     ref = qmod._pixel_grid_first_conv(qmod._prepare(fp32, "images"), "images", GRID_MEAN, GRID_STD)
-    want = _first_conv_output(ref[0], test)
-    mse = [float(np.mean((_first_conv_output(r.model, test) - want) ** 2)) for r in (gptq, nearest)]
+    want = _conv_input(ref[0], test, output=True)
+    mse = [
+        float(np.mean((_conv_input(r.model, test, output=True) - want) ** 2))
+        for r in (gptq, nearest)
+    ]
     assert mse[0] < 0.7 * mse[1]
-    assert _first_conv_output(gptq.model, test).shape == want.shape
+    assert _conv_input(gptq.model, test, output=True).shape == want.shape
 
 
 def test_gptq_round() -> None:
