@@ -370,7 +370,7 @@ def test_first_layer_float_or_quantized(
     from quench.builder import quantize as qmod
 
     if not fits:
-        monkeypatch.setattr(qmod, "pixel_grid_fits", lambda *a, **k: False)
+        monkeypatch.setattr(qmod, "_pixel_grid_first_conv", lambda model, *a: (model, None, []))
     m = _build(
         tmp_path,
         tiny_model,

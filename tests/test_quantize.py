@@ -377,8 +377,15 @@ def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -
     model = qmod._prepare(fp32, "images")
     same, grid, helpers = qmod._pixel_grid_first_conv(model, "images", (0.0,) * 2, (1.0,) * 2)
     assert grid is None and helpers == [] and same is model  # 3 input channels, 2 given
-    assert qmod.pixel_grid_fits(fp32, "images", (0.0,) * 2, (1.0,) * 2) is False
-    assert qmod.pixel_grid_fits(fp32, "images", GRID_MEAN, GRID_STD) is True
+    # float_first_layer=None: the pixel grid where it fits, else the first layer stays float
+    x = _pixel_images(16, seed=9)
+    for mean_std, on_grid in (((GRID_MEAN, GRID_STD), True), (((0.0,) * 2, (1.0,) * 2), False)):
+        res = quantize(
+            fp32, "images", x, replace(QuantConfig(), float_first_layer=None, input_grid=mean_std)
+        )
+        assert res.info["first_layer_pixel_grid"] is on_grid
+        first_conv = next(n.name for n in fp32.graph.node if n.op_type == "Conv")
+        assert (first_conv in res.info["float_nodes"]) is not on_grid
 
 
 def test_gptq_rounding_cuts_the_first_layer_output_error(fp32: onnx.ModelProto) -> None:

@@ -91,23 +91,24 @@ def full_run(
     tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path], tiny_labels: Path
 ) -> tuple[Result, Path]:
     out = tmp_path_factory.mktemp("run") / "report"
-    res = invoke(
-        *_args(
-            data,
-            tiny_labels,
-            out,
-            "--images",
-            data["images"],
-            "--labels",
-            data["labels"],
-            "--calib-images",
-            data["calib"],
-            "--precisions",
-            PRECISIONS,
-        ),
-        env=_env(out.parent),
+    return invoke(*_full_args(data, tiny_labels, out), env=_env(out.parent)), out
+
+
+def _full_args(data: dict[str, Path], tiny_labels: Path, out: Path) -> list[object]:
+    """Every step: images with labels, INT8 calibration, all of PRECISIONS."""
+    return _args(
+        data,
+        tiny_labels,
+        out,
+        "--images",
+        data["images"],
+        "--labels",
+        data["labels"],
+        "--calib-images",
+        data["calib"],
+        "--precisions",
+        PRECISIONS,
     )
-    return res, out
 
 
 def _report(out: Path) -> dict[str, Any]:
@@ -176,19 +177,7 @@ def test_second_run_reuses_and_force_rebuilds(
     _, first = full_run
     out = first.parent / "again"
     shutil.copytree(first, out)  # same state, own folder: the other tests keep theirs
-    args = _args(
-        data,
-        tiny_labels,
-        out,
-        "--images",
-        data["images"],
-        "--labels",
-        data["labels"],
-        "--calib-images",
-        data["calib"],
-        "--precisions",
-        PRECISIONS,
-    )
+    args = _full_args(data, tiny_labels, out)
     again = invoke(*args, env=_env(first.parent))
     assert again.exit_code == 0, again.stderr
     steps = [s for s in _report(out)["steps"] if s["kind"] in STEPS]

@@ -397,7 +397,7 @@ def _quantize(
 ) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
     """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``."""
     from quench.builder.calibration import cache_key
-    from quench.builder.quantize import QuantConfig, pixel_grid_fits, quantize
+    from quench.builder.quantize import QuantConfig, quantize
     from quench.progress import Bar
     from quench.zoo.fetch import cache_dir
 
@@ -408,13 +408,8 @@ def _quantize(
         config.bias_correction = opts.bias_correction
     if preset.data.layout == "NCHW":
         config.input_grid = preset.data.channel_mean_std()
-    if opts.float_first_layer is not None:
-        config.float_first_layer = opts.float_first_layer
-    else:  # the default: the first conv on the pixel grid (GPTQ-rounded) where the graph allows
-        grid = config.input_grid
-        config.float_first_layer = not (
-            grid is not None and pixel_grid_fits(optimized, input_name, *grid)
-        )
+    # None (the default): the first conv on the pixel grid (GPTQ-rounded) where it fits
+    config.float_first_layer = opts.float_first_layer
     settings = {"config": asdict(config), "precision_family": "int8"}
     key = cache_key(src.sha256, calib.digest, settings)
     cache_file = (

@@ -38,7 +38,7 @@ The ``mse`` method, percentiles 99.99..99.999 and ``weight_method="mse"`` are wi
 default; ``entropy`` is much worse (it clips Relu6 outputs hard). The first conv on the pixel
 grid with GPTQ rounding then measured 0.00226 against 0.00237 for the float first layer (and
 0.00253 rounded to nearest): Quench's builder uses it by default where the graph fits
-(``QuantConfig`` itself keeps the first layer float unless told otherwise).
+(``float_first_layer=None``; ``QuantConfig`` itself keeps the first layer float by default).
 
 The ranges and input means are returned as JSON that ORT's ``quantize_static`` can also read as
 a calibration cache; passing it back as ``cache`` skips the calibration pass.
@@ -70,7 +70,6 @@ __all__ = [
     "WEIGHT_METHODS",
     "QuantConfig",
     "QuantResult",
-    "pixel_grid_fits",
     "quantize",
 ]
 
@@ -96,11 +95,14 @@ class QuantConfig:
     method: str = "percentile"
     percentile: float = 99.999
     bias_correction: bool = True
-    float_first_layer: bool = True  # the Conv/Gemm reading the model input stays float
+    # True: the Conv/Gemm reading the model input stays float; False: quantized (on the pixel
+    # grid when ``input_grid`` is given and the graph fits); None: on the pixel grid where it
+    # fits, else float
+    float_first_layer: bool | None = True
     weight_method: str = "minmax"
     exclude: tuple[str, ...] = ()  # node names kept in float
-    # (mean, std) per input channel, in pixel units (0..255): with ``float_first_layer=False``
-    # the first Conv is quantized on the pixel grid (see ``_pixel_grid_first_conv``)
+    # (mean, std) per input channel, in pixel units (0..255), for the pixel grid (see
+    # ``_pixel_grid_first_conv``)
     input_grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     first_layer_rounding: str = "gptq"  # that grid layer's weights: "gptq" or "nearest"
     activation_type: str = "uint8"  # or "int8"
@@ -140,11 +142,11 @@ def quantize(
     model = _prepare(model, input_name)
     exclude = _check_exclude(model, config.exclude)
     grid: str | None = None
-    if config.float_first_layer:
-        exclude = sorted({*exclude, *_first_layer(model, input_name)})
-    elif config.input_grid is not None:
+    if config.float_first_layer is not True and config.input_grid is not None:
         model, grid, grid_nodes = _pixel_grid_first_conv(model, input_name, *config.input_grid)
         exclude = sorted({*exclude, *grid_nodes})
+    if config.float_first_layer or (config.float_first_layer is None and grid is None):
+        exclude = sorted({*exclude, *_first_layer(model, input_name)})
     calib = _check_calib(model, input_name, calib, need=cache is None)
     tensors = _activation_tensors(model)
     corrected = _correctable_nodes(model, exclude) if config.bias_correction else []
@@ -411,14 +413,6 @@ def _pixel_grid_first_conv(
     for k, n in enumerate(nodes):
         g.node.insert(at + k, n)
     return model, pre, [n.name for n in nodes]
-
-
-def pixel_grid_fits(
-    model: onnx.ModelProto, input_name: str, mean: Sequence[float], std: Sequence[float]
-) -> bool:
-    """Whether the first layer can be put on the pixel grid (a plain Conv reads the input)."""
-    work = _prepare(model, input_name)
-    return _pixel_grid_first_conv(work, input_name, mean, std)[1] is not None
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
