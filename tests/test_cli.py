@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -367,3 +369,17 @@ def test_info_shows_engine_selection(tmp_path: Path, tiny_model: Path, tiny_labe
     d = json.loads(invoke("info", out, "--json").stdout)
     assert d["engine_selection"]["chosen"] == "onnxruntime"
     assert "engine_selection" in invoke("info", out).stdout
+
+
+def test_import_puts_numpy_blas_on_one_thread() -> None:
+    """A threaded OpenBLAS call can spin forever when another thread forks (OpenVINO's
+    conversion does, for telemetry): importing quench keeps NumPy's BLAS on one thread."""
+    code = (
+        "import quench, threadpoolctl; "
+        "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() "
+        "if i['user_api'] == 'blas'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[1]", out

@@ -1040,14 +1040,6 @@ def _quantized_counts(qdq: onnx.ModelProto) -> dict[str, int]:
 # first layer on the pixel grid: GPTQ rounding
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
-    """NumPy's BLAS on one thread: OpenBLAS's threaded GEMM has been seen to spin forever (100%
-    CPU, never returning) in a process that already runs ONNX Runtime and OpenVINO threads."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _grid_conv(model: onnx.ModelProto, grid: str) -> onnx.NodeProto:
     """The Conv reading the pixel grid: directly (fp32 model) or through Q/DQ (QDQ model)."""
     prod = _producers(model)
@@ -1095,11 +1087,10 @@ def _grid_moments(
     """``E[p p^T]`` over the grid Conv's input patches ``p`` on the calibration images."""
     total: np.ndarray | None = None
     n = 0
-    with _one_blas_thread():
-        for cols in _grid_patches(model, grid, x, mean, std):
-            part = cols.T @ cols
-            total = part if total is None else total + part
-            n += len(cols)
+    for cols in _grid_patches(model, grid, x, mean, std):
+        part = cols.T @ cols
+        total = part if total is None else total + part
+        n += len(cols)
     assert total is not None
     return total / max(n, 1)
 
@@ -1114,8 +1105,7 @@ def _gptq_round(w: np.ndarray, scale: np.ndarray, moments: np.ndarray) -> np.nda
     rows = w.reshape(len(w), -1).astype(np.float64).copy()
     d = rows.shape[1]
     h = moments + 0.01 * float(np.mean(np.diag(moments))) * np.eye(d)
-    with _one_blas_thread():
-        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
     s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(rows),))
     q = np.zeros_like(rows)
     for i in range(d):
