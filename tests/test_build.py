@@ -88,6 +88,7 @@ def test_dynamic_batch_manifest(tiny_artifact: Path, tiny_model: Path, tiny_labe
         "std": [60.0, 60.0, 60.0],
         "resize": 36,
         "crop": 32,
+        "min_top1_agreement": 0.8,
     }
     created = datetime.fromisoformat(m["created"])
     assert created.tzinfo is not None

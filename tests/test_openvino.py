@@ -66,6 +66,9 @@ def qdq_model(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
         op_types_to_quantize=["Conv", "Gemm"],
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        # 7-bit weights, as Quench's portable builds: exact on CPUs without VNNI too (8-bit
+        # u8 x s8 pairs saturate int16 there, e.g. under ONEDNN_MAX_CPU_ISA=AVX2)
+        reduce_range=True,
     )
     model = onnx.load(out)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
@@ -232,7 +235,8 @@ def test_hint_not_honoured_is_an_error(engine, float_model, monkeypatch) -> None
         ({"FP32", "BF16", "INT8"}, "force_float16", "bf16", "bfloat16 (this CPU has no float16"),
         ({"FP32", "INT8"}, "force_float32", "f32", "float32"),
         ({"FP32", "BF16", "INT8"}, "qint8_mixed_float32", "f32", "int8 (quantized Conv/Gemm), fl"),
-        ({"FP32", "FP16", "INT8"}, "qint8_mixed_float16", "f16", "int8 (quantized Conv/Gemm), fl"),
+        # fp32 float layers beside int8 even with fp16 arithmetic (f16 measured broken there)
+        ({"FP32", "FP16", "INT8"}, "qint8_mixed_float16", "f32", "int8 (quantized Conv/Gemm), fl"),
         ({"FP32", "BF16", "INT8"}, "qint8_mixed_float16", "f32", "int8 (quantized Conv/Gemm), fl"),
         ({"FP32", "INT8"}, "qint8_mixed_float16", "f32", "int8 (quantized Conv/Gemm), fl"),
     ],
@@ -256,12 +260,10 @@ def test_qdq_runs_int8(build, engine, qdq_model, precision: str, tol: float) -> 
     assert counts.get("u8", 0) + counts.get("i8", 0) > 0
     for layer in ("Convolution", "FullyConnected"):
         assert set(c.info["heavy_layers"][layer]) <= {"u8", "i8"}, c.info["heavy_layers"]
-    if precision == "qint8_mixed_float16" and "FP16" not in CAPS:
-        # no fp16 arithmetic: the float layers run in fp32 (bf16 measured less accurate)
-        assert c.options["INFERENCE_PRECISION_HINT"] == "f32"
-        assert "no float16 arithmetic" in c.info["computes"]
-    if precision == "qint8_mixed_float32" or "FP16" not in CAPS:
-        assert set(counts) <= {"u8", "i8", "f32"}
+    # the float layers run in fp32 on every CPU (f16 beside int8 measured broken, bf16 less
+    # accurate), so the artifact computes the same with and without half-precision arithmetic
+    assert c.options["INFERENCE_PRECISION_HINT"] == "f32"
+    assert set(counts) <= {"u8", "i8", "f32"}
     x = batch_of(4, seed=2)
     got, ref = run(engine, c, x), reference(qdq_model, x)
     assert rel_diff(got, ref) < tol

@@ -14,7 +14,9 @@ from quench.errors import QuenchError
 from quench.imaging import Normalizer, load_pixels
 
 openvino = pytest.importorskip("openvino")
-CAPS = set(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+from quench.backend.openvino.loader import cpu_capabilities  # noqa: E402
+
+CAPS = set(cpu_capabilities())  # as OpenVINO's kernels can run them ($ONEDNN_MAX_CPU_ISA)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,10 @@ def test_each_mode_is_close_to_fp32(
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= min_agree
     if precision.startswith("qint8"):
         q = model.manifest["quantization"]
-        assert q["calibration"]["images"] == 16
+        # one image in five held out of calibration for the fidelity check
+        assert q["calibration"]["images"] == 13 and q["calibration"]["held_out"] == 3
+        assert model.manifest["fidelity"]["source"] == "held-out calibration images"
+        assert model.manifest["fidelity"]["images"] == 3
         assert "calibration.json" in model.artifact.payloads
 
 
@@ -208,10 +213,13 @@ def test_unreadable_calibration_images(
         **{k: v for k, v in TINY_BUILD.items() if k != "engine"},
     )
     cal = m.manifest["quantization"]["calibration"]
-    assert cal["images"] == 5 and cal["skipped"] == 2
+    assert cal["images"] == 4 and cal["held_out"] == 1 and cal["skipped"] == 2
     assert any("bad.jpg: not an image" in line for line in logs)
     assert any("gone.jpg: no such file" in line for line in logs)
-    assert any("5 usable images, fewer than the 10" in line for line in logs)
+    assert any(
+        "4 usable images (1 more held out for the fidelity check), fewer than the 10" in line
+        for line in logs
+    )
     listing.write_text(f"{bad}\n{tmp_path / 'gone.jpg'}\n")
     with pytest.raises(QuenchError, match="none of the 2 calibration images could be read"):
         _build(

@@ -228,6 +228,14 @@ def build(
             "faster, as accurate by KL to fp32).",
         ),
     ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="INT8: portable (7-bit weights, exact on every CPU: AVX2, AVX-512, VNNI, AMX, "
+            "ARM) or native (8-bit weights where this CPU accumulates int8 in int32: VNNI, "
+            "AMX, ARM; such an artifact loses accuracy on AVX2-class CPUs)."
+        ),
+    ] = "portable",
     check_images: Annotated[
         str | None, typer.Option(help="Measure accuracy on these images at build time.")
     ] = None,
@@ -238,6 +246,15 @@ def build(
     max_top1_drop: Annotated[
         float | None, typer.Option(help="Fail the build if top-1 drops more (percentage points).")
     ] = None,
+    min_top1_agreement: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Fail the build (nothing written) when its top-1 agreement with fp32 on "
+            "calibration images held out of calibration is lower (random input without images).",
+        ),
+    ] = 0.8,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON.")
@@ -271,9 +288,11 @@ def build(
             calib_cache=calib_cache,
             bias_correction=bias_correction,
             float_first_layer=float_first_layer,
+            target=target,
             check_images=check_images,
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,
+            min_top1_agreement=min_top1_agreement,
             progress=not quiet,
         )
         m = do_build(model, output, opts, log=None if quiet else info)
@@ -284,10 +303,34 @@ def build(
 # -- infer / eval ---------------------------------------------------------------------------
 
 
-def _load(artifact: Path, threads: int | None = None) -> Any:
+AcceptMismatch = Annotated[
+    bool,
+    typer.Option(
+        "--accept-host-mismatch",
+        help="Run the artifact even when it fails its self-check on this host (a CPU or engine "
+        "unlike the build host's), with a warning.",
+    ),
+]
+
+
+def _load(
+    artifact: Path, threads: int | None = None, accept: bool = False, check: str = "auto"
+) -> Any:
+    """Load an artifact; its self-check runs where this host differs from the build host."""
     from quench.model import Model
 
-    return Model.load(artifact, threads=threads)
+    model = Model.load(artifact, threads=threads, check="warn" if accept else check)
+    result = model.selfcheck
+    if result is not None and result.ran:
+        if result.passed:
+            info(f"{artifact}: {result.message}: passed")
+        else:
+            err.print(
+                f"[yellow]warning:[/yellow] {escape(str(artifact))} fails its self-check on "
+                f"this host, running anyway (--accept-host-mismatch): {escape(result.message)}",
+                soft_wrap=True,
+            )
+    return model
 
 
 def _writer(path: Path | None, topk: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -328,6 +371,7 @@ def infer(
         Path | None, typer.Option("--output", "-o", help="Write results: .jsonl or .csv/.tsv.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress, no top-k print.")
     ] = False,
@@ -338,7 +382,7 @@ def infer(
     from quench.progress import Bar
 
     with user_errors():
-        model = _load(artifact, threads)
+        model = _load(artifact, threads, accept_host_mismatch)
         paths = expand_inputs(images)
         if not paths:
             raise QuenchError("no images found in the given paths")
@@ -388,6 +432,7 @@ def eval_(
         Path | None, typer.Option(help="Write per-image labels/top1/top5 files and eval.json here.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -396,7 +441,7 @@ def eval_(
     from quench.progress import Bar
 
     with user_errors():
-        model = _load(artifact, threads)
+        model = _load(artifact, threads, accept_host_mismatch)
         truth = read_ground_truth(labels)
         paths = list_images(images)
         if not paths:
@@ -462,6 +507,7 @@ def perf(
             "OpenVINO runs them on as many streams). Default 1: synchronous.",
         ),
     ] = 1,
+    accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
@@ -481,7 +527,7 @@ def perf(
                 model, sizes, iterations, duration, warmup, threads, not quiet, requests
             )
         else:
-            loaded = _load(model, threads)
+            loaded = _load(model, threads, accept_host_mismatch)
             results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet, requests)
     _print_perf(results)
     end_to_end = []
@@ -647,7 +693,7 @@ def info_(
 ) -> None:
     """Show an artifact's manifest (checks every checksum)."""
     with user_errors():
-        d = _load(artifact).describe()
+        d = _load(artifact, check="off").describe()
     if as_json:
         print(json.dumps(d, indent=2))
         return
@@ -655,6 +701,35 @@ def info_(
         if key == "path":
             continue
         print(f"{key:<17} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run the artifact's self-check on this host: its fp32 reference inputs, against the bound
+    the build recorded. Exit 1 when it fails."""
+    from quench import selfcheck
+
+    with user_errors():
+        model = _load(artifact, threads, check="off")
+        if not isinstance(model.manifest.get("selfcheck"), dict):
+            raise QuenchError(
+                f"{artifact}: carries no self-check (built by an older Quench); rebuild it"
+            )
+        with model:
+            result = selfcheck.check(model, always=True)
+        section = model.manifest.get("selfcheck") or {}
+    if as_json:
+        print(
+            json.dumps({"artifact": str(artifact), **result.to_dict(), "build": section}, indent=2)
+        )
+    else:
+        print(f"{artifact}: {result.message}: {'passed' if result.passed else 'FAILED'}")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -673,6 +748,7 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit (413).")] = 20.0,
     name: Annotated[str | None, typer.Option(help="Served model name (one artifact only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads per model.")] = None,
+    accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
     """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
@@ -682,7 +758,8 @@ def serve(
         from quench.serve import ServeConfig
         from quench.serve import run as serve_run
 
-        models = [_load(a, threads=threads) for a in artifacts]
+        # the self-check always runs at start; its result is in each model's metadata
+        models = [_load(a, threads, accept_host_mismatch, check="always") for a in artifacts]
         config = ServeConfig(
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,

@@ -94,3 +94,105 @@ def clock_source() -> str:
         "/proc/cpuinfo 'cpu MHz' (often the base clock in a VM; set QUENCH_CPU_CLOCK_GHZ "
         "to the real clock)"
     )
+
+
+# oneDNN's ISA names in order (``ONEDNN_MAX_CPU_ISA`` caps OpenVINO's kernels at one of them)
+_ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX512_CORE_AMX_FP16",
+)
+_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX"}
+_ALIASES["AVX512_CORE_AMX_FP16"] = "AVX10_1_512_AMX_FP16"
+
+
+def onednn_isa_cap() -> str | None:
+    """``$ONEDNN_MAX_CPU_ISA`` as oneDNN reads it (upper case), or None when unset/``ALL``."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return value if value and value not in ("ALL", "DEFAULT") else None
+
+
+def _isa_rank(name: str) -> int:
+    name = _ALIASES.get(name, name)
+    order = [n for n in _ONEDNN_ISAS if n not in _ALIASES]
+    return order.index(name) if name in order else len(order)
+
+
+def int8_class(capped: bool = True) -> str:
+    """The CPU's int8 arithmetic class: ``amx``, ``vnni`` (int32 accumulation), ``avx512`` or
+    ``avx2`` (u8 x s8 pairs summed into int16 with saturation), ``arm`` or ``other``.
+
+    ``capped``: as OpenVINO's kernels see it, i.e. lowered by ``$ONEDNN_MAX_CPU_ISA``.
+    """
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "arm"
+    flags = set(cpu_info()["flags"])  # type: ignore[arg-type]
+    if "amx_int8" in flags:
+        found = "amx"
+    elif flags & {"avx512_vnni", "avx_vnni"}:
+        found = "vnni"
+    elif "avx512f" in flags:
+        found = "avx512"
+    elif "avx2" in flags:
+        found = "avx2"
+    else:
+        return "other"
+    cap = onednn_isa_cap() if capped else None
+    if cap is None:
+        return found
+    rank = _isa_rank(cap)
+    ceiling = (
+        "amx"
+        if rank >= _isa_rank("AVX10_1_512_AMX")
+        else "vnni"
+        if rank >= _isa_rank("AVX512_CORE_VNNI") or cap.startswith("AVX2_VNNI")
+        else "avx512"
+        if rank >= _isa_rank("AVX512_CORE")
+        else "avx2"
+        if rank >= _isa_rank("AVX2")
+        else "other"
+    )
+    order = ("other", "avx2", "avx512", "vnni", "amx")
+    return min(found, ceiling, key=order.index)
+
+
+def int8_accumulates_in_int32(capped: bool = True) -> bool:
+    """Whether full-range (8-bit) int8 weights are exact here: VNNI, AMX or ARM."""
+    return int8_class(capped) in ("amx", "vnni", "arm")
+
+
+def half_precision_capped() -> set[str]:
+    """Half-precision arithmetic that ``$ONEDNN_MAX_CPU_ISA`` takes away from OpenVINO
+    (``BF16``, ``FP16``): OpenVINO still lists them, but its kernels then cannot run them."""
+    cap = onednn_isa_cap()
+    if cap is None:
+        return set()
+    rank, lost = _isa_rank(cap), set()
+    if rank < _isa_rank("AVX512_CORE_BF16"):
+        lost.add("BF16")
+    if rank < _isa_rank("AVX10_1_512"):
+        lost.add("FP16")
+    return lost
+
+
+def host_fingerprint() -> dict[str, object]:
+    """What decides an artifact's numerics on this host: CPU architecture and ISA flags, and
+    the ISA cap OpenVINO's kernels obey (engine versions are added by the caller)."""
+    info = cpu_info()
+    return {
+        "machine": info["machine"],
+        "flags": list(info["flags"]),  # type: ignore[call-overload]
+        "onednn_max_cpu_isa": onednn_isa_cap(),
+    }

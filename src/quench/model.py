@@ -32,10 +32,32 @@ class Model:
         self.fixed_batch: int | None = self.manifest["batch"]["size"]
         self.threads = threads
         self._runner: Runner | None = None
+        self.selfcheck: Any = None  # quench.selfcheck.Result once a load has checked it
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> Model:
-        return cls(artifact.load(path), Path(path), threads=threads)
+    def load(cls, path: str | Path, threads: int | None = None, check: str = "auto") -> Model:
+        """Load an artifact and prove it on this host (see :mod:`quench.selfcheck`).
+
+        ``check``: ``auto`` runs the artifact's self-check when this host's CPU features,
+        ``$ONEDNN_MAX_CPU_ISA`` or engine version differ from the build host's, and raises
+        :class:`~quench.selfcheck.SelfCheckError` when it fails; ``always`` runs it in any case;
+        ``warn`` runs it like ``auto`` but keeps a failing artifact (``model.selfcheck``
+        says so); ``off`` runs nothing.
+        """
+        from quench import selfcheck
+
+        if check not in ("auto", "always", "warn", "off"):
+            raise QuenchError(f"check must be auto, always, warn or off, got {check!r}")
+        model = cls(artifact.load(path), Path(path), threads=threads)
+        if check != "off":
+            try:
+                model.selfcheck = selfcheck.check(model, always=check == "always")
+                if check != "warn":
+                    selfcheck.enforce(model, model.selfcheck, str(path))
+            except BaseException:
+                model.close()
+                raise
+        return model
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -156,7 +178,11 @@ class Model:
             "created": m["created"],
             "quench_version": m["quench_version"],
             "classes": len(m["labels"]),
-            **{k: m[k] for k in ("engine_selection", "accuracy", "quantization") if k in m},
+            **{
+                k: m[k]
+                for k in ("engine_selection", "fidelity", "accuracy", "quantization", "selfcheck")
+                if k in m
+            },
         }
 
 

@@ -28,7 +28,14 @@ PERF_COLUMNS = (
     "% of peak",
 )
 ACC_COLUMNS = ("Model", "Quant_Mode", "Batch_Size", "TOP1", "TOP5")
-BUILD_COLUMNS = ("Quant_Mode", "engine", "computes", "build time (s)", "artifact size (MB)")
+BUILD_COLUMNS = (
+    "Quant_Mode",
+    "engine",
+    "computes",
+    "fidelity vs fp32 (checked at build)",
+    "build time (s)",
+    "artifact size (MB)",
+)
 
 
 def engine_versions() -> dict[str, str | None]:
@@ -114,12 +121,25 @@ def acc_rows(doc: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def fidelity_text(f: dict[str, Any] | None) -> str:
+    """A build's fidelity figures in one cell: top-1 agreement and output SQNR vs fp32."""
+    if not f:
+        return "-"
+    sqnr = f["sqnr_db"]
+    return (
+        f"top-1 agreement {f['top1_agreement']:.1%}, SQNR "
+        + ("exact" if sqnr >= 300 else f"{sqnr:.1f} dB")
+        + f" ({f['images']} {f['source']})"
+    )
+
+
 def build_rows(doc: dict[str, Any]) -> list[list[str]]:
     return [
         [
             b["precision"],
             f"{b['engine']} {b.get('engine_version', '')}".strip(),
             str(b.get("computes") or "-"),
+            fidelity_text(b.get("fidelity")),
             f"{b['build_seconds']:.1f}",
             f"{b['size_bytes'] / 1e6:.2f}",
         ]

@@ -379,6 +379,7 @@ class _Job:
                 "engine": man["engine"]["name"],
                 "engine_version": man["engine"]["version"],
                 "computes": man["precision"].get("computes"),
+                "fidelity": man.get("fidelity"),
                 "build_seconds": round(wall, 3),
                 "timings": man.get("timings", {}),
             }

@@ -26,9 +26,12 @@ from quench.graph import (
     set_batch,
     upgrade_opset,
 )
-from quench.hw import cpu_info
+from quench.hw import cpu_info, int8_accumulates_in_int32
 from quench.labels import load_labels
 from quench.presets import Preset, detect_preset, get_preset
+from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
+from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
+from quench.selfcheck import record as record_selfcheck
 
 if TYPE_CHECKING:
     from quench.builder.calibration import CalibrationSet
@@ -42,6 +45,7 @@ PRECISIONS = (
     "qint8_mixed_float32",
 )
 INT8_PRECISIONS = ("qint8_mixed_float16", "qint8_mixed_float32")
+TARGETS = ("portable", "native")
 # Engine preference for --engine auto: the first installed engine that runs the precision.
 ENGINE_ORDER = ("onnxruntime", "openvino")
 CALIBRATION_PAYLOAD = "calibration.json"
@@ -78,10 +82,15 @@ class BuildOptions:
     calib_cache: str | None = None  # a reusable calibration cache file
     bias_correction: bool | None = None  # None: the measured default
     float_first_layer: bool | None = None  # None: the pixel grid where it fits, else float
+    # portable: 7-bit weights, exact on every CPU; native: 8-bit where this host's int8
+    # accumulates in int32 (VNNI, AMX, ARM), exact only on such CPUs
+    target: str = "portable"
     # accuracy check at build time
     check_images: str | None = None
     check_labels: str | None = None
     max_top1_drop: float | None = None  # percentage points
+    # the fidelity gate: top-1 agreement with fp32 on held-out calibration images
+    min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
     select_seconds: float = 1.0  # --engine auto: timing per candidate and batch size
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -169,6 +178,10 @@ def build(
     int8 = opts.precision in INT8_PRECISIONS
     if int8 and not opts.calib_images:
         raise QuenchError(f"--precision {opts.precision} needs --calib-images (a folder or list)")
+    if opts.target not in TARGETS:
+        raise QuenchError(f"unknown target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if not 0.0 <= opts.min_top1_agreement <= 1.0:
+        raise QuenchError(f"--min-top1-agreement must be in [0, 1], got {opts.min_top1_agreement}")
     if opts.check_labels and not opts.check_images:
         raise QuenchError("--check-labels needs --check-images")
 
@@ -192,7 +205,9 @@ def build(
     # (model to compile, payloads it adds, quantization info, first-layer tag)
     sources: list[tuple[onnx.ModelProto, dict[str, bytes], dict[str, Any] | None, str | None]]
     sources = [(src.model, {}, None, None)]
+    calib = _calibration_images(opts, preset, say) if opts.calib_images else None
     if int8:
+        assert calib is not None
         t = time.perf_counter()
         firsts: list[bool | None] = [opts.float_first_layer]
         if (
@@ -204,7 +219,6 @@ def build(
             # with an accuracy check to decide, also try the faster first layer on the pixel
             # grid: it is kept only when it is faster and passes the check
             firsts = [True, False]
-        calib = _calibration_images(opts, preset, say)
         optimized = _optimized(src)
         sources = []
         for first in firsts:
@@ -289,6 +303,8 @@ def build(
     }
     from quench.model import Model
 
+    probe, probe_source = _fidelity_inputs(calib, int8, preset, opts.batch)
+    probe_ref = _fp32_outputs(src.model, input_name, output_name, probe)
     reference_preds: list[Any] | None = None
     for rank, (engine, compiled, verification, _, k) in enumerate(candidates):
         _, payloads, quant_info, tag = sources[k]
@@ -322,6 +338,25 @@ def build(
             manifest["quantization"] = quant_info
         art = artifact.Artifact(manifest, {**payloads, **compiled.payloads})
         built = Model(art, path=Path(output), threads=opts.threads)
+        try:
+            manifest["fidelity"] = _fidelity_gate(built, probe, probe_ref, probe_source, opts, say)
+        except FidelityError as exc:
+            built.close()
+            if rank + 1 < len(candidates):
+                say(f"{engine.name} rejected: {exc}; trying the next fastest candidate")
+                continue
+            raise FidelityError(f"{exc}; artifact not written. {_fidelity_hint(opts)}") from None
+        section, check_payloads = record_selfcheck(
+            probe[:SELFCHECK_IMAGES],
+            probe_ref[:SELFCHECK_IMAGES],
+            built.predict(probe[:SELFCHECK_IMAGES]),
+            probe_source,
+            engine.name,
+            engine.version(),
+            opts.min_top1_agreement,
+        )
+        manifest["selfcheck"] = section
+        art.payloads.update(check_payloads)
         if opts.check_images:
             t = time.perf_counter()
             try:
@@ -351,13 +386,14 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
     skip = {"progress", "extra", "select_seconds"}
     if opts.precision not in INT8_PRECISIONS:
         skip |= {
-            "calib_images",
-            "calib_count",
             "calib_method",
             "calib_cache",
             "bias_correction",
             "float_first_layer",
+            "target",
         }
+    if not opts.calib_images:
+        skip.add("calib_count")
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
 
 
@@ -377,6 +413,82 @@ def _calibration_images(opts: BuildOptions, preset: Preset, say: Log) -> Calibra
                 "the accuracy check will look better than it is"
             )
     return calib
+
+
+def _fidelity_inputs(
+    calib: CalibrationSet | None, int8: bool, preset: Preset, batch: int | None
+) -> tuple[np.ndarray, str]:
+    """The images the fidelity gate and the self-check run: calibration images held out of the
+    calibration (INT8) or all of them (float builds), else a random batch (a smoke test);
+    rounded to float16, the form in which the artifact keeps its self-check inputs."""
+    x, kind = None, "random input"
+    if calib is not None:
+        x = calib.held_out if int8 else calib.tensor
+        kind = "held-out calibration images" if int8 else "calibration images"
+    if x is None or not len(x):
+        rng = np.random.default_rng(0)
+        x, kind = (
+            rng.standard_normal((max(8, batch or 0), *preset.data.input_shape)),
+            "random input",
+        )
+    return np.asarray(x).astype(np.float16).astype(np.float32), kind
+
+
+def _fp32_outputs(
+    model: onnx.ModelProto, input_name: str, output_name: str, x: np.ndarray
+) -> np.ndarray:
+    """The fp32 source model's outputs for ``x`` (ONNX Runtime, dynamic batch)."""
+    from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(set_batch(model, None).SerializeToString()) as ref:
+        return np.concatenate(
+            [ref.infer({input_name: x[i : i + 8]})[output_name] for i in range(0, len(x), 8)]
+        )
+
+
+def _fidelity_gate(
+    built: Model,
+    x: np.ndarray,
+    ref: np.ndarray,
+    source: str,
+    opts: BuildOptions,
+    say: Log,
+) -> dict[str, Any]:
+    """Fidelity of ``built`` against fp32 on ``x``; :class:`FidelityError` below the bound."""
+    figures = fidelity(built.predict(x), ref)
+    result = {
+        "images": len(x),
+        "source": source,
+        **figures,
+        "min_top1_agreement": opts.min_top1_agreement,
+        "passed": figures["top1_agreement"] >= opts.min_top1_agreement,
+    }
+    say(
+        f"fidelity on {len(x)} {source}: top-1 agreement with fp32 "
+        f"{figures['top1_agreement']:.1%}, output SQNR {figures['sqnr_db']:.1f} dB"
+        + ("" if result["passed"] else f" (bound {opts.min_top1_agreement:.0%})")
+    )
+    if not result["passed"]:
+        raise FidelityError(
+            f"fidelity check failed: top-1 agreement with fp32 {figures['top1_agreement']:.1%} "
+            f"on {len(x)} {source}, below --min-top1-agreement {opts.min_top1_agreement:g}"
+        )
+    return result
+
+
+def _fidelity_hint(opts: BuildOptions) -> str:
+    """What to try after a failed fidelity check."""
+    tries = []
+    if opts.precision in INT8_PRECISIONS:
+        if opts.target == "native":
+            tries.append("--target portable")
+        if not opts.float_first_layer:
+            tries.append("--float-first-layer")
+        tries.append("another --calib-method")
+    if opts.engine == "auto":
+        tries.append("--engine onnxruntime or openvino")
+    tries.append("a higher precision")
+    return "Try " + ", ".join(tries) + " (or lower --min-top1-agreement if this is expected)."
 
 
 def _optimized(src: SourceModel) -> onnx.ModelProto:
@@ -410,6 +522,7 @@ def _quantize(
         config.input_grid = preset.data.channel_mean_std()
     # None (the default): the first conv on the pixel grid (GPTQ-rounded) where it fits
     config.float_first_layer = opts.float_first_layer
+    config.weight_bits = 8 if opts.target == "native" and int8_accumulates_in_int32() else 7
     settings = {"config": asdict(config), "precision_family": "int8"}
     key = cache_key(src.sha256, calib.digest, settings)
     cache_file = (
@@ -450,6 +563,12 @@ def _quantize(
             say(f"warning: cannot write calibration cache {cache_file} ({exc})")
     info = {
         **result.info,
+        "target": opts.target,
+        "int8_exact_on": (
+            "every CPU"
+            if config.weight_bits == 7
+            else "VNNI/AMX x86-64 and ARM only (not AVX2 or AVX-512 without VNNI)"
+        ),
         "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
         "cache": {"key": key, "reused": bool(cached)},
     }

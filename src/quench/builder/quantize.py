@@ -77,6 +77,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_METHODS = ("minmax", "mse")
 FIRST_LAYER_ROUNDINGS = ("gptq", "nearest")
 ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_BITS = (7, 8)
 
 CACHE_FORMAT = "quench-ranges"
 CACHE_VERSION = 1
@@ -107,6 +108,9 @@ class QuantConfig:
     first_layer_rounding: str = "gptq"  # that grid layer's weights: "gptq" or "nearest"
     activation_type: str = "uint8"  # or "int8"
     per_channel: bool = True
+    # 7: weights in [-64, 64], exact on every CPU (see ``weight_max``); 8: [-127, 127], exact
+    # only where int8 products accumulate in int32 (VNNI, AMX, ARM)
+    weight_bits: int = 7
 
 
 @dataclass
@@ -203,6 +207,7 @@ def quantize(
         "weight_method": config.weight_method,
         "activation_type": config.activation_type,
         "per_channel": config.per_channel,
+        "weight_bits": config.weight_bits,
         "calibration_images": len(calib) if cache is None else None,
         "cache_reused": reused,
         "quantized_nodes": _quantized_counts(qdq),
@@ -210,7 +215,9 @@ def quantize(
         "first_layer_pixel_grid": grid is not None,
         "first_layer_rounding": (config.first_layer_rounding if grid is not None else None),
         "first_layer_output_error": (
-            _first_layer_error(qdq, model, *rounding) if rounding is not None else None
+            _first_layer_error(qdq, model, *rounding, weight_max(config))
+            if rounding is not None
+            else None
         ),
         "bias_corrected": len(corrected_nodes),
         "seconds": round(time.perf_counter() - start, 2),
@@ -237,6 +244,8 @@ def _check_config(config: QuantConfig) -> None:
             f"unknown first-layer rounding {config.first_layer_rounding!r}; "
             f"choose one of {', '.join(FIRST_LAYER_ROUNDINGS)}"
         )
+    if config.weight_bits not in WEIGHT_BITS:
+        raise QuenchError(f"weight_bits must be 7 or 8, got {config.weight_bits!r}")
     if config.activation_type not in ACTIVATION_TYPES:
         raise QuenchError(
             f"unknown activation type {config.activation_type!r}; "
@@ -884,6 +893,7 @@ def _qdq(
         per_channel=config.per_channel,
         activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
+        reduce_range=config.weight_bits == 7,
         nodes_to_exclude=list(exclude),
         calibrate_method=CalibrationMethod.MinMax,
         calibration_cache_path=str(work / "ranges.json"),
@@ -892,9 +902,9 @@ def _qdq(
     qdq = onnx.load(str(dst))
     _float_outputs(qdq)
     if config.weight_method == "mse":
-        _refine_weights(qdq, model)
+        _refine_weights(qdq, model, weight_max(config))
     if rounding is not None:
-        _gptq_first_layer(qdq, model, *rounding)
+        _gptq_first_layer(qdq, model, *rounding, weight_max(config))
     return qdq
 
 
@@ -938,7 +948,18 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def _refine_weights(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
+def weight_max(config: QuantConfig) -> int:
+    """The largest int8 weight magnitude ``config`` allows.
+
+    x86 int8 kernels without VNNI (AVX2, AVX-512 before Cascade Lake, SSE4.1) multiply u8
+    activations by s8 weights and add adjacent pairs into int16 with saturation
+    (``vpmaddubsw``): ``255 * (|w1| + |w2|)`` must stay <= 32767, which holds for |w| <= 64
+    (ONNX Runtime's ``reduce_range``). VNNI, AMX and ARM accumulate in int32 and need no bound.
+    """
+    return 64 if config.weight_bits == 7 else 127
+
+
+def _refine_weights(qdq: onnx.ModelProto, fp32: onnx.ModelProto, wmax: int) -> None:
     """Re-quantize Conv/Gemm weights with MSE-optimal per-channel scales (bias rescaled too)."""
     inits = {t.name: t for t in qdq.graph.initializer}
     fp_inits = {t.name: t for t in fp32.graph.initializer}
@@ -965,10 +986,10 @@ def _refine_weights(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
             if old_scale.ndim
             else w.reshape(1, -1)
         )
-        scale = _mse_weight_scales(wm)
+        scale = _mse_weight_scales(wm, wmax)
         if old_scale.ndim == 0:
             scale = scale.reshape(())
-        q = np.clip(np.round(wm / scale.reshape(-1, 1)), -127, 127).astype(np.int8)
+        q = np.clip(np.round(wm / scale.reshape(-1, 1)), -wmax, wmax).astype(np.int8)
         q = (
             np.moveaxis(q.reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
             if old_scale.ndim
@@ -999,15 +1020,15 @@ def _axis(node: onnx.NodeProto) -> int:
     return 1
 
 
-def _mse_weight_scales(w: np.ndarray) -> np.ndarray:
-    """Per-row symmetric int8 scale minimising sum((w - s * round(w / s))^2)."""
+def _mse_weight_scales(w: np.ndarray, wmax: int) -> np.ndarray:
+    """Per-row symmetric scale (levels -wmax..wmax) minimising sum((w - s * round(w / s))^2)."""
     amax = np.abs(w).max(axis=1)
     amax = np.where(amax > 0, amax, 1.0)
-    best = amax / 127.0
+    best = amax / wmax
     best_err = np.full(len(w), np.inf)
     for frac in np.linspace(1.0, 0.5, 51):
-        s = amax * frac / 127.0
-        q = np.clip(np.round(w / s[:, None]), -127, 127) * s[:, None]
+        s = amax * frac / wmax
+        q = np.clip(np.round(w / s[:, None]), -wmax, wmax) * s[:, None]
         err = ((w - q) ** 2).sum(axis=1)
         better = err < best_err - 1e-18
         best = np.where(better, s, best)
@@ -1095,8 +1116,11 @@ def _grid_moments(
     return total / max(n, 1)
 
 
-def _gptq_round(w: np.ndarray, scale: np.ndarray, moments: np.ndarray) -> np.ndarray:
-    """Int8 weights ``q`` (per-row ``scale``) minimising ``E[((q * scale - w) . p)^2]``.
+def _gptq_round(
+    w: np.ndarray, scale: np.ndarray, moments: np.ndarray, wmax: int = 127
+) -> np.ndarray:
+    """Int8 weights ``q`` in [-wmax, wmax] (per-row ``scale``) minimising
+    ``E[((q * scale - w) . p)^2]``.
 
     GPTQ: round one input column at a time and spread its error over the columns not yet
     rounded, weighted by the upper Cholesky factor of ``H^-1`` (``H`` the input second moments,
@@ -1109,7 +1133,7 @@ def _gptq_round(w: np.ndarray, scale: np.ndarray, moments: np.ndarray) -> np.nda
     s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(rows),))
     q = np.zeros_like(rows)
     for i in range(d):
-        q[:, i] = np.clip(np.round(rows[:, i] / s), -127, 127)
+        q[:, i] = np.clip(np.round(rows[:, i] / s), -wmax, wmax)
         err = (rows[:, i] - q[:, i] * s) / u[i, i]
         rows[:, i + 1 :] -= np.outer(err, u[i, i + 1 :])
     return q.reshape(w.shape).astype(np.int8)
@@ -1132,20 +1156,20 @@ def _grid_weights(
 
 
 def _gptq_first_layer(
-    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray, wmax: int
 ) -> None:
     """Re-round the pixel-grid Conv's int8 weights in ``qdq`` by GPTQ (scales unchanged)."""
     tensor, scale, w = _grid_weights(qdq, fp32, grid)
-    tensor.CopyFrom(numpy_helper.from_array(_gptq_round(w, scale, moments), tensor.name))
+    tensor.CopyFrom(numpy_helper.from_array(_gptq_round(w, scale, moments, wmax), tensor.name))
 
 
 def _first_layer_error(
-    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, grid: str, moments: np.ndarray, wmax: int
 ) -> dict[str, float]:
     """Mean squared output error of the grid Conv (pixel units), as rounded vs to nearest."""
     tensor, scale, w = _grid_weights(qdq, fp32, grid)
     rows = w.reshape(len(w), -1)
-    nearest = np.clip(np.round(rows / scale[:, None]), -127, 127)
+    nearest = np.clip(np.round(rows / scale[:, None]), -wmax, wmax)
     used = numpy_helper.to_array(tensor).reshape(len(w), -1).astype(np.float64)
 
     def err(q: np.ndarray) -> float:

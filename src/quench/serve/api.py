@@ -78,6 +78,11 @@ class ClassifierAPI:
             "outputs": [
                 {"name": self.model.output_name, "datatype": "FP32", "shape": [-1, self.classes]}
             ],
+            # the artifact's self-check, run on this host at start (see quench.selfcheck)
+            "quench": {
+                "selfcheck": self.model.selfcheck.to_dict() if self.model.selfcheck else None,
+                "fidelity": self.model.manifest.get("fidelity"),
+            },
         }
 
     # -- infer: decode / encode -------------------------------------------------------------

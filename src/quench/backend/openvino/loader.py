@@ -28,7 +28,7 @@ from quench.backend.openvino.runner import (
     runtime_precisions,
 )
 from quench.errors import ModelError, QuenchError
-from quench.hw import cpu_info, default_threads
+from quench.hw import cpu_info, default_threads, half_precision_capped
 
 PRECISIONS = (
     "force_float32",
@@ -42,9 +42,12 @@ _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def cpu_capabilities() -> frozenset[str]:
-    """The CPU's ``OPTIMIZATION_CAPABILITIES`` per OpenVINO, or a guess from the ISA flags."""
+    """The CPU's ``OPTIMIZATION_CAPABILITIES`` per OpenVINO, or a guess from the ISA flags;
+    without the half precisions that ``$ONEDNN_MAX_CPU_ISA`` puts out of its kernels' reach
+    (OpenVINO still lists them, and then returns empty outputs or crashes)."""
     try:
-        return frozenset(str(c) for c in core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+        listed = core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+        return frozenset(str(c) for c in listed) - half_precision_capped()
     except Exception:  # older/odd plugin builds: fall back to /proc/cpuinfo
         flags = set(cpu_info()["flags"])  # type: ignore[arg-type]
         caps = {"FP32", "INT8"}
@@ -52,7 +55,7 @@ def cpu_capabilities() -> frozenset[str]:
             caps.add("BF16")
         if flags & {"avx512_fp16", "amx_fp16"}:
             caps.add("FP16")
-        return frozenset(caps)
+        return frozenset(caps) - half_precision_capped()
 
 
 def device_name() -> str:
@@ -99,13 +102,14 @@ def plan(precision: str, caps: frozenset[str]) -> Plan:
     if precision.startswith("qint8_mixed_"):
         if "INT8" not in caps:
             raise QuenchError("this CPU has no int8 support in OpenVINO; use a float precision")
-        if precision == "qint8_mixed_float16" and "FP16" in caps:
-            hint, rest = "f16", "float16"
-        elif precision == "qint8_mixed_float16":
-            # Without fp16 arithmetic the float layers run in fp32, which holds every fp16
-            # value exactly. bf16 there was measured: 3% faster on ResNet-50, but 0.5 points
-            # more top-1 loss on efficientnet-lite0 (README, "Precision modes").
-            hint, rest = "f32", "float32 (this CPU has no float16 arithmetic)"
+        if precision == "qint8_mixed_float16":
+            # The float layers run in fp32, which holds every fp16 value exactly, on every
+            # CPU. Measured: OpenVINO 2026.4's f16 inference precision beside int8 layers, on a
+            # CPU with AVX512-FP16 (Sapphire Rapids), gave efficientnet-lite0 top-1 0.016 (fp32:
+            # 0.884); bf16 was 3% faster on ResNet-50 but lost 0.5 points more top-1 on
+            # efficientnet-lite0 (README, "Precision modes"). fp32 also keeps the artifact's
+            # numerics the same on CPUs with and without half-precision arithmetic.
+            hint, rest = "f32", "float32 (holds every float16 value exactly)"
         else:
             hint, rest = "f32", "float32"
         return Plan(
