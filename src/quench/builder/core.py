@@ -339,7 +339,9 @@ def build(
         art = artifact.Artifact(manifest, {**payloads, **compiled.payloads})
         built = Model(art, path=Path(output), threads=opts.threads)
         try:
-            manifest["fidelity"] = _fidelity_gate(built, probe, probe_ref, probe_source, opts, say)
+            manifest["fidelity"], probe_out = _fidelity_gate(
+                built, probe, probe_ref, probe_source, opts, say
+            )
         except FidelityError as exc:
             built.close()
             if rank + 1 < len(candidates):
@@ -349,7 +351,7 @@ def build(
         section, check_payloads = record_selfcheck(
             probe[:SELFCHECK_IMAGES],
             probe_ref[:SELFCHECK_IMAGES],
-            built.predict(probe[:SELFCHECK_IMAGES]),
+            probe_out[:SELFCHECK_IMAGES],
             probe_source,
             engine.name,
             engine.version(),
@@ -453,9 +455,11 @@ def _fidelity_gate(
     source: str,
     opts: BuildOptions,
     say: Log,
-) -> dict[str, Any]:
-    """Fidelity of ``built`` against fp32 on ``x``; :class:`FidelityError` below the bound."""
-    figures = fidelity(built.predict(x), ref)
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Fidelity of ``built`` against fp32 on ``x`` and its outputs; :class:`FidelityError`
+    below the bound."""
+    got = built.predict(x)
+    figures = fidelity(got, ref)
     result = {
         "images": len(x),
         "source": source,
@@ -473,7 +477,7 @@ def _fidelity_gate(
             f"fidelity check failed: top-1 agreement with fp32 {figures['top1_agreement']:.1%} "
             f"on {len(x)} {source}, below --min-top1-agreement {opts.min_top1_agreement:g}"
         )
-    return result
+    return result, got
 
 
 def _fidelity_hint(opts: BuildOptions) -> str:
