@@ -15,6 +15,7 @@ Every number in the report comes from this run; failures are recorded, never fat
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -63,6 +64,7 @@ REQUESTS_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
 SERVE_MODES = ("force_float32", "qint8_mixed_float32")
 PIPELINE_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
 MEMORY_MODE = "qint8_mixed_float32"  # the fastest engine: the most images in flight per second
+ISA_CLASS = {"AVX2": "AVX2-only", "AVX512_CORE": "AVX-512 without VNNI"}
 OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
 
 CLOCK_C = r"""
@@ -145,16 +147,24 @@ class Proc:
 
 
 class Runner:
-    def __init__(self, work: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, work: Path, env: dict[str, str], counter: Iterator[int] | None = None
+    ) -> None:
+        self.work = work
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = env
-        self.count = 0
+        self.counter = counter or itertools.count(1)
+        self.prefix = " ".join(f"{k}={v}" for k, v in env.items() if k == "ONEDNN_MAX_CPU_ISA")
+
+    def with_env(self, **extra: str) -> Runner:
+        """The same runner (one log numbering) with more environment variables."""
+        return Runner(self.work, {**self.env, **extra}, self.counter)
 
     def run(self, name: str, cmd: list[str], timeout: float) -> Proc:
-        self.count += 1
-        log = self.logs / f"{self.count:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
-        text = shlex.join(cmd)
+        count = next(self.counter)
+        log = self.logs / f"{count:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
+        text = f"{self.prefix} {shlex.join(cmd)}".strip()
         t = time.perf_counter()
         try:
             p = subprocess.Popen(
@@ -715,6 +725,8 @@ def write_report(
     serving: list[dict[str, Any]] | None = None,
     pipeline: list[dict[str, Any]] | None = None,
     memory: list[dict[str, Any]] | None = None,
+    capped_titles: dict[str, str] | None = None,
+    accuracy: list[str] | None = None,
 ) -> None:
     out: list[str] = [
         "# Benchmarks: ResNet-50 v1, peers vs Quench, CPU",
@@ -735,13 +747,28 @@ def write_report(
         *[f"| {k} | {v} |" for k, v in machine],
         "",
     ]
-    for fam in FAMILIES:
+    titles = {**FAMILY_TITLE, **(capped_titles or {})}
+    for fam in titles:
         frows = [r for r in rows if r.family == fam]
         if not frows:
             continue
-        out += [f"## {FAMILY_TITLE[fam]}", "", *family_table(frows, batches), ""]
+        out += [f"## {titles[fam]}", "", *family_table(frows, batches), ""]
 
-    qrows = [r for r in rows if r.kind == "quench" and r.qps]
+    if accuracy:
+        out += [
+            "## INT8 accuracy per CPU class (real weights)",
+            "",
+            "`bench/accuracy.py`: efficientnet-lite0 and -lite1 (`../shared/models`, real "
+            "ImageNet weights), calibrated on `calib.txt` (160 images; 40 held out for the "
+            "build's fidelity gate), top-1 on `val.txt` (800 images), OpenVINO engine. Each "
+            "artifact is built once on this CPU and evaluated on each class (the caps run "
+            "OpenVINO's kernels for that class); drops are against fp32 on the same class.",
+            "",
+            *accuracy,
+            "",
+        ]
+
+    qrows = [r for r in rows if r.kind == "quench" and r.qps and "@" not in r.family]
     if qrows:
         out += [
             "## Quench, MagicMind-style",
@@ -862,7 +889,7 @@ def write_report(
         "",
     ]
     for r in rows:
-        out += [f"**{r.label}** ({FAMILY_TITLE[r.family]})", "", "```"]
+        out += [f"**{r.label}** ({titles[r.family]})", "", "```"]
         out += r.commands or ["(not run)"]
         out += ["```", ""]
     if preps:
@@ -902,6 +929,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10000,
         help="Images (--images repeated) for the peak-memory run of quench infer; 0 skips it.",
     )
+    ap.add_argument(
+        "--isa-caps",
+        default="",
+        help="Also run the INT8 rows with OpenVINO capped at these ONEDNN_MAX_CPU_ISA values "
+        "(comma separated, e.g. AVX2,AVX512_CORE): the same artifacts on older CPU classes.",
+    )
+    ap.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="Also run bench/accuracy.py (INT8 top-1 on real models per CPU class, --isa-caps).",
+    )
     ap.add_argument("--step", choices=("ort-int8", "nncf-int8", "rss"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--cmd", help=argparse.SUPPRESS)
@@ -919,6 +957,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.families = [f for f in FAMILIES if f in fams]
     if args.duration <= 0 or args.calib_count < 1:
         ap.error("--duration must be > 0 and --calib-count >= 1")
+    args.isa_caps = [v.strip().upper() for v in args.isa_caps.split(",") if v.strip()]
     args.work = args.work.absolute()
     args.out = args.out.absolute()
     args.calib_images = args.calib_images.absolute()
@@ -1157,6 +1196,40 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     quench_rows("int8")
 
+    # 4b. INT8 on other CPU classes: OpenVINO's older kernels (ONEDNN_MAX_CPU_ISA), same files
+    capped_titles: dict[str, str] = {}
+    for cap in args.isa_caps if "int8" in fams else []:
+        fam = f"int8@{cap}"
+        where = ISA_CLASS.get(cap, cap)
+        capped_titles[fam] = f"INT8 on the {where} path (ONEDNN_MAX_CPU_ISA={cap})"
+        capped = runner.with_env(ONEDNN_MAX_CPU_ISA=cap)
+        ir = work / "nncf-int8.xml"
+        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
+            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
+            row = Row(fam, "peer", label, f"benchmark_app, {settings}", "int8")
+            if not ir.exists():
+                row.errors.append("no NNCF model (see the INT8 section)")
+            else:
+                say(f"[{cap}] {label}: {settings}")
+                run_benchmark_app(capped, row, ir, extra, batches, dur)
+            rows.append(row)
+        for base, art, name, label in built["int8"]:
+            if art is None or "engine openvino" not in base.settings:
+                continue  # ONNX Runtime has no ISA switch: its rows would be this CPU's again
+            row = Row(fam, "quench", f"Quench {label} (same artifact)", base.settings, "int8")
+            row.mode = f"{label} [{cap}]"
+            say(f"[{cap}] quench perf {label}")
+            out = work / f"r50-{name}-{cap}.json"
+            q, doc = quench_perf(capped, f"perf-{name}-{cap}", art, out, batches, dur)
+            fill_from_perf(row, q, doc, keep_peak=False)
+            rows.append(row)
+        extra_notes.append(
+            f"{capped_titles[fam]}: the INT8 artifacts and NNCF model above, run with OpenVINO's "
+            f"kernels capped at {cap} (what a CPU of that class runs). ONNX Runtime has no such "
+            "switch, so its rows and ONNX Runtime-engine artifacts are not repeated there; % of "
+            "peak is left out (the peak would be this CPU's)."
+        )
+
     # 5. serving: quench serve under 16 concurrent clients vs quench perf at the same batch
     serving: list[dict[str, Any]] = []
     if args.serve_duration > 0:
@@ -1242,9 +1315,23 @@ def main(argv: list[str] | None = None) -> int:
             memory.append(entry)
             shutil.rmtree(folder)
 
+    accuracy: list[str] = []
+    if args.accuracy:
+        md = work / "accuracy.md"
+        md.unlink(missing_ok=True)
+        cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "accuracy.py")]
+        cmd += ["--caps", ",".join(args.isa_caps), "--work", rel(work / "accuracy")]
+        cmd += ["--json", rel(work / "accuracy.json"), "--md", rel(md)]
+        say("INT8 accuracy per CPU class (bench/accuracy.py)")
+        p = runner.run("accuracy", cmd, 7200)
+        if p.ok and md.exists():
+            accuracy = [*md.read_text().splitlines(), "", "```", p.cmd, "```"]
+        else:
+            accuracy = [f"**failed**: {p.error()}", "", "```", p.cmd, "```"]
+
     # share of peak for peer rows: the same formula quench perf uses
     for r in rows:
-        if r.kind == "peer" and macs:
+        if r.kind == "peer" and macs and "@" not in r.family:
             compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
             peak, _ = peak_macs(compute, threads)
             r.peak = {b: macs * q / peak for b, q in r.qps.items()}
@@ -1284,6 +1371,13 @@ def main(argv: list[str] | None = None) -> int:
         ("OpenVINO CPU default inference precision", str(ov_default)),
         ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
     ]
+    (work / "results.json").write_text(
+        json.dumps(
+            {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},
+            indent=2,
+            default=str,
+        )
+    )
     write_report(
         args.out,
         args,
@@ -1296,13 +1390,8 @@ def main(argv: list[str] | None = None) -> int:
         serving,
         pipeline,
         memory,
-    )
-    (work / "results.json").write_text(
-        json.dumps(
-            {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},
-            indent=2,
-            default=str,
-        )
+        capped_titles,
+        accuracy,
     )
     say(f"wrote {args.out}")
     return 0

@@ -145,7 +145,7 @@ def test_portable_weights_cannot_saturate_int16_pairs(
     m = _int8(tmp_path, tiny_model, tiny_labels, calib_dir, "p", engine="onnxruntime")
     q = m.manifest["quantization"]
     assert q["target"] == "portable" and q["weight_bits"] == 7
-    assert q["int8_exact_on"] == "every CPU"
+    assert q["int8_exact_on"].startswith("every CPU")
     weights = _weights(m)
     assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights)
     # the worst u8 x s8 pair sum of any two weights stays within int16
@@ -164,7 +164,7 @@ def test_native_target(
         assert q["weight_bits"] == 8 and q["int8_exact_on"].startswith("VNNI/AMX")
         assert max(int(np.abs(w.astype(np.int32)).max()) for w in _weights(m)) > 64
     else:  # exact here only with 7 bits: native is portable
-        assert q["weight_bits"] == 7 and q["int8_exact_on"] == "every CPU"
+        assert q["weight_bits"] == 7 and q["int8_exact_on"].startswith("every CPU")
 
 
 def test_unknown_target(tmp_path: Path, tiny_model: Path, tiny_labels: Path) -> None:

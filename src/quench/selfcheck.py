@@ -71,7 +71,7 @@ def _npy(a: np.ndarray) -> bytes:
 def _read_npy(data: bytes, name: str) -> np.ndarray:
     """A numeric array from ``.npy`` bytes (NumPy refuses object arrays by default)."""
     try:
-        a = np.load(io.BytesIO(data))
+        a = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise QuenchError(f"artifact self-check payload {name} is unreadable ({exc})") from None
     if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu" or a.ndim < 2:

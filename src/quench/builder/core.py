@@ -46,6 +46,9 @@ PRECISIONS = (
 )
 INT8_PRECISIONS = ("qint8_mixed_float16", "qint8_mixed_float32")
 TARGETS = ("portable", "native")
+# Where 7-bit weights are exact: u8 x s7 pair sums fit int16 (2 x 255 x 64 <= 32767)
+PORTABLE_CLASSES = "every CPU: x86-64 (SSE4.1, AVX2, AVX-512 with or without VNNI, AMX) and ARM"
+
 # Engine preference for --engine auto: the first installed engine that runs the precision.
 ENGINE_ORDER = ("onnxruntime", "openvino")
 CALIBRATION_PAYLOAD = "calibration.json"
@@ -569,7 +572,7 @@ def _quantize(
         **result.info,
         "target": opts.target,
         "int8_exact_on": (
-            "every CPU"
+            PORTABLE_CLASSES
             if config.weight_bits == 7
             else "VNNI/AMX x86-64 and ARM only (not AVX2 or AVX-512 without VNNI)"
         ),
