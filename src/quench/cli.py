@@ -71,7 +71,9 @@ def main(
 
 @app.command()
 def fetch(
-    name: Annotated[str, typer.Argument(help="Model name, e.g. resnet50-v1-7.")] = "resnet50-v1-7",
+    name: Annotated[
+        str, typer.Argument(help="Model name, e.g. resnet50-v1-7, or imagenet-sample.")
+    ] = "resnet50-v1-7",
     url: Annotated[str | None, typer.Option(help="Download from this URL (a mirror).")] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Where to save (default: the cache).")
@@ -81,9 +83,32 @@ def fetch(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Download an official model into the cache, check its size and ONNX validity."""
+    """Download an official model (or `imagenet-sample`: 1,000 real ImageNet photos with
+    ground truth, calib.txt and val.txt) into the cache, and check it."""
     from quench.zoo.fetch import fetch_model
+    from quench.zoo.sample import NAME as SAMPLE
+    from quench.zoo.sample import fetch_sample
 
+    if name == SAMPLE:
+        with user_errors():
+            s = fetch_sample(url=url, dest=output, force=force, timeout=timeout, progress=not quiet)
+        doc = {
+            "path": str(s.root),
+            "images": s.images,
+            "calib": str(s.calib),
+            "val": str(s.val),
+            "ground_truth": str(s.ground_truth),
+            "cached": s.cached,
+        }
+        if as_json:
+            print(json.dumps(doc))
+        else:
+            info(
+                f"{'cached' if s.cached else 'downloaded'}: {s.images} images in {s.root}; "
+                f"calibrate on {s.calib.name}, measure on {s.val.name} with {s.ground_truth.name}"
+            )
+            print(s.root)
+        return
     with user_errors():
         res = fetch_model(
             name, url=url, dest=output, force=force, timeout=timeout, progress=not quiet

@@ -43,3 +43,11 @@ def load_labels(spec: str | Path) -> list[str]:
     except OSError as exc:
         raise QuenchError(f"{path}: cannot read label file ({exc.strerror or exc})") from exc
     return _parse(text.splitlines(), str(path))
+
+
+@cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The WordNet ids of the ImageNet-1k classes, by class index."""
+    text = resources.files(__package__).joinpath(BUILTIN["imagenet-1k"]).read_text("utf-8")
+    rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if r][1:]
+    return tuple(r[1].strip() for r in sorted(rows, key=lambda r: int(r[0])))

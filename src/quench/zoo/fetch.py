@@ -101,7 +101,7 @@ def fetch_model(
     except OSError as e:
         raise FetchError(f"cannot write to {dest.parent}: {_one_line(e)}") from e
     try:
-        _download(src, part, preset, timeout=timeout, progress=progress)
+        download(src, part, preset.name, preset.size, timeout=timeout, progress=progress)
         sha = _verify(part, preset, src)
     except _Invalid as e:
         part.unlink(missing_ok=True)
@@ -163,18 +163,21 @@ def _cached_sha(dest: Path, preset: Preset) -> str | None:
 # -- download ----------------------------------------------------------------------------------
 
 
-def _download(url: str, part: Path, preset: Preset, *, timeout: float, progress: bool) -> None:
-    """Fill ``part`` with the whole file, resuming what is there; at most one retry."""
+def download(
+    url: str, part: Path, name: str, size: int | None, *, timeout: float, progress: bool
+) -> None:
+    """Fill ``part`` with the whole file (``size`` bytes when known), resuming what is there;
+    at most one retry. Raises ``_NetError`` (the network) or ``_Invalid`` (the bytes)."""
     opener = urllib.request.build_opener()  # reads proxy settings from the environment now
     for attempt in range(2):
         offset = part.stat().st_size if part.exists() else 0
-        if preset.size is not None and offset >= preset.size:
-            if offset == preset.size:
+        if size is not None and offset >= size:
+            if offset == size:
                 return  # a previous run got everything; verification decides
             part.unlink()
             offset = 0
         try:
-            _transfer(opener, url, part, offset, preset, timeout=timeout, progress=progress)
+            _transfer(opener, url, part, offset, name, size, timeout=timeout, progress=progress)
             return
         except _NetError as e:
             if not e.retry or attempt:
@@ -186,7 +189,8 @@ def _transfer(
     url: str,
     part: Path,
     offset: int,
-    preset: Preset,
+    name: str,
+    size: int | None,
     *,
     timeout: float,
     progress: bool,
@@ -218,13 +222,13 @@ def _transfer(
         else:
             offset = 0  # 200: the server sends the whole file, start over
             total = length
-        if total is not None and preset.size is not None and total != preset.size:
-            raise _Invalid(f"{url} is {total} bytes, expected {preset.size}")
+        if total is not None and size is not None and total != size:
+            raise _Invalid(f"{url} is {total} bytes, expected {size}")
 
         done = offset
         with (
             part.open("ab" if offset else "wb") as f,
-            Bar(f"downloading {preset.name}", total, progress, unit="bytes") as bar,
+            Bar(f"downloading {name}", total, progress, unit="bytes") as bar,
         ):
             bar.advance(offset)
             while True:
@@ -239,8 +243,8 @@ def _transfer(
                 f.write(chunk)
                 done += len(chunk)
                 bar.advance(len(chunk))
-                if preset.size is not None and done > preset.size:
-                    raise _Invalid(f"downloaded more than {preset.size} bytes from {url}")
+                if size is not None and done > size:
+                    raise _Invalid(f"downloaded more than {size} bytes from {url}")
         if total is not None and done < total:
             raise _NetError(f"connection closed after {done} of {total} bytes", retry=True)
 
