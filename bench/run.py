@@ -33,6 +33,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from quench import precision
+
+FP32 = precision.FORCE_FLOAT32
+INT8 = precision.QINT8_MIXED_FLOAT32
+INT8_F16 = precision.QINT8_MIXED_FLOAT16
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 QUENCH = BIN / "quench"
@@ -50,20 +56,20 @@ FAMILY_TITLE = {
     "int8": "INT8",
 }
 FAMILY_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+# Quench's precision families -> this benchmark's families
+_FAMILY_OF = {"float32": "fp32", "half": "bf16", "int8": "int8"}
+# The modes benchmarked, in table order, each with its family
 QUENCH_MODES = {
-    "force_float32": "fp32",
-    "force_bfloat16": "bf16",
-    "force_float16": "bf16",
-    "qint8_mixed_float32": "int8",
-    "qint8_mixed_float16": "int8",
+    p.name: _FAMILY_OF[p.family]
+    for p in (FP32, precision.FORCE_BFLOAT16, precision.FORCE_FLOAT16, INT8, INT8_F16)
 }
 # Build options beyond the defaults, measured as rows of their own: (label suffix, flags)
-QUENCH_VARIANTS = {"qint8_mixed_float32": [("float-first-layer", ["--float-first-layer"])]}
+QUENCH_VARIANTS = {INT8.name: [("float-first-layer", ["--float-first-layer"])]}
 # Also timed with two requests in flight, as benchmark_app's default throughput hint runs
-REQUESTS_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
-SERVE_MODES = ("force_float32", "qint8_mixed_float32")
-PIPELINE_MODES = ("force_float32", "force_bfloat16", "qint8_mixed_float32")
-MEMORY_MODE = "qint8_mixed_float32"  # the fastest engine: the most images in flight per second
+REQUESTS_MODES = (FP32.name, precision.FORCE_BFLOAT16.name, INT8.name)
+SERVE_MODES = (FP32.name, INT8.name)
+PIPELINE_MODES = (FP32.name, precision.FORCE_BFLOAT16.name, INT8.name)
+MEMORY_MODE = INT8.name  # the fastest engine: the most images in flight per second
 ISA_CLASS = {"AVX2": "AVX2-only", "AVX512_CORE": "AVX-512 without VNNI"}
 OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
 

@@ -18,6 +18,7 @@ from quench.backend.openvino import OpenVinoEngine, OpenVinoRunner, loader  # no
 from quench.backend.openvino.runner import core  # noqa: E402
 from quench.errors import ModelError, QuenchError  # noqa: E402
 from quench.graph import set_batch  # noqa: E402
+from quench.precision import NAMES  # noqa: E402
 
 CAPS = loader.cpu_capabilities()
 HALF_TOL = 3e-2  # bf16 (8-bit mantissa) / fp16 weights: max |diff| relative to max |reference|
@@ -126,7 +127,7 @@ def build(engine: OpenVinoEngine, float_model: onnx.ModelProto, qdq_model: onnx.
 def test_engine_identity(engine: OpenVinoEngine) -> None:
     assert engine.name == "openvino"
     assert engine.version() == ov.__version__
-    for p in loader.PRECISIONS:
+    for p in NAMES:
         assert engine.supports(p) == (p != "force_bfloat16" or "BF16" in CAPS)
     assert not engine.supports("int4")
     assert "FP32" in CAPS

@@ -2,7 +2,7 @@
 
 Layout::
 
-    manifest.json          every setting needed to run the model (see ``Manifest``)
+    manifest.json          every setting needed to run the model (see ``quench.manifest.Manifest``)
     payload/<name>         engine files (e.g. ``model.onnx``), stored uncompressed
     manifest.sha256        sha256 of manifest.json; the manifest lists each payload's sha256
 
@@ -24,9 +24,8 @@ from typing import Any
 
 from quench import __version__
 from quench.errors import ArtifactError
+from quench.manifest import FORMAT, FORMAT_VERSION, VOLATILE
 
-FORMAT = "quench-artifact"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 PAYLOAD_DIR = "payload/"
@@ -51,19 +50,10 @@ class Artifact:
     def content_digest(self) -> str:
         """sha256 over the build's content: equal for equal builds, whenever and wherever made.
 
-        Left out: the date, timings, the host, and measured figures that vary in the last bits.
+        Left out: the fields ``Manifest`` marks volatile (the date, timings, the host, and
+        measured figures that vary in the last bits).
         """
-        skip = (
-            "created",
-            "build_seconds",
-            "content_digest",
-            "host",
-            "verification",
-            "timings",
-            "engine_selection",
-            "quantization",  # its settings are in payload/calibration.json; the rest is timing
-        )
-        m = {k: v for k, v in self.manifest.items() if k not in skip}
+        m = {k: v for k, v in self.manifest.items() if k not in VOLATILE}
         h = hashlib.sha256(json.dumps(m, sort_keys=True).encode())
         for name in sorted(self.payloads):
             h.update(name.encode() + b"\0" + sha256_bytes(self.payloads[name]).encode())

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from quench import __version__
 from quench.errors import QuenchError
+from quench.precision import NAMES as PRECISION_NAMES
 
 app = typer.Typer(
     help="Build ONNX image classifiers into fast artifacts; classify, evaluate and benchmark them.",
@@ -198,10 +199,7 @@ def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="The .quench artifact to write.")],
     precision: Annotated[
         str,
-        typer.Option(
-            help="force_float32 | force_float16 | force_bfloat16 | qint8_mixed_float16 | "
-            "qint8_mixed_float32 (see the README's precision table)."
-        ),
+        typer.Option(help=" | ".join(PRECISION_NAMES) + " (see the README's precision table)."),
     ] = "force_float32",
     preset: Annotated[
         str | None, typer.Option(help="Model preset (see 'quench zoo list'); detected if omitted.")

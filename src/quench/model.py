@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from quench import artifact
-from quench.backend import Runner, get_engine
-from quench.errors import QuenchError
-from quench.presets import DataConfig
+from quench.backend import ENGINES, Runner, get_engine
+from quench.errors import ArtifactError, QuenchError
+from quench.manifest import Manifest
 
 DEFAULT_DYNAMIC_BATCH = 8
 
@@ -24,12 +24,13 @@ class Model:
     ) -> None:
         self.artifact = art
         self.path = path
-        self.manifest = art.manifest
-        self.data = DataConfig.from_dict(self.manifest["preprocess"])
-        self.labels: list[str] = list(self.manifest["labels"])
-        self.input_name: str = self.manifest["io"]["input"]["name"]
-        self.output_name: str = self.manifest["io"]["output"]["name"]
-        self.fixed_batch: int | None = self.manifest["batch"]["size"]
+        self.manifest = art.manifest  # the JSON form; ``spec``: the same, typed and validated
+        self.spec = Manifest.from_dict(art.manifest, ENGINES, str(path) if path else None)
+        self.data = self.spec.preprocess
+        self.labels: list[str] = list(self.spec.labels)
+        self.input_name: str = self.spec.io.input.name
+        self.output_name: str = self.spec.io.output.name
+        self.fixed_batch: int | None = self.spec.batch.size
         self.threads = threads
         self._runner: Runner | None = None
         self.selfcheck: Any = None  # quench.selfcheck.Result once a load has checked it
@@ -62,15 +63,15 @@ class Model:
     # -- properties -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.spec.name
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]["mode"]
+        return self.spec.precision.mode.name
 
     @property
     def engine(self) -> str:
-        return self.manifest["engine"]["name"]
+        return self.spec.engine.name
 
     @property
     def batch_size(self) -> int:
@@ -81,10 +82,27 @@ class Model:
     def runner(self) -> Runner:
         if self._runner is None:
             eng = get_engine(self.engine)
-            self._runner = eng.runner(
-                self.artifact.payloads, self.manifest["engine"]["options"], threads=self.threads
+            runner = eng.runner(
+                self.artifact.payloads, self.spec.engine.options, threads=self.threads
             ).activate()
+            self._check_names(runner)
+            self._runner = runner
         return self._runner
+
+    def _check_names(self, runner: Runner) -> None:
+        """The manifest's tensor names must be the engine payload's (else a one-line error)."""
+        for field, name, metas in (
+            ("io.input.name", self.input_name, runner.inputs()),
+            ("io.output.name", self.output_name, runner.outputs()),
+        ):
+            names = [t.name for t in metas]
+            if name not in names:
+                runner.deactivate()
+                where = f"{self.path}: " if self.path else ""
+                raise ArtifactError(
+                    f"{where}manifest field {field!r}: {name!r} is not a tensor of the "
+                    f"{self.engine} payload (it has {', '.join(names)})"
+                )
 
     def close(self) -> None:
         if self._runner is not None:
@@ -135,7 +153,7 @@ class Model:
 
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """Class probabilities: softmax of logits, or the outputs as they are."""
-        if self.manifest.get("output_kind", "logits") != "logits":
+        if self.spec.output_kind != "logits":
             return outputs
         z = outputs.astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
@@ -165,23 +183,23 @@ class Model:
         return classify(self, images, topk=topk, batch_size=batch_size, **pipeline_options)
 
     def describe(self) -> dict[str, Any]:
-        m = self.manifest
+        m, records = self.spec, self.manifest  # the build's records: as the builder left them
         return {
             "path": str(self.path) if self.path else None,
-            "name": m["name"],
-            "precision": m["precision"],
-            "engine": m["engine"],
-            "batch": m["batch"],
-            "io": m["io"],
-            "preprocess": m["preprocess"],
-            "source": m["source"],
-            "created": m["created"],
-            "quench_version": m["quench_version"],
-            "classes": len(m["labels"]),
+            "name": m.name,
+            "precision": m.precision.to_dict(),
+            "engine": m.engine.to_dict(),
+            "batch": m.batch.to_dict(),
+            "io": m.io.to_dict(),
+            "preprocess": m.preprocess.to_dict(),
+            "source": m.source,
+            "created": m.created,
+            "quench_version": m.quench_version,
+            "classes": len(m.labels),
             **{
-                k: m[k]
+                k: records[k]
                 for k in ("engine_selection", "fidelity", "accuracy", "quantization", "selfcheck")
-                if k in m
+                if k in records
             },
         }
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from quench.hw import cpu_info, default_threads, nominal_clock_hz
+from quench.manifest import PrecisionInfo
 
 # MACs per cycle per core, by what the CPU can do (see README "Share of peak").
 _FP32_MACS = {"avx512_full": 32, "avx512_half": 16, "avx2": 16, "sse": 4}
@@ -85,14 +86,7 @@ def peak_macs(compute: str, threads: int | None = None) -> tuple[float, str]:
 
 def compute_of(manifest: dict[str, Any]) -> str:
     """The arithmetic that dominates an artifact: int8, bfloat16, float16 or float32."""
-    mode = manifest["precision"]["mode"]
-    text = str(manifest["precision"].get("computes", "")).lower()
-    if mode.startswith("qint8"):
-        return "int8"
-    for kind in ("bfloat16", "float16"):
-        if text.startswith(kind):
-            return kind
-    return "float32"
+    return PrecisionInfo.from_dict(manifest["precision"]).compute
 
 
 def measure(
@@ -210,7 +204,7 @@ def perf_model(
             f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
             f"{model.fixed_batch} or rebuild with --dynamic-batch"
         )
-    compute = compute_of(model.manifest)
+    compute = model.spec.precision.compute
     runner = model.runner
     if requests > 1:
         try:
@@ -228,7 +222,7 @@ def perf_model(
         duration,
         warmup,
         progress,
-        macs=model.manifest.get("model", {}).get("macs_per_image"),
+        macs=model.spec.macs_per_image,
         compute=compute,
         threads=getattr(runner, "threads", None) or default_threads(),
         model=model.name,

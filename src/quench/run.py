@@ -20,6 +20,7 @@ from typing import Any
 
 from quench import __version__
 from quench.errors import FetchError, QuenchError
+from quench.precision import NAMES, Precision, is_int8
 
 DEFAULT_PRESET = "resnet50-v1-7"
 SAMPLE_REL = Path("..") / "shared" / "data" / "imagenet-sample"
@@ -295,17 +296,14 @@ class _Job:
 
     # -- (2) build ------------------------------------------------------------------------------
     def precisions(self) -> list[str]:
-        from quench.builder.core import PRECISIONS, candidate_engines
+        from quench.builder.core import candidate_engines
 
         if self.opts.precisions:
-            bad = [p for p in self.opts.precisions if p not in PRECISIONS]
-            if bad:
-                raise QuenchError(
-                    f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}"
-                )
+            for p in self.opts.precisions:
+                Precision.parse(p)  # unknown names: a one-line QuenchError
             return list(self.opts.precisions)
         chosen = []
-        for p in PRECISIONS:
+        for p in NAMES:
             try:
                 candidate_engines(self.opts.engine, p)
                 chosen.append(p)
@@ -328,13 +326,13 @@ class _Job:
     def build(
         self, src: Path, src_sha: str, precision: str, calib: str | None, calib_why: str
     ) -> Step:
-        from quench.builder.core import INT8_PRECISIONS, BuildOptions
+        from quench.builder.core import BuildOptions
         from quench.builder.core import build as do_build
         from quench.evaluate import list_images
         from quench.zoo.fetch import sha256_file
 
         opts = self.opts
-        int8 = precision in INT8_PRECISIONS
+        int8 = Precision.parse(precision).is_int8
         bo = BuildOptions(
             precision=precision,
             preset=opts.preset,
@@ -368,20 +366,20 @@ class _Job:
             t = time.perf_counter()
             m = do_build(src, out, bo, log=lambda s: self.say(f"  {s}"))
             wall = time.perf_counter() - t
-            man = m.manifest
+            man = m.spec
             m.close()
             return {
                 "artifact": str(out),
                 "sha256": sha256_file(out),
                 "size_bytes": out.stat().st_size,
-                "content_digest": man["content_digest"],
-                "name": man["name"],
-                "engine": man["engine"]["name"],
-                "engine_version": man["engine"]["version"],
-                "computes": man["precision"].get("computes"),
-                "fidelity": man.get("fidelity"),
+                "content_digest": man.content_digest,
+                "name": man.name,
+                "engine": man.engine.name,
+                "engine_version": man.engine.version,
+                "computes": man.precision.info.get("computes"),
+                "fidelity": man.fidelity,
                 "build_seconds": round(wall, 3),
-                "timings": man.get("timings", {}),
+                "timings": man.timings or {},
             }
 
         def valid(r: dict[str, Any]) -> bool:
@@ -547,16 +545,16 @@ class _Job:
                 self.say(f"[build] FAILED: {exc}")
             src, src_sha = got
             calib, calib_why = (None, "")
-            if any(p.startswith("qint8") for p in precisions):
+            if any(is_int8(p) for p in precisions):
                 calib, calib_why = self.calibration()
                 if calib is None:
                     if opts.precisions:  # asked for explicitly: those builds fail
                         self.note(f"INT8 builds will fail: {calib_why}")
                     else:
                         self.note(f"INT8 builds skipped: {calib_why}")
-                        for p in [p for p in precisions if p.startswith("qint8")]:
+                        for p in [p for p in precisions if is_int8(p)]:
                             self.skip("build", p, calib_why)
-                        precisions = [p for p in precisions if not p.startswith("qint8")]
+                        precisions = [p for p in precisions if not is_int8(p)]
             for p in precisions:
                 step = self.build(src, src_sha, p, calib, calib_why)
                 if step.status in ("ok", "reused"):

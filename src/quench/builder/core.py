@@ -28,6 +28,8 @@ from quench.graph import (
 )
 from quench.hw import cpu_info, int8_accumulates_in_int32
 from quench.labels import load_labels
+from quench.manifest import IO, Batch, EngineInfo, Manifest, PrecisionInfo, Tensor
+from quench.precision import FORCE_FLOAT32, NAMES, Precision
 from quench.presets import Preset, detect_preset, get_preset
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
@@ -37,14 +39,7 @@ if TYPE_CHECKING:
     from quench.builder.calibration import CalibrationSet
     from quench.model import Model
 
-PRECISIONS = (
-    "force_float32",
-    "force_float16",
-    "force_bfloat16",
-    "qint8_mixed_float16",
-    "qint8_mixed_float32",
-)
-INT8_PRECISIONS = ("qint8_mixed_float16", "qint8_mixed_float32")
+PRECISIONS = NAMES  # the --precision names, from quench.precision
 TARGETS = ("portable", "native")
 # Where 7-bit weights are exact: u8 x s7 pair sums fit int16 (2 x 255 x 64 <= 32767)
 PORTABLE_CLASSES = "every CPU: x86-64 (SSE4.1, AVX2, AVX-512 with or without VNNI, AMX) and ARM"
@@ -64,7 +59,7 @@ class AccuracyGateError(QuenchError):
 class BuildOptions:
     """Everything ``quench build`` takes besides the model and output paths."""
 
-    precision: str = "force_float32"
+    precision: str = FORCE_FLOAT32.name
     preset: str | None = None
     name: str | None = None
     labels: str | None = None  # label file or built-in label set
@@ -172,13 +167,10 @@ def build(
     say: Log = log or (lambda msg: None)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    if opts.precision not in PRECISIONS:
-        raise QuenchError(
-            f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}"
-        )
+    precision = Precision.parse(opts.precision)
     if opts.batch is not None and opts.batch < 1:
         raise QuenchError(f"batch size must be >= 1, got {opts.batch}")
-    int8 = opts.precision in INT8_PRECISIONS
+    int8 = precision.is_int8
     if int8 and not opts.calib_images:
         raise QuenchError(f"--precision {opts.precision} needs --calib-images (a folder or list)")
     if opts.target not in TARGETS:
@@ -273,37 +265,31 @@ def build(
         raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
     candidates.sort(key=lambda c: -c[3].get("score", 0.0))
     timings["compile_and_select"] = round(time.perf_counter() - t, 3)
-    base: dict[str, Any] = {
-        "name": opts.name or (src.path.stem if how == "generic" else preset.name),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "quench_version": __version__,
-        "source": src.describe(),
-        "preset": {"name": preset.name, "chosen": how},
-        "model": {
+    base = Manifest(
+        name=opts.name or (src.path.stem if how == "generic" else preset.name),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        quench_version=__version__,
+        source=src.describe(),
+        preset={"name": preset.name, "chosen": how},
+        model={
             "macs_per_image": count_macs(src.model, preset.data.input_shape),
             "parameters": sum(
                 int(np.prod(t.dims)) for t in src.model.graph.initializer if t.data_type == 1
             ),
         },
-        "io": {
-            "input": {
-                "name": input_name,
-                "dtype": "float32",
-                "shape": [opts.batch or "N", *preset.data.input_shape],
-            },
-            "output": {
-                "name": output_name,
-                "dtype": "float32",
-                "shape": [opts.batch or "N", len(labels)],
-            },
-        },
-        "batch": {"policy": "fixed" if opts.batch else "dynamic", "size": opts.batch},
-        "preprocess": preset.data.to_dict(),
-        "output_kind": preset.output_kind,
-        "labels": labels,
-        "build": _settings(opts),
-        "host": cpu_info(),
-    }
+        io=IO(
+            Tensor(input_name, "float32", (opts.batch or "N", *preset.data.input_shape)),
+            Tensor(output_name, "float32", (opts.batch or "N", len(labels))),
+        ),
+        batch=Batch.of(opts.batch),
+        preprocess=preset.data,
+        output_kind=preset.output_kind,
+        labels=labels,
+        build=_settings(opts),
+        host=cpu_info(),
+        precision=PrecisionInfo(precision),
+        engine=EngineInfo("", ""),
+    )
     from quench.model import Model
 
     probe, probe_source = _fidelity_inputs(calib, int8, preset, opts.batch)
@@ -321,28 +307,23 @@ def build(
             f"{verification['max_abs_diff']:.2e}, "
             f"top-1 agreement {verification['top1_agreement']:.0%}"
         )
-        manifest = {
-            **base,
-            "precision": {"mode": opts.precision, **compiled.info},
-            "engine": {
-                "name": engine.name,
-                "version": engine.version(),
-                "options": compiled.options,
-            },
-            "verification": verification,
-            "engine_selection": {
+        manifest = replace(
+            base,
+            precision=PrecisionInfo(precision, dict(compiled.info)),
+            engine=EngineInfo(engine.name, engine.version(), compiled.options),
+            verification=verification,
+            engine_selection={
                 "requested": opts.engine,
                 "chosen": engine.name,
                 **({"first_layer": tag} if tag else {}),
                 "candidates": [c[3] for c in candidates],
             },
-        }
-        if quant_info is not None:
-            manifest["quantization"] = quant_info
-        art = artifact.Artifact(manifest, {**payloads, **compiled.payloads})
+            quantization=quant_info,
+        )
+        art = artifact.Artifact(manifest.to_dict(), {**payloads, **compiled.payloads})
         built = Model(art, path=Path(output), threads=opts.threads)
         try:
-            manifest["fidelity"], probe_out = _fidelity_gate(
+            manifest.fidelity, probe_out = _fidelity_gate(
                 built, probe, probe_ref, probe_source, opts, say
             )
         except FidelityError as exc:
@@ -360,12 +341,12 @@ def build(
             engine.version(),
             opts.min_top1_agreement,
         )
-        manifest["selfcheck"] = section
+        manifest.selfcheck = section
         art.payloads.update(check_payloads)
         if opts.check_images:
             t = time.perf_counter()
             try:
-                manifest["accuracy"], reference_preds = _accuracy_check(
+                manifest.accuracy, reference_preds = _accuracy_check(
                     built, src, opts, say, reference_preds
                 )
             except AccuracyGateError as exc:
@@ -379,9 +360,11 @@ def build(
                     timings.get("accuracy_check", 0.0) + time.perf_counter() - t, 3
                 )
         break
-    manifest["timings"] = timings
-    manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-    artifact.save(art, output)
+    manifest.timings = timings
+    manifest.build_seconds = round(time.perf_counter() - started, 3)
+    art.manifest.update(manifest.to_dict())  # the dict the built Model holds
+    artifact.save(art, output)  # completes it in place (format, payload digests)
+    built.spec = Manifest.from_dict(art.manifest)
     say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
     return built
 
@@ -389,7 +372,7 @@ def build(
 def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
     skip = {"progress", "extra", "select_seconds"}
-    if opts.precision not in INT8_PRECISIONS:
+    if not Precision.parse(opts.precision).is_int8:
         skip |= {
             "calib_method",
             "calib_cache",
@@ -486,7 +469,7 @@ def _fidelity_gate(
 def _fidelity_hint(opts: BuildOptions) -> str:
     """What to try after a failed fidelity check."""
     tries = []
-    if opts.precision in INT8_PRECISIONS:
+    if Precision.parse(opts.precision).is_int8:
         if opts.target == "native":
             tries.append("--target portable")
         if not opts.float_first_layer:
@@ -612,14 +595,12 @@ def _reference_model(src: SourceModel, built: Model) -> Model:
     from quench.model import Model
 
     engine = OnnxRuntimeEngine()
-    spec = CompileSpec("force_float32", built.input_name, built.output_name, None)
+    spec = CompileSpec(FORCE_FLOAT32.name, built.input_name, built.output_name, None)
     compiled = engine.compile(set_batch(src.model, None), spec)
-    manifest = {
-        **built.manifest,
-        "engine": {"name": engine.name, "version": engine.version(), "options": compiled.options},
-        "batch": {"policy": "dynamic", "size": None},
-    }
-    return Model(artifact.Artifact(manifest, compiled.payloads), threads=built.threads)
+    manifest = built.spec.with_engine(
+        EngineInfo(engine.name, engine.version(), compiled.options), batch=None
+    )
+    return Model(artifact.Artifact(manifest.to_dict(), compiled.payloads), threads=built.threads)
 
 
 def _accuracy_check(
@@ -700,7 +681,7 @@ def _verify(
     diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
     scale = float(np.max(np.abs(expected))) or 1.0
     agree = float(np.mean(got.argmax(1) == expected.argmax(1)))
-    if spec.precision == "force_float32" and diff > 1e-3 * max(1.0, scale):
+    if spec.precision == FORCE_FLOAT32.name and diff > 1e-3 * max(1.0, scale):
         raise ModelError(f"compiled fp32 model differs from the source by {diff:.3g}")
     if not np.all(np.isfinite(got)):
         raise ModelError("the compiled model produces non-finite outputs")

@@ -11,7 +11,8 @@ import onnxruntime as ort
 
 from quench.backend.base import Compiled, CompileSpec, Engine, Runner
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
-from quench.errors import ModelError
+from quench.errors import ModelError, QuenchError
+from quench.precision import Precision
 
 PAYLOAD = "model.onnx"
 
@@ -49,11 +50,14 @@ class OnnxRuntimeEngine(Engine):
     def supports(self, precision: str) -> bool:
         # No float16/bfloat16 kernels on ONNX Runtime's CPU provider for x86: those precisions
         # are refused here rather than silently computed in float32.
-        return precision in ("force_float32", "qint8_mixed_float32")
+        try:
+            return Precision.parse(precision).float_type == "float32"
+        except QuenchError:
+            return False
 
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
         optimized = optimize(model)
-        int8 = spec.precision.startswith("qint8")
+        int8 = Precision.parse(spec.precision).is_int8
         return Compiled(
             payloads={PAYLOAD: optimized.SerializeToString()},
             options={"graph_optimization_level": "all"},

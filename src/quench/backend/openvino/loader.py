@@ -29,14 +29,8 @@ from quench.backend.openvino.runner import (
 )
 from quench.errors import ModelError, QuenchError
 from quench.hw import cpu_info, default_threads, half_precision_capped
+from quench.precision import Precision
 
-PRECISIONS = (
-    "force_float32",
-    "force_float16",
-    "force_bfloat16",
-    "qint8_mixed_float32",
-    "qint8_mixed_float16",
-)
 _NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
@@ -87,22 +81,14 @@ def _float_compute(caps: frozenset[str]) -> tuple[str, str]:
 
 def plan(precision: str, caps: frozenset[str]) -> Plan:
     """The precision plan for ``precision`` given the CPU capabilities ``caps``."""
-    if precision == "force_float32":
-        return Plan("f32", "float32", "float32")
-    if precision == "force_float16":
-        hint, computes = _float_compute(caps)
-        return Plan(hint, "float16 weights", computes, compress_to_fp16=True)
-    if precision == "force_bfloat16":
-        if "BF16" not in caps:
-            raise QuenchError(
-                "this CPU has no bfloat16 support (OpenVINO lists "
-                f"{', '.join(sorted(caps)) or 'nothing'}); use force_float32 or force_float16"
-            )
-        return Plan("bf16", "float32 weights", "bfloat16")
-    if precision.startswith("qint8_mixed_"):
-        if "INT8" not in caps:
+    try:
+        p = Precision.parse(precision)
+    except QuenchError:
+        raise QuenchError(f"engine openvino cannot build precision {precision}") from None
+    if p.is_int8:
+        if not p.needs <= caps:
             raise QuenchError("this CPU has no int8 support in OpenVINO; use a float precision")
-        if precision == "qint8_mixed_float16":
+        if p.float_type == "float16":
             # The float layers run in fp32, which holds every fp16 value exactly, on every
             # CPU. Measured: OpenVINO 2026.4's f16 inference precision beside int8 layers, on a
             # CPU with AVX512-FP16 (Sapphire Rapids), gave efficientnet-lite0 top-1 0.016 (fp32:
@@ -118,7 +104,17 @@ def plan(precision: str, caps: frozenset[str]) -> Plan:
             f"int8 (quantized Conv/Gemm), {rest} elsewhere",
             int8=True,
         )
-    raise QuenchError(f"engine openvino cannot build precision {precision}")
+    if p.float_type == "float32":
+        return Plan("f32", "float32", "float32")
+    if p.float_type == "float16":
+        hint, computes = _float_compute(caps)
+        return Plan(hint, "float16 weights", computes, compress_to_fp16=True)
+    if not p.needs <= caps:  # bfloat16
+        raise QuenchError(
+            "this CPU has no bfloat16 support (OpenVINO lists "
+            f"{', '.join(sorted(caps)) or 'nothing'}); use force_float32 or force_float16"
+        )
+    return Plan("bf16", f"{p.stored} weights", "bfloat16")
 
 
 def _config(p: Plan, spec: CompileSpec) -> dict[str, str]:
@@ -180,8 +176,6 @@ class OpenVinoEngine(Engine):
 
     def supports(self, precision: str) -> bool:
         """Whether ``precision`` runs on this CPU (bf16 needs BF16, int8 needs INT8 listed)."""
-        if precision not in PRECISIONS:
-            return False
         try:
             plan(precision, cpu_capabilities())
         except QuenchError:

@@ -1,0 +1,136 @@
+"""The typed manifest and precision: round trip, and one-line errors naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import SIZE
+from quench import artifact, precision
+from quench.backend.onnxruntime.loader import OnnxRuntimeEngine
+from quench.errors import ArtifactError, QuenchError
+from quench.manifest import VOLATILE, Manifest
+from quench.model import Model
+from quench.precision import Precision
+
+
+def _edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], Any]) -> Path:
+    """``src`` with its manifest edited and the checksums recomputed (a consistent file)."""
+    with zipfile.ZipFile(src) as zin:
+        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
+    manifest = json.loads(members["manifest.json"])
+    edit(manifest)
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    members["manifest.json"] = body
+    members["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    return dst
+
+
+def test_round_trip_of_a_built_manifest(tiny_artifact: Path) -> None:
+    d = artifact.load(tiny_artifact).manifest
+    m = Manifest.from_dict(d)
+    assert m.to_dict() == d
+    assert m.precision.mode is precision.FORCE_FLOAT32
+    assert m.precision.compute == "float32"
+    assert m.io.input.shape == ("N", 3, SIZE, SIZE)
+    assert m.batch.size is None and m.engine.name == "onnxruntime"
+
+
+def test_volatile_fields_are_the_digest_skip_list() -> None:
+    assert {
+        "created",
+        "build_seconds",
+        "content_digest",
+        "host",
+        "verification",
+        "timings",
+        "engine_selection",
+        "quantization",
+    } == VOLATILE
+
+
+def _pop(section: str, key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda m: m[section].pop(key)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "phrase"),
+    [
+        (lambda m: m.pop("labels"), "labels", "missing"),
+        (lambda m: m.update(labels=m["labels"][:-1]), "labels", "expected 10 labels"),
+        (lambda m: m.update(labels=[1, 2]), "labels", "list of strings"),
+        (_pop("preprocess", "mean"), "preprocess.mean", "missing"),
+        (lambda m: m["preprocess"].update(mean=[1, 2]), "preprocess.mean", "3 numbers"),
+        (lambda m: m["preprocess"].update(std="60"), "preprocess.std", "3 positive numbers"),
+        (lambda m: m["preprocess"].update(crop="32"), "preprocess.crop", "integer"),
+        (lambda m: m["preprocess"].update(layout="CHW"), "preprocess.layout", "NCHW"),
+        (lambda m: m.update(batch={"policy": "fixed", "size": -2}), "batch.size", ">= 1"),
+        (lambda m: m["batch"].update(policy="static"), "batch.policy", "fixed, dynamic"),
+        (lambda m: m["io"]["input"].update(name=7), "io.input.name", "non-empty string"),
+        (lambda m: m["io"]["input"].update(shape=["N", 3, 8, 8]), "io.input.shape", "crop"),
+        (lambda m: m["engine"].update(name="tensorrt"), "engine.name", "onnxruntime"),
+        (lambda m: m["precision"].update(mode="int4"), "precision.mode", "unknown precision"),
+        (lambda m: m.pop("io"), "io", "missing"),
+        (lambda m: m.update(fidelity=[]), "fidelity", "expected an object"),
+    ],
+)
+def test_edited_manifest_gives_one_line_naming_the_field(
+    tmp_path: Path, tiny_artifact: Path, edit, field: str, phrase: str
+) -> None:
+    bad = _edited(tiny_artifact, tmp_path / "edited.quench", edit)
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{bad}: manifest field '{field}': "), msg
+    assert phrase in msg, msg
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_wrong_tensor_name(tmp_path: Path, tiny_artifact: Path, which: str) -> None:
+    bad = _edited(
+        tiny_artifact, tmp_path / "names.quench", lambda m: m["io"][which].update(name="nope")
+    )
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    with Model.load(bad, check="off") as m, pytest.raises(ArtifactError) as exc:
+        m.predict(x)
+    msg = str(exc.value)
+    assert f"manifest field 'io.{which}.name': 'nope' is not a tensor" in msg
+    assert str(bad) in msg and "\n" not in msg
+
+
+def test_precision_is_defined_once() -> None:
+    assert precision.NAMES == (
+        "force_float32",
+        "force_float16",
+        "force_bfloat16",
+        "qint8_mixed_float16",
+        "qint8_mixed_float32",
+    )
+    assert [p.name for p in precision.ALL if p.is_int8] == [
+        "qint8_mixed_float16",
+        "qint8_mixed_float32",
+    ]
+    assert Precision.parse("force_bfloat16").needs == {"BF16"}
+    assert Precision.parse(precision.FORCE_FLOAT16) is precision.FORCE_FLOAT16
+    assert [p.family for p in precision.ALL] == ["float32", "half", "half", "int8", "int8"]
+    with pytest.raises(
+        QuenchError, match=r"^unknown precision 'int8'; choose one of force_float32"
+    ):
+        Precision.parse("int8")
+    engine = OnnxRuntimeEngine()
+    assert [p.name for p in precision.ALL if engine.supports(p.name)] == [
+        "force_float32",
+        "qint8_mixed_float32",
+    ]
+    assert not engine.supports("int4")
