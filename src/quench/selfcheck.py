@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from quench.backend import get_engine
 from quench.errors import QuenchError
 from quench.hw import host_fingerprint
 
@@ -166,8 +167,6 @@ def check(model: Any, always: bool = False) -> Result:
     section = model.manifest.get("selfcheck")
     if not isinstance(section, dict):
         return Result(False, True, message="the artifact carries no self-check (older build)")
-    from quench.backend import get_engine
-
     now = host_key(model.engine, get_engine(model.engine).version())
     diffs = differences(section.get("build_host", {}), now)
     if not diffs and not always:
