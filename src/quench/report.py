@@ -147,11 +147,8 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
-    """PNG plots (matplotlib, Agg backend); returns name -> file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG plots (matplotlib figures drawn by Agg, without pyplot: the host process's
+    matplotlib backend is left as it was); returns name -> file."""
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -160,7 +157,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         by_prec.setdefault(r["precision"], []).append(r)
 
     if by_prec:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = _figure(6.4)
         for prec, rs in by_prec.items():
             rs = sorted(rs, key=lambda r: r["batch"])
             ax.plot([r["batch"] for r in rs], [r["qps"] for r in rs], marker="o", label=prec)
@@ -173,7 +170,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         files["throughput"] = _save(fig, out / "throughput.png")
 
         rows = [r for rs in by_prec.values() for r in sorted(rs, key=lambda r: r["batch"])]
-        fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(rows) + 2), 4))
+        fig, ax = _figure(max(6.4, 0.7 * len(rows) + 2))
         width = 0.27
         xs = range(len(rows))
         for i, p in enumerate(("p50", "p90", "p99")):
@@ -195,7 +192,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
 
     if doc["accuracy"]:
         acc = doc["accuracy"]
-        fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(acc) + 2), 4))
+        fig, ax = _figure(max(6.4, 1.2 * len(acc) + 2))
         xs = range(len(acc))
         ax.bar([x - 0.2 for x in xs], [a["top1"] for a in acc], 0.4, label="top-1")
         ax.bar([x + 0.2 for x in xs], [a["top5"] for a in acc], 0.4, label="top-5")
@@ -210,12 +207,18 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     return files
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def _figure(width: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width, 4))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
