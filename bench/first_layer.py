@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from quench.backend.onnxruntime.loader import optimize  # noqa: E402
 from quench.builder.quantize import QuantConfig, quantize  # noqa: E402
 from quench.graph import set_batch, upgrade_opset  # noqa: E402
+from quench.hw import one_blas_thread  # noqa: E402
 from quench.imaging import Normalizer, load_pixels  # noqa: E402
 from quench.presets import DataConfig, get_preset  # noqa: E402
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/imagenet-sample")
     args = ap.parse_args()
 
+    one_blas_thread()  # GPTQ's NumPy beside OpenVINO, for the whole script (quench.hw)
     started = time.perf_counter()
     cfg = get_preset(args.preset).data
     norm = Normalizer(cfg)

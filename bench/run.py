@@ -34,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from quench import precision
+from quench.builder.calibration import load_calibration
+from quench.evaluate import list_images
+from quench.graph import count_macs, load_model, real_inputs
+from quench.hw import cpu_info, cpuinfo_fields, default_threads, reported_clock_hz
+from quench.perf import peak_macs
+from quench.presets import get_preset
 
 FP32 = precision.FORCE_FLOAT32
 INT8 = precision.QINT8_MIXED_FLOAT32
@@ -232,32 +238,6 @@ def measure_clock(work: Path, env: dict[str, str]) -> tuple[float | None, str]:
         f"time)"
     )
     return ghz, how
-
-
-def reported_clock_ghz() -> tuple[float | None, str]:
-    try:
-        khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
-        return float(khz) / 1e6, "cpufreq cpuinfo_max_freq"
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) / 1e3, "/proc/cpuinfo 'cpu MHz'"
-    except (OSError, ValueError, IndexError):
-        pass
-    return None, "unknown"
-
-
-def cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    except OSError:
-        pass
-    return None
 
 
 def os_name() -> str:
@@ -508,17 +488,13 @@ def ort_int8_step(args: argparse.Namespace) -> int:
         quantize_static,
     )
 
-    from quench.builder.calibration import load_calibration
-    from quench.presets import get_preset
-
     t = time.perf_counter()
     src, dest = Path(args.model), Path(args.dest)
     calib = load_calibration(
         args.calib_images, get_preset(MODEL_NAME).data, args.calib_count, progress=False
     )
     m = onnx.load(str(src), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    name = next(i.name for i in m.graph.input if i.name not in inits)
+    name = real_inputs(m)[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -542,7 +518,7 @@ def ort_int8_step(args: argparse.Namespace) -> int:
         m.ir_version = max(m.ir_version, 7)  # opset 13's IR: initializers need not be inputs
         # ... and must not be, or ORT treats them as overridable inputs and folds nothing (its
         # warning points to remove_initializer_from_input.py, which does this):
-        keep = [i for i in m.graph.input if i.name not in inits]
+        keep = real_inputs(m)
         del m.graph.input[:]
         m.graph.input.extend(keep)
         src = dest.with_name(dest.stem + "-opset13.onnx")
@@ -584,9 +560,6 @@ def nncf_int8_step(args: argparse.Namespace) -> int:
     """Hidden step: the OpenVINO user's INT8 route (nncf.quantize, default parameters)."""
     import nncf
     import openvino as ov
-
-    from quench.builder.calibration import load_calibration
-    from quench.presets import get_preset
 
     t = time.perf_counter()
     calib = load_calibration(
@@ -988,16 +961,14 @@ def main(argv: list[str] | None = None) -> int:
     load_start = loadavg()
 
     # 1. machine + measured clock (exported before quench.hw caches its clock)
-    reported, reported_how = reported_clock_ghz()
+    reported_hz, reported_how = reported_clock_hz()
+    reported = reported_hz / 1e9 if reported_hz is not None else None
     env = dict(os.environ)
     say("measuring the clock")
     ghz, clock_how = measure_clock(work, env)
     if ghz:
         os.environ["QUENCH_CPU_CLOCK_GHZ"] = env["QUENCH_CPU_CLOCK_GHZ"] = f"{ghz:.3f}"
     say(f"clock: {clock_how}")
-
-    from quench.hw import cpu_info, default_threads
-    from quench.perf import peak_macs
 
     info = cpu_info()
     threads = default_threads()
@@ -1018,8 +989,6 @@ def main(argv: list[str] | None = None) -> int:
     macs = None
     if src.exists():
         try:
-            from quench.graph import count_macs, load_model
-
             macs = count_macs(load_model(src).model, CHW)
         except Exception as exc:
             extra_notes.append(f"MAC count failed: {type(exc).__name__}: {exc}")
@@ -1296,8 +1265,6 @@ def main(argv: list[str] | None = None) -> int:
     memory: list[dict[str, Any]] = []
     mem_art = work / f"r50-{MEMORY_MODE}.quench"
     if have_images and args.memory_images > 0 and mem_art.exists():
-        from quench.evaluate import list_images
-
         files = list_images(args.images)
         for count in sorted({len(files), args.memory_images}):
             folder = work / f"images-{count}"
@@ -1353,8 +1320,8 @@ def main(argv: list[str] | None = None) -> int:
         (
             "Cores",
             f"{threads} usable by this process; {os.cpu_count()} logical CPUs; "
-            f"cpuinfo 'cpu cores' {cpuinfo_field('cpu cores') or '?'}, "
-            f"siblings {cpuinfo_field('siblings') or '?'}",
+            f"cpuinfo 'cpu cores' {cpuinfo_fields().get('cpu cores') or '?'}, "
+            f"siblings {cpuinfo_fields().get('siblings') or '?'}",
         ),
         ("RAM", ram_gib()),
         ("OS", os_name()),

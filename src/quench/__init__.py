@@ -15,19 +15,6 @@ __all__ = ["Model", "QuenchError", "__version__", "build", "load"]
 from quench.errors import QuenchError
 
 
-def _one_blas_thread() -> None:
-    """NumPy's BLAS on one thread, for the whole process. Quench's heavy arithmetic runs in ONNX
-    Runtime and OpenVINO; a threaded OpenBLAS call was seen to spin forever (100% CPU) when
-    another thread forked meanwhile (OpenVINO's model conversion forks to send telemetry)."""
-    import numpy  # noqa: F401 - loads OpenBLAS, so that the limit below reaches it
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
-_one_blas_thread()
-
-
 def load(path: str, **options: Any) -> Model:
     """Load a ``.quench`` artifact (see ``quench.model.Model``)."""
     from quench.model import Model

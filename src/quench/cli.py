@@ -13,10 +13,39 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
-from quench import __version__
+from quench import __version__, selfcheck
+from quench.builder import BuildOptions
+from quench.builder import build as do_build
 from quench.errors import QuenchError
+from quench.evaluate import (
+    evaluate,
+    expand_inputs,
+    list_images,
+    read_ground_truth,
+    write_result_dir,
+)
+from quench.hw import clock_source, cpu_info, one_blas_thread
+from quench.model import Model
+from quench.perf import (
+    PERF_COLUMNS,
+    PerfResult,
+    peak_macs,
+    perf_images,
+    perf_model,
+    perf_onnx,
+    perf_row,
+)
+from quench.pipeline import Prediction
 from quench.precision import NAMES as PRECISION_NAMES
+from quench.presets import PRESETS
+from quench.progress import Bar
+from quench.run import TOPK, RunOptions, run_job
+from quench.zoo.fetch import fetch_model
+from quench.zoo.sample import NAME as SAMPLE
+from quench.zoo.sample import fetch_sample
+from quench.zoo.synth import synth
 
 app = typer.Typer(
     help="Build ONNX image classifiers into fast artifacts; classify, evaluate and benchmark them.",
@@ -65,6 +94,7 @@ def main(
     ] = False,
 ) -> None:
     """Quench: ONNX classifier -> fast artifact -> classify / eval / perf."""
+    one_blas_thread()  # for the whole command: see quench.hw.one_blas_thread
 
 
 # -- fetch / zoo ----------------------------------------------------------------------------
@@ -86,10 +116,6 @@ def fetch(
 ) -> None:
     """Download an official model (or `imagenet-sample`: 1,000 real ImageNet photos with
     ground truth, calib.txt and val.txt) into the cache, and check it."""
-    from quench.zoo.fetch import fetch_model
-    from quench.zoo.sample import NAME as SAMPLE
-    from quench.zoo.sample import fetch_sample
-
     if name == SAMPLE:
         with user_errors():
             s = fetch_sample(url=url, dest=output, force=force, timeout=timeout, progress=not quiet)
@@ -137,8 +163,6 @@ def fetch(
 @zoo_app.command("list")
 def zoo_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the known model presets."""
-    from quench.presets import PRESETS
-
     rows = [
         {
             "name": p.name,
@@ -169,8 +193,6 @@ def zoo_synth(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic weights.")] = 0,
 ) -> None:
     """Write a structurally identical replica with synthetic weights (offline, for speed)."""
-    from quench.zoo.synth import synth
-
     with user_errors():
         synth(name, output, seed=seed)
     info(f"wrote {output}: synthetic-weights replica of {name} (not for accuracy)")
@@ -284,9 +306,6 @@ def build(
     ] = False,
 ) -> None:
     """Check, optimise and convert an ONNX classifier into one .quench artifact."""
-    from quench.builder import BuildOptions
-    from quench.builder import build as do_build
-
     if batch is not None and dynamic_batch:
         raise fail("--batch and --dynamic-batch exclude each other", code=2)  # usage error
     with user_errors():
@@ -340,8 +359,6 @@ def _load(
     artifact: Path, threads: int | None = None, accept: bool = False, check: str = "auto"
 ) -> Any:
     """Load an artifact; its self-check runs where this host differs from the build host."""
-    from quench.model import Model
-
     model = Model.load(artifact, threads=threads, check="warn" if accept else check)
     result = model.selfcheck
     if result is not None and result.ran:
@@ -401,9 +418,6 @@ def infer(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines to stdout.")] = False,
 ) -> None:
     """Classify images: top-k class names per image. Unreadable files are reported, skipped."""
-    from quench.evaluate import expand_inputs
-    from quench.progress import Bar
-
     with user_errors():
         model = _load(artifact, threads, accept_host_mismatch)
         paths = expand_inputs(images)
@@ -425,11 +439,7 @@ def infer(
                     elif as_json:
                         print(json.dumps(p.to_dict()), flush=True)
                     elif not quiet and not (bar.shown and output):
-                        print(p.source)
-                        for rank, (c, n, s) in enumerate(
-                            zip(p.classes, p.names, p.scores, strict=True)
-                        ):
-                            print(f"  {rank} [{n}] class {c} score {s:.4f}")
+                        print(p.text())
         finally:
             close()
     ok = len(paths) - failed
@@ -460,9 +470,6 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Top-1 / top-5 accuracy against ground-truth labels."""
-    from quench.evaluate import evaluate, list_images, read_ground_truth, write_result_dir
-    from quench.progress import Bar
-
     with user_errors():
         model = _load(artifact, threads, accept_host_mismatch)
         truth = read_ground_truth(labels)
@@ -534,8 +541,6 @@ def perf(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
-    from quench.perf import perf_model, perf_onnx
-
     sizes = _batches(batch)
     if images is not None and model.suffix.lower() == ".onnx":
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
@@ -555,9 +560,6 @@ def perf(
     _print_perf(results)
     end_to_end = []
     if images is not None:
-        from quench.evaluate import list_images
-        from quench.perf import perf_images
-
         with user_errors():
             files = list_images(images)
             if not files:
@@ -573,18 +575,12 @@ def perf(
                     f"{e2e['naive_loop']['images_per_s']:.1f} images/s ({len(files)} files)"
                 )
     if not quiet:
-        from quench.hw import clock_source
-        from quench.perf import peak_macs
-
         for compute in sorted({r.compute for r in results}):
             info(
                 f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock from "
                 f"{clock_source()}"
             )
     if json_out:
-        from quench.hw import cpu_info
-        from quench.perf import peak_macs
-
         peak = {c: peak_macs(c, results[0].threads) for c in {r.compute for r in results}}
         doc = {
             "machine": cpu_info(),
@@ -595,29 +591,22 @@ def perf(
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _print_perf(results: list[Any]) -> None:
-    from rich.table import Table
-
+def _print_perf(results: list[PerfResult]) -> None:
     table = Table(title="quench perf", title_justify="left")
-    for col in ("Model", "Quant_Mode", "Batch_Size", "Throughput (qps)", "device"):
-        table.add_column(col, justify="right" if col[0] in "BT" else "left")
-    for col in ("p50 ms", "p90 ms", "p99 ms", "% of peak"):
-        table.add_column(col, justify="right")
+    for col in PERF_COLUMNS:
+        left = col in ("Model", "Quant_Mode", "device")
+        table.add_column(col, justify="left" if left else "right")
     for r in results:
-        lat = r.latency_ms
-        table.add_row(
-            r.model,
-            r.precision,
-            str(r.batch),
-            f"{r.qps:.2f}",
-            f"cpu ({r.engine}, {r.threads} threads"
-            + (f", {r.requests} requests)" if r.requests > 1 else ")"),
-            f"{lat['p50']:.2f}",
-            f"{lat['p90']:.2f}",
-            f"{lat['p99']:.2f}",
-            f"{r.peak_share:.1%}" if r.peak_share is not None else "-",
-        )
+        table.add_row(*perf_row(r.to_dict()))
     Console(width=max(120, Console().width)).print(table)
+
+
+def _print_topk(precision: str, predictions: list[Prediction]) -> None:
+    """``quench run``'s top-k of a few sample images, on stdout."""
+    print(f"# top-{TOPK}, {precision}")
+    for p in predictions:
+        print(p.text())
+    sys.stdout.flush()
 
 
 @app.command("run")
@@ -636,6 +625,14 @@ def run_(
     ] = None,
     calib_images: Annotated[
         str | None, typer.Option(help="INT8 calibration images (folder or list file).")
+    ] = None,
+    sample_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Where to look for the ImageNet sample (val.txt, ground_truth.tsv, calib.txt) "
+            "when --images, --labels or --calib-images is not given; repeatable (default: "
+            "../shared/data/imagenet-sample)."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
     precisions: Annotated[
@@ -663,8 +660,6 @@ def run_(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The one-click job: fetch, build each precision, classify, eval, perf, write a report."""
-    from quench.run import RunOptions, run_job
-
     extra = {
         k: v
         for k, v in {
@@ -681,6 +676,7 @@ def run_(
         images=images,
         labels=labels,
         calib_images=calib_images,
+        sample_dirs=sample_dir or None,
         out=out,
         precisions=[p.strip() for p in precisions.split(",") if p.strip()] if precisions else None,
         batches=_batches(batches),
@@ -698,7 +694,7 @@ def run_(
         plots=not no_plots,
     )
     with user_errors():
-        res = run_job(opts, log=info)
+        res = run_job(opts, log=info, on_classified=_print_topk)
     model_step = next((s for s in res.steps if s.kind == "model"), None)
     if model_step is not None and model_step.status == "failed":
         raise fail(model_step.message)
@@ -734,8 +730,6 @@ def verify(
 ) -> None:
     """Run the artifact's self-check on this host: its fp32 reference inputs, against the bound
     the build recorded. Exit 1 when it fails."""
-    from quench import selfcheck
-
     with user_errors():
         model = _load(artifact, threads, check="off")
         if not isinstance(model.manifest.get("selfcheck"), dict):

@@ -6,9 +6,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, version_converter
 
+from quench.backend.onnxruntime.session import session
 from quench.errors import ModelError
 from quench.presets import Preset
 
@@ -55,7 +57,8 @@ def load_model(path: str | Path) -> SourceModel:
     return SourceModel(path, model, hashlib.sha256(data).hexdigest(), len(data))
 
 
-def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs fed at run time: initializers listed as inputs (IR < 4) left out."""
     inits = {i.name for i in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
 
@@ -69,7 +72,7 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
 
 def find_io(model: onnx.ModelProto, preset: Preset, source: str) -> tuple[str, str]:
     """The image input and class-score output names; checks them against the preset."""
-    inputs = _real_inputs(model)
+    inputs = real_inputs(model)
     outputs = list(model.graph.output)
     if len(inputs) != 1:
         raise ModelError(
@@ -119,7 +122,7 @@ def set_batch(model: onnx.ModelProto, batch: int | None, symbol: str = "N") -> o
     """Copy of the model with the batch dimension of every input/output fixed or symbolic."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for vi in [*_real_inputs(m), *m.graph.output]:
+    for vi in [*real_inputs(m), *m.graph.output]:
         dim = vi.type.tensor_type.shape.dim[0]
         if batch is None:
             dim.Clear()
@@ -137,9 +140,6 @@ def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     Shapes come from running the model once on a batch of 1 (ONNX Runtime, every node's output
     exposed), so models whose shapes static inference cannot resolve are counted too.
     """
-    import numpy as np
-    import onnxruntime as ort
-
     m = set_batch(model, 1)
     inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
     wanted = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -147,11 +147,8 @@ def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     probe = {t for n in wanted for t in (n.output[0], n.input[0], n.input[1]) if t not in inits}
     for name in sorted(probe - have):
         m.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    inp = _real_inputs(m)[0].name
+    sess = session(m, optimization="disable")
+    inp = real_inputs(m)[0].name
     names = [o.name for o in sess.get_outputs()]
     x = np.zeros((1, *input_shape), np.float32)
     shapes = {n: a.shape for n, a in zip(names, sess.run(names, {inp: x}), strict=True)}
@@ -176,8 +173,6 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     Initializers are also dropped from the graph inputs (IR >= 4), so that optimisers may fold
     them as constants.
     """
-    from onnx import version_converter
-
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current < opset:
         try:
@@ -187,8 +182,7 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     m.ir_version = max(m.ir_version, 7)
-    inits = {t.name for t in m.graph.initializer}
-    keep = [i for i in m.graph.input if i.name not in inits]
+    keep = real_inputs(m)
     del m.graph.input[:]
     m.graph.input.extend(keep)
     return m

@@ -7,6 +7,24 @@ import platform
 from functools import cache
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
+_CPUINFO = Path("/proc/cpuinfo")
+_CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+
+
+def one_blas_thread() -> threadpool_limits:
+    """NumPy's BLAS on one thread: inside ``with one_blas_thread():`` (restored on leaving), or
+    for the rest of the process when not used as a context manager (the CLI does that).
+
+    Quench's heavy arithmetic runs in ONNX Runtime and OpenVINO; a threaded OpenBLAS call was
+    seen to spin forever (100% CPU) when another thread forked meanwhile (OpenVINO's model
+    conversion forks to send telemetry), so Quench's own NumPy-heavy steps run under this.
+    """
+    import numpy  # noqa: F401 - loads OpenBLAS, so that the limit reaches it
+
+    return threadpool_limits(limits=1, user_api="blas")
+
 
 def default_threads() -> int:
     """Cores this process may run on."""
@@ -16,22 +34,27 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-@cache
-def cpu_info() -> dict[str, object]:
-    """CPU model name, ISA flags and core count (from /proc/cpuinfo where available)."""
-    model, flags = platform.processor() or platform.machine(), set()
+def cpuinfo_fields() -> dict[str, str]:
+    """The first CPU's fields of /proc/cpuinfo (``model name``, ``flags``, ``cpu MHz``...);
+    empty where there is none."""
     fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in _CPUINFO.read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "flags" and not flags:
-                flags = set(value.split())
-            elif key and key not in fields:
+            if key and key not in fields:
                 fields[key] = value.strip()
     except OSError:
         pass
-    model = fields.get("model name", model)
+    return fields
+
+
+@cache
+def cpu_info() -> dict[str, object]:
+    """CPU model name, ISA flags and core count (from /proc/cpuinfo where available)."""
+    fields = cpuinfo_fields()
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name", platform.processor() or platform.machine())
     interesting = [
         f
         for f in (
@@ -60,35 +83,44 @@ def cpu_info() -> dict[str, object]:
     }
 
 
+def reported_clock_hz() -> tuple[float | None, str]:
+    """The clock the system reports, and where from: cpufreq's cpuinfo_max_freq, else
+    cpuinfo's MHz; (None, "unknown") when neither is there."""
+    try:
+        return float(_CPUFREQ_MAX.read_text()) * 1e3, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        return float(cpuinfo_fields()["cpu MHz"]) * 1e6, "/proc/cpuinfo 'cpu MHz'"
+    except (KeyError, ValueError):
+        pass
+    return None, "unknown"
+
+
+def _clock_override_hz() -> float | None:
+    try:
+        ghz = float(os.environ.get("QUENCH_CPU_CLOCK_GHZ", ""))
+    except ValueError:
+        return None
+    return ghz * 1e9 if 0 < ghz < float("inf") else None
+
+
 @cache
 def nominal_clock_hz() -> float:
     """The CPU's clock: $QUENCH_CPU_CLOCK_GHZ (e.g. a measured boost clock) if set, else
     cpufreq's cpuinfo_max_freq, else cpuinfo's MHz."""
-    try:
-        ghz = float(os.environ.get("QUENCH_CPU_CLOCK_GHZ", ""))
-        if ghz > 0 and ghz != float("inf"):
-            return ghz * 1e9
-    except ValueError:
-        pass
-    try:
-        khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
-        return float(khz) * 1e3
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) * 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    return 2.5e9  # unknown: a typical server clock
+    override = _clock_override_hz()
+    if override is not None:
+        return override
+    hz, _ = reported_clock_hz()
+    return hz if hz is not None else 2.5e9  # unknown: a typical server clock
 
 
 def clock_source() -> str:
     """Where ``nominal_clock_hz`` got its figure (for the perf output)."""
     if os.environ.get("QUENCH_CPU_CLOCK_GHZ"):
         return "$QUENCH_CPU_CLOCK_GHZ"
-    if Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").is_file():
+    if _CPUFREQ_MAX.is_file():
         return "cpufreq cpuinfo_max_freq"
     return (
         "/proc/cpuinfo 'cpu MHz' (often the base clock in a VM; set QUENCH_CPU_CLOCK_GHZ "

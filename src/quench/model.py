@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quench import artifact
+from quench import artifact, pipeline, selfcheck
 from quench.backend import ENGINES, Runner, get_engine
 from quench.errors import ArtifactError, QuenchError
 from quench.manifest import Manifest
+from quench.pipeline import Prediction
 
 DEFAULT_DYNAMIC_BATCH = 8
 
@@ -45,8 +47,6 @@ class Model:
         ``warn`` runs it like ``auto`` but keeps a failing artifact (``model.selfcheck``
         says so); ``off`` runs nothing.
         """
-        from quench import selfcheck
-
         if check not in ("auto", "always", "warn", "off"):
             raise QuenchError(f"check must be auto, always, warn or off, got {check!r}")
         model = cls(artifact.load(path), Path(path), threads=threads)
@@ -77,6 +77,11 @@ class Model:
     def batch_size(self) -> int:
         """The batch the engine runs: fixed size, or the default for dynamic-batch models."""
         return self.fixed_batch or DEFAULT_DYNAMIC_BATCH
+
+    def batch_for(self, batch_size: int | None = None) -> int:
+        """The batch a call runs: the fixed size, else ``batch_size``, else the dynamic-batch
+        default (the one place this rule is written)."""
+        return self.fixed_batch or batch_size or self.batch_size
 
     @property
     def runner(self) -> Runner:
@@ -139,7 +144,7 @@ class Model:
                 f"input shape {tuple(x.shape)} does not match (N, "
                 f"{', '.join(map(str, self.data.input_shape))})"
             )
-        step = self.fixed_batch or batch_size or self.batch_size
+        step = self.batch_for(batch_size)
         return (
             np.concatenate(
                 [
@@ -167,7 +172,7 @@ class Model:
         topk: int = 5,
         batch_size: int | None = None,
         **pipeline_options: Any,
-    ) -> list[Any]:
+    ) -> list[Prediction]:
         """Top-k predictions for image files (or encoded bytes), in input order."""
         return list(self.iter_classify(images, topk, batch_size, **pipeline_options))
 
@@ -176,11 +181,32 @@ class Model:
         images: Iterable[str | Path | bytes],
         topk: int = 5,
         batch_size: int | None = None,
-        **pipeline_options: Any,
-    ) -> Iterator[Any]:
-        from quench.pipeline import classify
-
-        return classify(self, images, topk=topk, batch_size=batch_size, **pipeline_options)
+        workers: int | None = None,
+        prefetch: int | None = None,
+        on_done: Callable[[Prediction], None] | None = None,
+    ) -> Iterator[Prediction]:
+        """Yield a ``Prediction`` per image, in the order given; an unreadable image is one
+        with ``error`` set. Decoding overlaps inference (see :func:`quench.pipeline.batches`
+        for ``workers`` and ``prefetch``)."""
+        if topk < 1:
+            raise ValueError("topk must be >= 1")
+        decoded = pipeline.batches(images, self.data, self.batch_for(batch_size), workers, prefetch)
+        with closing(decoded):  # stopping early stops the decoding threads at once
+            for batch in decoded:
+                if len(batch.pixels):
+                    idx, val = topk_of(self.scores(self.run_batch(batch.pixels)), topk)
+                row = 0
+                for source, error in zip(batch.sources, batch.errors, strict=True):
+                    if error is not None:
+                        pred = Prediction(source, error=error)
+                    else:
+                        cls = [int(c) for c in idx[row]]
+                        scores = [float(s) for s in val[row]]
+                        pred = Prediction(source, cls, scores, [self.labels[c] for c in cls])
+                        row += 1
+                    if on_done:
+                        on_done(pred)
+                    yield pred
 
     def describe(self) -> dict[str, Any]:
         m, records = self.spec, self.manifest  # the build's records: as the builder left them

@@ -10,14 +10,20 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from quench.backend.onnxruntime.loader import session
+from quench.errors import ImageError, QuenchError
+from quench.graph import count_macs, load_model
 from quench.hw import cpu_info, default_threads, nominal_clock_hz
+from quench.imaging import Normalizer, load_pixels
 from quench.manifest import PrecisionInfo
+from quench.progress import Bar
 
 # MACs per cycle per core, by what the CPU can do (see README "Share of peak").
 _FP32_MACS = {"avx512_full": 32, "avx512_half": 16, "avx2": 16, "sse": 4}
@@ -39,10 +45,41 @@ class PerfResult:
     peak_share: float | None = None
     device: str = "cpu"
     requests: int = 1  # requests in flight at once, each a whole batch
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The perf table (``quench perf``, the ``quench run`` report): MagicMind's mm_run columns.
+PERF_COLUMNS = (
+    "Model",
+    "Quant_Mode",
+    "Batch_Size",
+    "Throughput (qps)",
+    "device",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "% of peak",
+)
+
+
+def perf_row(r: dict[str, Any]) -> list[str]:
+    """One ``PerfResult.to_dict()`` as the cells of ``PERF_COLUMNS``."""
+    lat = r["latency_ms"]
+    requests = r.get("requests", 1)
+    return [
+        r["model"],
+        r["precision"],
+        str(r["batch"]),
+        f"{r['qps']:.2f}",
+        f"cpu ({r['engine']}, {r['threads']} threads"
+        + (f", {requests} requests)" if requests > 1 else ")"),
+        f"{lat['p50']:.2f}",
+        f"{lat['p90']:.2f}",
+        f"{lat['p99']:.2f}",
+        f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "-",
+    ]
 
 
 def fp32_macs_per_cycle(info: dict[str, Any]) -> tuple[int, str]:
@@ -197,8 +234,6 @@ def perf_model(
     requests: int = 1,
 ) -> list[PerfResult]:
     """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight."""
-    from quench.errors import QuenchError
-
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
         raise QuenchError(
             f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
@@ -247,8 +282,6 @@ def _sweep(
 ) -> list[PerfResult]:
     """Measure ``infer`` at each batch size; one ``PerfResult`` per size. A list of functions
     keeps that many requests in flight."""
-    from quench.progress import Bar
-
     peak, _ = peak_macs(compute, threads)
     results = []
     for b in batches:
@@ -287,15 +320,8 @@ def perf_onnx(
 ) -> list[PerfResult]:
     """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
     ``requests`` > 1, that many ``run`` calls at once from as many threads."""
-    import onnxruntime as ort
-
-    from quench.graph import count_macs, load_model
-
     src = load_model(path)
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = session(str(path), threads=threads, log_severity=None)
     inp = sess.get_inputs()[0]
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
     macs = count_macs(src.model, shape)
@@ -326,10 +352,6 @@ def perf_images(
 ) -> dict[str, Any]:
     """End-to-end images/s on real files: the overlapped pipeline, and a naive loop that decodes
     a batch, then infers it, with nothing overlapped (for comparison)."""
-    from quench.errors import ImageError
-    from quench.imaging import Normalizer, load_pixels
-    from quench.progress import Bar
-
     out: dict[str, Any] = {"batch": batch, "images": len(images)}
     with Bar(f"end-to-end batch {batch}", len(images), enabled=progress) as bar:
         t = time.perf_counter()

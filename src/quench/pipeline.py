@@ -1,28 +1,27 @@
-"""Image files -> decode/resize on worker threads -> batched inference -> top-k, in input order.
+"""Image files -> decode/resize on worker threads -> batches of model input, in input order.
 
 Decoding, resizing and normalising (Pillow and NumPy release the GIL) run on worker threads,
 straight into the next batch buffers, while the engine runs the current batch; a bounded number
 of images is in flight, so memory stays flat however many files are given. A file that cannot
-be read becomes a ``Prediction`` with ``error`` set and never stops the run.
+be read is reported in its batch (``Decoded.errors``) and never stops the run. The model
+(:meth:`quench.model.Model.iter_classify`) scores each batch and turns it into ``Prediction``s.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from quench.errors import ImageError
 from quench.hw import default_threads
 from quench.imaging import Normalizer, load_pixels
-
-if TYPE_CHECKING:
-    from quench.model import Model
+from quench.presets import DataConfig
 
 
 @dataclass
@@ -50,6 +49,34 @@ class Prediction:
             ],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Prediction:
+        """The inverse of ``to_dict`` (scores as rounded there)."""
+        if "error" in d:
+            return cls(d["file"], error=d["error"])
+        top = d["top"]
+        return cls(
+            d["file"],
+            [t["class"] for t in top],
+            [t["score"] for t in top],
+            [t["name"] for t in top],
+        )
+
+    def text(self) -> str:
+        """The top-k printout (``quench infer``, ``quench run``): the file, then one line per
+        class, best first (or the error)."""
+        if self.error is not None:
+            return f"{self.source}\n  error: {self.error}"
+        return "\n".join(
+            [self.source]
+            + [
+                f"  {rank} [{n}] class {c} score {s:.4f}"
+                for rank, (c, n, s) in enumerate(
+                    zip(self.classes, self.names, self.scores, strict=True)
+                )
+            ]
+        )
+
 
 def _name(src: str | Path | bytes, i: int) -> str:
     return f"<image {i}>" if isinstance(src, bytes | bytearray) else str(src)
@@ -63,66 +90,58 @@ class _Batch:
     jobs: list[tuple[str, Future[None]]]
 
 
-def classify(
-    model: Model,
+@dataclass
+class Decoded:
+    """One batch of images, decoded and normalised: ``pixels`` holds the readable ones, in
+    order; ``errors[i]`` says why image ``sources[i]`` could not be read (None: it is a row of
+    ``pixels``). ``pixels`` is a view of a reused buffer, valid until the next batch is asked
+    for."""
+
+    sources: list[str]
+    errors: list[str | None]
+    pixels: np.ndarray
+
+
+def batches(
     images: Iterable[str | Path | bytes],
-    topk: int = 5,
-    batch_size: int | None = None,
+    data: DataConfig,
+    batch_size: int,
     workers: int | None = None,
     prefetch: int | None = None,
-    on_done: Callable[[Prediction], None] | None = None,
-) -> Iterator[Prediction]:
-    """Yield a ``Prediction`` per image, in the order given.
+) -> Iterator[Decoded]:
+    """Yield the images as ``Decoded`` batches of ``batch_size``, in the order given.
 
     Worker threads decode, resize and normalise each image straight into its slot of a batch
-    buffer while the engine runs the batch before; ``prefetch`` images (default: two batches
+    buffer while the caller runs the batch before; ``prefetch`` images (default: two batches
     or four per worker, whichever is more) are decoded ahead, so memory is bounded by a few
     batch buffers whatever the number of images.
     """
-    from quench.model import topk_of
-
-    if topk < 1:
-        raise ValueError("topk must be >= 1")
-    bs = model.fixed_batch or batch_size or model.batch_size
+    bs = batch_size
     workers = workers or default_threads()
     depth = max(1, -(-(prefetch or max(2 * bs, 4 * workers)) // bs))  # batches decoded ahead
-    norm = Normalizer(model.data)
-    data = model.data
+    norm = Normalizer(data)
     free = [norm.new_batch(bs) for _ in range(depth + 1)]
 
     def decode_into(src: str | Path | bytes, out: np.ndarray) -> None:
         norm(load_pixels(src, data), out)
 
-    def finish(batch: _Batch) -> Iterator[Prediction]:
-        outcome: list[str | int] = []  # per image: its row among the good ones, or the error
+    def finish(batch: _Batch) -> Decoded:
+        errors: list[str | None] = []
         good = 0
         for slot, (source, fut) in enumerate(batch.jobs):
             try:
                 fut.result()
             except ImageError as exc:
-                outcome.append(str(exc))
+                errors.append(str(exc))
                 continue
             except Exception as exc:  # an unexpected decoder failure is still per-image
-                outcome.append(f"{source}: {type(exc).__name__}: {exc}")
+                errors.append(f"{source}: {type(exc).__name__}: {exc}")
                 continue
             if slot != good:  # close the gap a failed image left
                 batch.buffer[good] = batch.buffer[slot]
-            outcome.append(good)
+            errors.append(None)
             good += 1
-        if good:
-            idx, val = topk_of(model.scores(model.run_batch(batch.buffer[:good])), topk)
-        free.append(batch.buffer)
-        for (source, _), row in zip(batch.jobs, outcome, strict=True):
-            if isinstance(row, str):
-                pred = Prediction(source, error=row)
-            else:
-                cls = [int(c) for c in idx[row]]
-                pred = Prediction(
-                    source, cls, [float(s) for s in val[row]], [model.labels[c] for c in cls]
-                )
-            if on_done:
-                on_done(pred)
-            yield pred
+        return Decoded([s for s, _ in batch.jobs], errors, batch.buffer[:good])
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quench-decode")
     inflight: deque[_Batch] = deque()
@@ -145,7 +164,9 @@ def classify(
                     free.append(batch.buffer)
             if not inflight:
                 break
-            yield from finish(inflight.popleft())
+            done = inflight.popleft()
+            yield finish(done)
+            free.append(done.buffer)  # the caller is done with it: asked for the next batch
     finally:
         for batch in inflight:
             for _, fut in batch.jobs:

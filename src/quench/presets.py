@@ -6,12 +6,11 @@ preprocessing flags. Pixel statistics are in 0..255 units: ``x = (pixel - mean) 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from quench.errors import QuenchError
 
-Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "lanczos")
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -85,7 +84,6 @@ class Preset:
     size: int | None = None  # bytes of the official file, checked after download
     sha256: str | None = None  # when published; otherwise recorded on first download
     opset: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def with_data(self, **changes: Any) -> Preset:
         """A copy with some data-config fields replaced (``None`` values are ignored)."""

@@ -6,27 +6,33 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quench import __version__
+from quench.hw import cpu_info
+from quench.perf import PERF_COLUMNS, perf_row
 
-if TYPE_CHECKING:
-    from quench.run import _Job
 
-PERF_COLUMNS = (
-    "Model",
-    "Quant_Mode",
-    "Batch_Size",
-    "Throughput (qps)",
-    "device",
-    "p50 ms",
-    "p90 ms",
-    "p99 ms",
-    "% of peak",
-)
+@dataclass
+class JobRecord:
+    """What a job hands to its report, as plain data (``quench.run`` fills it in).
+
+    ``steps``: one dict per step (``id``, ``kind``, ``precision``, ``status`` ok | reused |
+    failed | skipped, ``seconds``, ``message``, ``result``); ``builds``: precision -> the
+    build step's result.
+    """
+
+    options: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    builds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precisions: list[str] = field(default_factory=list)
+
+
 ACC_COLUMNS = ("Model", "Quant_Mode", "Batch_Size", "TOP1", "TOP5")
 BUILD_COLUMNS = (
     "Quant_Mode",
@@ -49,45 +55,36 @@ def engine_versions() -> dict[str, str | None]:
 
 
 def machine() -> dict[str, Any]:
-    from quench.hw import cpu_info
-
     return {**cpu_info(), "engines": engine_versions(), "quench": __version__}
 
 
-def collect(job: _Job, builds: dict[str, dict[str, Any]], precisions: list[str]) -> dict[str, Any]:
+def collect(job: JobRecord) -> dict[str, Any]:
     """Every figure of the job, as plain JSON data."""
-    from dataclasses import asdict
-
     steps = job.steps
-    perf: list[dict[str, Any]] = []
-    accuracy: list[dict[str, Any]] = []
-    classify: dict[str, Any] = {}
-    for s in steps:
-        if s.status not in ("ok", "reused"):
-            continue
-        if s.kind == "perf":
-            perf.extend(s.result["results"])
-        elif s.kind == "eval":
-            accuracy.append(s.result)
-        elif s.kind == "classify":
-            classify[s.precision or ""] = s.result["predictions"]
-    options = {k: v for k, v in asdict(job.opts).items() if k != "build_extra"}
-    options["build_extra"] = job.opts.build_extra
+    done = [s for s in steps if s["status"] in ("ok", "reused")]
     return {
         "quench_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "options": json.loads(json.dumps(options, default=str)),
-        "model": next((s.result for s in steps if s.kind == "model" and s.result), None),
-        "precisions": precisions,
-        "builds": [{"precision": p, **b} for p, b in builds.items()],
-        "accuracy": accuracy,
-        "perf": perf,
-        "classify": classify,
+        "options": json.loads(json.dumps(job.options, default=str)),
+        "model": next((s["result"] for s in steps if s["kind"] == "model" and s["result"]), None),
+        "precisions": list(job.precisions),
+        "builds": [{"precision": p, **b} for p, b in job.builds.items()],
+        "accuracy": [s["result"] for s in done if s["kind"] == "eval"],
+        "perf": [r for s in done if s["kind"] == "perf" for r in s["result"]["results"]],
+        "classify": {
+            s["precision"] or "": s["result"]["predictions"]
+            for s in done
+            if s["kind"] == "classify"
+        },
         "notes": list(job.notes),
-        "steps": [{k: v for k, v in s.to_dict().items() if k != "result"} for s in steps],
-        "failed": [{"step": s.id, "error": s.message} for s in steps if s.status == "failed"],
-        "skipped": [{"step": s.id, "why": s.message} for s in steps if s.status == "skipped"],
+        "steps": [{k: v for k, v in s.items() if k != "result"} for s in steps],
+        "failed": [
+            {"step": s["id"], "error": s["message"]} for s in steps if s["status"] == "failed"
+        ],
+        "skipped": [
+            {"step": s["id"], "why": s["message"]} for s in steps if s["status"] == "skipped"
+        ],
     }
 
 
@@ -95,23 +92,7 @@ def collect(job: _Job, builds: dict[str, dict[str, Any]], precisions: list[str])
 
 
 def perf_rows(doc: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for r in doc["perf"]:
-        lat = r["latency_ms"]
-        rows.append(
-            [
-                r["model"],
-                r["precision"],
-                str(r["batch"]),
-                f"{r['qps']:.2f}",
-                f"cpu ({r['engine']}, {r['threads']} threads)",
-                f"{lat['p50']:.2f}",
-                f"{lat['p90']:.2f}",
-                f"{lat['p99']:.2f}",
-                f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "-",
-            ]
-        )
-    return rows
+    return [perf_row(r) for r in doc["perf"]]
 
 
 def acc_rows(doc: dict[str, Any]) -> list[list[str]]:
@@ -166,11 +147,8 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
-    """PNG plots (matplotlib, Agg backend); returns name -> file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG plots (matplotlib figures drawn by Agg, without pyplot: the host process's
+    matplotlib backend is left as it was); returns name -> file."""
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -179,7 +157,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         by_prec.setdefault(r["precision"], []).append(r)
 
     if by_prec:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = _figure(6.4)
         for prec, rs in by_prec.items():
             rs = sorted(rs, key=lambda r: r["batch"])
             ax.plot([r["batch"] for r in rs], [r["qps"] for r in rs], marker="o", label=prec)
@@ -192,7 +170,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         files["throughput"] = _save(fig, out / "throughput.png")
 
         rows = [r for rs in by_prec.values() for r in sorted(rs, key=lambda r: r["batch"])]
-        fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(rows) + 2), 4))
+        fig, ax = _figure(max(6.4, 0.7 * len(rows) + 2))
         width = 0.27
         xs = range(len(rows))
         for i, p in enumerate(("p50", "p90", "p99")):
@@ -214,7 +192,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
 
     if doc["accuracy"]:
         acc = doc["accuracy"]
-        fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(acc) + 2), 4))
+        fig, ax = _figure(max(6.4, 1.2 * len(acc) + 2))
         xs = range(len(acc))
         ax.bar([x - 0.2 for x in xs], [a["top1"] for a in acc], 0.4, label="top-1")
         ax.bar([x + 0.2 for x in xs], [a["top5"] for a in acc], 0.4, label="top-5")
@@ -229,12 +207,18 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     return files
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def _figure(width: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width, 4))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 

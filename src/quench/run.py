@@ -18,16 +18,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quench import __version__
+import onnx
+
+from quench import __version__, report
+from quench.builder.core import BuildOptions, candidate_engines
+from quench.builder.core import build as do_build
 from quench.errors import FetchError, QuenchError
+from quench.evaluate import evaluate, list_images, read_ground_truth
+from quench.hw import cpu_info
+from quench.model import Model
+from quench.perf import perf_model
+from quench.pipeline import Prediction
 from quench.precision import NAMES, Precision, is_int8
+from quench.progress import Bar
+from quench.zoo.fetch import fetch_model, sha256_file
 
 DEFAULT_PRESET = "resnet50-v1-7"
 SAMPLE_REL = Path("..") / "shared" / "data" / "imagenet-sample"
 STATE_VERSION = 1
 SAMPLE_COUNT = 4  # images classified in the "classify" step
+TOPK = 5  # classes per image in the "classify" step
 
 Log = Callable[[str], None]
+OnClassified = Callable[[str, list[Prediction]], None]  # precision, the sample's predictions
 
 
 def _stderr(msg: str) -> None:
@@ -55,7 +68,7 @@ class RunOptions:
     calib_count: int = 200
     force: bool = False
     fetch_timeout: float = 10.0
-    # where to look for ../shared/data/imagenet-sample; None: relative to the cwd and the repo
+    # where to look for the ImageNet sample; None: ../shared/data/imagenet-sample of the cwd
     sample_dirs: list[Path] | None = None
     build_extra: dict[str, Any] = field(default_factory=dict)  # more BuildOptions fields
     progress: bool = True
@@ -93,10 +106,6 @@ class RunResult:
     def ok(self) -> bool:
         return not self.failed
 
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.ok else 1
-
 
 # -- hashing helpers ----------------------------------------------------------------------------
 
@@ -118,30 +127,14 @@ def _images_sig(paths: list[Path]) -> str:
     return _sha([_file_sig(p) for p in paths])
 
 
-def _text_sha(path: str | Path) -> str:
-    from quench.zoo.fetch import sha256_file
-
-    return sha256_file(path)
-
-
 # -- sample data --------------------------------------------------------------------------------
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
 
 
 def sample_dirs(opts: RunOptions) -> list[Path]:
     """Where the ImageNet sample is looked for (in order)."""
     if opts.sample_dirs is not None:
         return [Path(p) for p in opts.sample_dirs]
-    seen, out = set(), []
-    for base in (Path.cwd(), _repo_root()):
-        d = (base / SAMPLE_REL).resolve()
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+    return [(Path.cwd() / SAMPLE_REL).resolve()]
 
 
 def find_sample(name: str, opts: RunOptions) -> tuple[Path | None, list[Path]]:
@@ -189,9 +182,10 @@ class State:
 
 
 class _Job:
-    def __init__(self, opts: RunOptions, log: Log) -> None:
+    def __init__(self, opts: RunOptions, log: Log, on_classified: OnClassified | None) -> None:
         self.opts = opts
         self.say = log
+        self.on_classified = on_classified
         self.out = Path(opts.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = State(self.out / "state.json", opts.force)
@@ -255,8 +249,6 @@ class _Job:
         step = Step("model", "model")
 
         def work() -> dict[str, Any]:
-            from quench.zoo.fetch import fetch_model, sha256_file
-
             if opts.model is not None:
                 path = Path(opts.model)
                 if not path.is_file():
@@ -296,8 +288,6 @@ class _Job:
 
     # -- (2) build ------------------------------------------------------------------------------
     def precisions(self) -> list[str]:
-        from quench.builder.core import candidate_engines
-
         if self.opts.precisions:
             for p in self.opts.precisions:
                 Precision.parse(p)  # unknown names: a one-line QuenchError
@@ -326,11 +316,6 @@ class _Job:
     def build(
         self, src: Path, src_sha: str, precision: str, calib: str | None, calib_why: str
     ) -> Step:
-        from quench.builder.core import BuildOptions
-        from quench.builder.core import build as do_build
-        from quench.evaluate import list_images
-        from quench.zoo.fetch import sha256_file
-
         opts = self.opts
         int8 = Precision.parse(precision).is_int8
         bo = BuildOptions(
@@ -411,31 +396,20 @@ class _Job:
         )
 
         def work() -> dict[str, Any]:
-            from quench.model import Model
-
             with Model.load(build["artifact"], threads=self.opts.threads) as m:
-                preds = [p.to_dict() for p in m.classify(sample, topk=5)]
+                preds = [p.to_dict() for p in m.classify(sample, topk=TOPK)]
             return {"predictions": preds}
 
         step = self.step(Step(f"classify:{precision}", "classify", precision), key, work)
-        if step.status in ("ok", "reused"):
-            print(f"# top-5, {precision}")
-            for p in step.result["predictions"]:
-                print(p["file"])
-                if "error" in p:
-                    print(f"  error: {p['error']}")
-                    continue
-                for rank, t in enumerate(p["top"]):
-                    print(f"  {rank} [{t['name']}] class {t['class']} score {t['score']:.4f}")
-            sys.stdout.flush()
+        if step.status in ("ok", "reused") and self.on_classified:
+            preds = [Prediction.from_dict(p) for p in step.result["predictions"]]
+            self.on_classified(precision, preds)
         return step
 
     # -- (4) eval -------------------------------------------------------------------------------
     def evaluate(
         self, precision: str, build: dict[str, Any], images: str | Path, labels: str | Path
     ) -> Step:
-        from quench.evaluate import list_images
-
         try:
             paths = list_images(images)
             img_sig = _images_sig(paths)
@@ -452,10 +426,6 @@ class _Job:
         )
 
         def work() -> dict[str, Any]:
-            from quench.evaluate import evaluate, read_ground_truth
-            from quench.model import Model
-            from quench.progress import Bar
-
             truth = read_ground_truth(labels)
             todo = paths or list_images(images)
             if not todo:
@@ -480,8 +450,6 @@ class _Job:
 
     # -- (5) perf -------------------------------------------------------------------------------
     def perf(self, precision: str, build: dict[str, Any]) -> Step:
-        from quench.hw import cpu_info
-
         opts = self.opts
         key = _sha(
             {
@@ -497,9 +465,6 @@ class _Job:
         )
 
         def work() -> dict[str, Any]:
-            from quench.model import Model
-            from quench.perf import perf_model
-
             duration = None if opts.iterations is not None else opts.duration
             with Model.load(build["artifact"], threads=opts.threads) as m:
                 res = perf_model(
@@ -527,8 +492,6 @@ class _Job:
         return found
 
     def run(self) -> RunResult:
-        from quench.evaluate import list_images
-
         opts = self.opts
         started = time.perf_counter()
         self.say(f"quench run -> {self.out} (state: {self.state.path})")
@@ -599,9 +562,14 @@ class _Job:
                 self.perf(p, builds[p])
 
         t = time.perf_counter()
-        from quench import report
-
-        doc = report.collect(self, builds, precisions)
+        record = report.JobRecord(
+            options=asdict(opts),
+            steps=[s.to_dict() for s in self.steps],
+            notes=self.notes,
+            builds=builds,
+            precisions=precisions,
+        )
+        doc = report.collect(record)
         doc["total_seconds"] = round(time.perf_counter() - started, 3)
         files: dict[str, Path] = {}
         rstep = Step("report", "report")
@@ -630,8 +598,6 @@ class _Job:
 
 def _is_synthetic(path: str | Path) -> bool:
     """Whether the model is a ``quench zoo synth`` replica (its producer name says so)."""
-    import onnx
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable models fail later, in the build step, with a clear line
@@ -639,7 +605,16 @@ def _is_synthetic(path: str | Path) -> bool:
     return model.producer_name == "quench-synth"
 
 
-def run_job(options: RunOptions | None = None, log: Log | None = None, **kwargs: Any) -> RunResult:
-    """Run the whole job; returns every step's outcome and the report's figures."""
+def run_job(
+    options: RunOptions | None = None,
+    log: Log | None = None,
+    on_classified: OnClassified | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """Run the whole job; returns every step's outcome and the report's figures.
+
+    ``log`` gets the progress lines (default: stderr); ``on_classified`` gets each
+    precision's top-k of the sample images (the CLI prints them).
+    """
     opts = options or RunOptions(**kwargs)
-    return _Job(opts, log or _stderr).run()
+    return _Job(opts, log or _stderr, on_classified).run()

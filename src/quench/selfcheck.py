@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from quench.backend import get_engine
 from quench.errors import QuenchError
 from quench.hw import host_fingerprint
 
@@ -71,7 +72,7 @@ def _npy(a: np.ndarray) -> bytes:
 def _read_npy(data: bytes, name: str) -> np.ndarray:
     """A numeric array from ``.npy`` bytes (NumPy refuses object arrays by default)."""
     try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
+        a = np.load(io.BytesIO(data))
     except (ValueError, OSError, EOFError) as exc:
         raise QuenchError(f"artifact self-check payload {name} is unreadable ({exc})") from None
     if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu" or a.ndim < 2:
@@ -166,8 +167,6 @@ def check(model: Any, always: bool = False) -> Result:
     section = model.manifest.get("selfcheck")
     if not isinstance(section, dict):
         return Result(False, True, message="the artifact carries no self-check (older build)")
-    from quench.backend import get_engine
-
     now = host_key(model.engine, get_engine(model.engine).version())
     diffs = differences(section.get("build_host", {}), now)
     if not diffs and not always:

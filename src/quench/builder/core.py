@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +23,11 @@ from quench.graph import (
     find_io,
     load_model,
     num_classes,
+    real_inputs,
     set_batch,
     upgrade_opset,
 )
-from quench.hw import cpu_info, int8_accumulates_in_int32
+from quench.hw import cpu_info, int8_accumulates_in_int32, one_blas_thread
 from quench.labels import load_labels
 from quench.manifest import IO, Batch, EngineInfo, Manifest, PrecisionInfo, Tensor
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
@@ -91,7 +92,6 @@ class BuildOptions:
     min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
     select_seconds: float = 1.0  # --engine auto: timing per candidate and batch size
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tuple[Preset, str]:
@@ -181,11 +181,7 @@ def build(
         raise QuenchError("--check-labels needs --check-images")
 
     src = load_model(model)
-    graph_inputs = [
-        i.name
-        for i in src.model.graph.input
-        if i.name not in {t.name for t in src.model.graph.initializer}
-    ]
+    graph_inputs = [i.name for i in real_inputs(src.model)]
     preset, how = resolve_preset(opts, graph_inputs[0], src.model.graph.output[0].name)
     say(f"preset: {preset.name} ({how})")
     input_name, output_name = find_io(src.model, preset, str(src.path))
@@ -371,7 +367,7 @@ def build(
 
 def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
-    skip = {"progress", "extra", "select_seconds"}
+    skip = {"progress", "select_seconds"}
     if not Precision.parse(opts.precision).is_int8:
         skip |= {
             "calib_method",
@@ -523,7 +519,8 @@ def _quantize(
         f"calibration: {len(calib.files)} images, method {config.method}"
         + (f", reusing ranges from {cache_file}" if cached else "")
     )
-    with Bar("quantizing", None, enabled=opts.progress) as bar:
+    # one BLAS thread while NumPy computes (GPTQ's patch moments and Cholesky factor)
+    with Bar("quantizing", None, enabled=opts.progress) as bar, one_blas_thread():
         result = quantize(
             optimized,
             input_name,

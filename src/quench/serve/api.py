@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from quench.errors import ImageError
 from quench.imaging import Normalizer, load_pixels
+from quench.model import Model, topk_of
 from quench.serve.errors import ServeError
-
-if TYPE_CHECKING:
-    from quench.model import Model
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
@@ -197,8 +195,6 @@ class ClassifierAPI:
         return out
 
     def encode_classify(self, y: np.ndarray, topk: int) -> dict[str, Any]:
-        from quench.model import topk_of
-
         idx, val = topk_of(self.model.scores(y[:1]), topk)
         return {
             "model": self.name,

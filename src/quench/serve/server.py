@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from quench.serve.app import create_app
 from quench.serve.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -21,8 +22,6 @@ def run(
 ) -> None:
     """Serve ``models`` until SIGTERM/SIGINT; in-flight and queued requests are answered first."""
     import uvicorn
-
-    from quench.serve.app import create_app
 
     config = config or ServeConfig()
     app = create_app(models, config)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quench.errors import FetchError
+from quench.graph import real_inputs
 from quench.presets import Preset, get_preset
 from quench.progress import Bar
 
@@ -268,11 +269,9 @@ def _verify(path: Path, preset: Preset, source: str) -> str:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise _Invalid(f"{source} is not a valid ONNX model: {_one_line(e)}") from None
-    graph = model.graph
-    weights = {t.name for t in graph.initializer}
     for kind, want, have in (
-        ("input", preset.input_name, [v.name for v in graph.input if v.name not in weights]),
-        ("output", preset.output_name, [v.name for v in graph.output]),
+        ("input", preset.input_name, [v.name for v in real_inputs(model)]),
+        ("output", preset.output_name, [v.name for v in model.graph.output]),
     ):
         if want and want not in have:
             listed = ", ".join(have[:5]) + (", ..." if len(have) > 5 else "")

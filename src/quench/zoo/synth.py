@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from quench import graph
+from quench.backend.onnxruntime.session import session
 from quench.errors import QuenchError
+from quench.hw import one_blas_thread
 
 __all__ = ["SYNTH", "count_macs", "count_params", "synth", "synth_resnet50_v1"]
 
@@ -221,11 +222,7 @@ def _calibrate(
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in fetch]
     model = _make_model(calib, params, outputs, _CALIB_BATCH)
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session(model, threads=1, inter_threads=1)
     images = np.random.default_rng([seed, 1]).standard_normal(
         (_CALIB_BATCH, 3, _IMAGE, _IMAGE), dtype=np.float32
     )
@@ -276,7 +273,8 @@ def synth_resnet50_v1(
     """
     builder = _ResNetV1Builder(np.random.default_rng(seed))
     feats, logits = builder.build()
-    _calibrate(builder.nodes, builder.params, feats, seed)
+    with one_blas_thread():  # see quench.hw.one_blas_thread
+        _calibrate(builder.nodes, builder.params, feats, seed)
     out = helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", _CLASSES])
     model = _make_model(builder.nodes, builder.params, [out], "N")
     model.producer_name = "quench-synth"

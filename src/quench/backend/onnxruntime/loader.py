@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from quench.backend.base import Compiled, CompileSpec, Engine, Runner
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
+from quench.backend.onnxruntime.session import session
 from quench.errors import ModelError, QuenchError
 from quench.precision import Precision
 
@@ -23,18 +24,12 @@ def optimize(model: onnx.ModelProto, level: str = "extended") -> onnx.ModelProto
     ``extended`` (constant folding, BN/conv fusion, GELU/attention fusions...) is portable across
     CPUs; the layout-specific ``all`` level is applied again when the artifact is loaded.
     """
-    levels = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    }
+    if level not in ("basic", "extended"):
+        raise ValueError(f"offline optimisation level must be basic or extended, got {level!r}")
     with tempfile.TemporaryDirectory(prefix="quench-ort-") as tmp:
         out = Path(tmp) / "optimized.onnx"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = levels[level]
-        so.optimized_model_filepath = str(out)
-        so.log_severity_level = 3
         try:
-            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            session(model, optimization=level, optimized_path=out)
         except Exception as exc:  # ORT raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load the model: {exc}".splitlines()[0]) from None
         return onnx.load(str(out))

@@ -6,14 +6,9 @@ import numpy as np
 import onnxruntime as ort
 
 from quench.backend.base import InferFn, Runner, TensorMeta
+from quench.backend.onnxruntime.session import session as new_session
 from quench.hw import default_threads
 
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
 
 
@@ -33,13 +28,10 @@ class OnnxRuntimeRunner(Runner):
         self._session: ort.InferenceSession | None = None
 
     def _activate(self) -> None:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = _LEVELS[self._level]
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        self._session = ort.InferenceSession(self._model, so, providers=["CPUExecutionProvider"])
+        # one inter-op thread: ONNX Runtime's default sequential execution, nodes one at a time
+        self._session = new_session(
+            self._model, threads=self.threads, inter_threads=1, optimization=self._level
+        )
 
     def _deactivate(self) -> None:
         self._session = None

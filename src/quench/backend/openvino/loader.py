@@ -28,6 +28,7 @@ from quench.backend.openvino.runner import (
     runtime_precisions,
 )
 from quench.errors import ModelError, QuenchError
+from quench.graph import real_inputs
 from quench.hw import cpu_info, default_threads, half_precision_capped
 from quench.precision import Precision
 
@@ -145,8 +146,7 @@ def convert(
             om = ov.convert_model(str(src))
         except Exception as exc:  # OpenVINO raises its own exception types
             raise ModelError(f"OpenVINO cannot convert the model: {exc}".splitlines()[0]) from None
-        initializers = {t.name for t in model.graph.initializer}
-        onnx_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+        onnx_inputs = [i.name for i in real_inputs(model)]
         # Keep the ONNX tensor names exactly (one name per port).
         for port, name in zip(om.inputs, onnx_inputs, strict=False):
             if name in port.get_names():
