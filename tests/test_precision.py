@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,35 @@ def test_explicit_cache_file_and_other_images(
     assert any("other inputs; recalibrating" in line for line in logs)
 
 
+def test_calibration_cache_is_one_envelope(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path, calib_dir: Path, cache_env: Path
+) -> None:
+    """The cache file, the artifact's calibration.json and ONNX Runtime's calibration cache are
+    the same bytes; a cache of the old two-level format is refused in one line and replaced."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    cache = tmp_path / "ranges.json"
+    old = {"format": "quench-calibration", "version": 1, "key": "k", "ranges": {}}
+    cache.write_text(json.dumps(old))
+    kw = {"precision": "qint8_mixed_float32", "engine": "onnxruntime", "calib_cache": str(cache)}
+    logs: list[str] = []
+    m = build(
+        tiny_model,
+        tmp_path / "m.quench",
+        labels=str(tiny_labels),
+        log=logs.append,
+        **{**TINY_BUILD, **kw, "calib_images": str(calib_dir)},
+    )
+    assert any("older Quench" in line and "recalibrating" in line for line in logs)
+    assert not m.manifest["quantization"]["cache"]["reused"]
+    blob = cache.read_bytes()
+    assert m.artifact.payloads["calibration.json"] == blob
+    source = json.loads(blob)["quench"]["source"]
+    assert source["key"] == m.manifest["quantization"]["cache"]["key"]
+    assert source["images"]["sha256"] == m.manifest["quantization"]["calibration"]["sha256"]
+    assert load_tensors_data(cache)  # ONNX Runtime's own reader
+
+
 def test_unreadable_calibration_images(
     tmp_path: Path, tiny_model: Path, tiny_labels: Path, calib_dir: Path, cache_env: Path
 ) -> None:
@@ -375,10 +405,12 @@ def test_first_layer_float_or_quantized(
 ) -> None:
     """--float-first-layer / --quantize-first-layer; neither: the pixel grid where the graph
     fits it (the tiny model starts with a plain Conv), else float."""
-    from quench.builder import quantize as qmod
+    from quench.builder.quantize import first_layer
 
     if not fits:
-        monkeypatch.setattr(qmod, "_pixel_grid_first_conv", lambda model, *a: (model, None, []))
+        monkeypatch.setattr(
+            first_layer, "pixel_grid_first_conv", lambda model, *a: (model, None, [])
+        )
     m = _build(
         tmp_path,
         tiny_model,

@@ -22,7 +22,8 @@ import pytest
 
 from conftest import SIZE, make_classifier
 from quench.builder import quantize as qmod
-from quench.builder.quantize import METHODS, QuantConfig, QuantResult, quantize
+from quench.builder.quantize import METHODS, QuantConfig, QuantResult, bias, first_layer, quantize
+from quench.builder.quantize import statistics as qstats
 from quench.errors import QuenchError
 
 TOP1_AGREEMENT = 0.90
@@ -112,7 +113,6 @@ def test_methods_close_to_fp32(
 @pytest.mark.parametrize(
     "change",
     [
-        {"weight_method": "mse"},
         {"activation_type": "int8"},
         {"per_channel": False},
         {"method": "percentile", "percentile": 99.9},
@@ -147,7 +147,7 @@ def test_cache_round_trip_skips_calibration(
     def no_calibration(*args: object, **kwargs: object) -> None:
         raise AssertionError("calibration ran although a cache was given")
 
-    monkeypatch.setattr(qmod, "_collect", no_calibration)
+    monkeypatch.setattr(qstats, "collect", no_calibration)
     again = quantize(fp32, "images", calib, QuantConfig(), cache=default_result.ranges)
     assert again.model.SerializeToString() == default_result.model.SerializeToString()
     assert again.ranges == default_result.ranges
@@ -190,7 +190,7 @@ def test_deterministic(
     assert again.model.SerializeToString() == default_result.model.SerializeToString()
     assert again.ranges == default_result.ranges
     for method in ("percentile", "mse"):
-        cfg = replace(ALL_INT8, method=method, weight_method="mse")
+        cfg = replace(ALL_INT8, method=method)
         a = quantize(fp32, "images", calib, cfg)
         b = quantize(fp32, "images", calib, cfg)
         assert a.model.SerializeToString() == b.model.SerializeToString()
@@ -228,9 +228,7 @@ def test_exclude_keeps_node_in_float(fp32: onnx.ModelProto, calib: np.ndarray) -
     "change, match",
     [
         ({"method": "bogus"}, "unknown calibration method"),
-        ({"weight_method": "bogus"}, "unknown weight method"),
         ({"activation_type": "int4"}, "unknown activation type"),
-        ({"first_layer_rounding": "up"}, "unknown first-layer rounding"),
         ({"percentile": 20.0}, "percentile"),
         ({"exclude": ("no-such-node",)}, "no-such-node"),
     ],
@@ -277,7 +275,7 @@ def test_bias_shift_matches_conv_of_the_mean(attrs: dict) -> None:
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"x": x})[0].mean(axis=(0, 2, 3))
-    got = qmod._bias_shift(node, dw.astype(np.float64), mean.astype(np.float64), [4, 9, 7])
+    got = bias._bias_shift(node, dw.astype(np.float64), mean.astype(np.float64), [4, 9, 7])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -311,7 +309,9 @@ def _pixel_images(n: int, seed: int) -> np.ndarray:
 def test_pixel_grid_rewrite_is_the_same_function(fp32: onnx.ModelProto) -> None:
     """Pad * std + mean, then the Conv with folded weights and no padding: same outputs."""
     model = qmod._prepare(fp32, "images")
-    rewritten, grid, helpers = qmod._pixel_grid_first_conv(model, "images", GRID_MEAN, GRID_STD)
+    rewritten, grid, helpers = first_layer.pixel_grid_first_conv(
+        model, "images", GRID_MEAN, GRID_STD
+    )
     assert grid is not None and len(helpers) == 3  # Pad, Mul, Add
     conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
     assert conv.input[0] == grid
@@ -375,7 +375,7 @@ def _conv_input(model: onnx.ModelProto, x: np.ndarray, output: bool = False) -> 
 
 def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -> None:
     model = qmod._prepare(fp32, "images")
-    same, grid, helpers = qmod._pixel_grid_first_conv(model, "images", (0.0,) * 2, (1.0,) * 2)
+    same, grid, helpers = first_layer.pixel_grid_first_conv(model, "images", (0.0,) * 2, (1.0,) * 2)
     assert grid is None and helpers == [] and same is model  # 3 input channels, 2 given
     # float_first_layer=None: the pixel grid where it fits, else the first layer stays float
     x = _pixel_images(16, seed=9)
@@ -388,18 +388,23 @@ def test_pixel_grid_skipped_when_the_graph_does_not_fit(fp32: onnx.ModelProto) -
         assert (first_conv in res.info["float_nodes"]) is not on_grid
 
 
-def test_gptq_rounding_cuts_the_first_layer_output_error(fp32: onnx.ModelProto) -> None:
+def test_gptq_rounding_cuts_the_first_layer_output_error(
+    fp32: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On images it did not see, the pixel-grid Conv rounded by GPTQ is closer to the float Conv
     than the same Conv rounded to nearest (same scales, same ranges)."""
     calib, test = _pixel_images(48, seed=6), _pixel_images(16, seed=7)
     grid = replace(ALL_INT8, input_grid=(GRID_MEAN, GRID_STD), bias_correction=False)
     gptq = quantize(fp32, "images", calib, grid)
-    nearest = quantize(fp32, "images", calib, replace(grid, first_layer_rounding="nearest"))
+    with monkeypatch.context() as m:  # ONNX Runtime's rounding (to nearest) left as it is
+        m.setattr(first_layer, "gptq_first_layer", lambda *args: None)
+        nearest = quantize(fp32, "images", calib, grid)
     assert gptq.info["first_layer_rounding"] == "gptq"
-    assert nearest.info["first_layer_output_error"] is None
     err = gptq.info["first_layer_output_error"]
     assert err["rounded"] < 0.5 * err["nearest"]  # on the calibration moments
-    ref = qmod._pixel_grid_first_conv(qmod._prepare(fp32, "images"), "images", GRID_MEAN, GRID_STD)
+    ref = first_layer.pixel_grid_first_conv(
+        qmod._prepare(fp32, "images"), "images", GRID_MEAN, GRID_STD
+    )
     want = _conv_input(ref[0], test, output=True)
     mse = [
         float(np.mean((_conv_input(r.model, test, output=True) - want) ** 2))
@@ -416,12 +421,12 @@ def test_gptq_round() -> None:
     w = rng.standard_normal((8, 3, 3, 3))
     scale = np.abs(w).reshape(8, -1).max(axis=1) / 127
     nearest = np.clip(np.round(w / scale[:, None, None, None]), -127, 127)
-    same = qmod._gptq_round(w, scale, np.eye(27))
+    same = first_layer._gptq_round(w, scale, np.eye(27))
     np.testing.assert_array_equal(same, nearest)
     mix = rng.standard_normal((27, 27))
     p = rng.standard_normal((4000, 27)) @ mix + 3.0  # correlated, not centred (like pixels)
     h = p.T @ p / len(p)
-    q = qmod._gptq_round(w, scale, h)
+    q = first_layer._gptq_round(w, scale, h)
     assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
 
     def err(ints: np.ndarray) -> float:
@@ -444,6 +449,3 @@ def test_pixel_grid_cache_keeps_the_moments(fp32: onnx.ModelProto) -> None:
     del doc["quench"]["first_layer_moments"]
     with pytest.raises(QuenchError, match="first-layer input moments"):
         quantize(fp32, "images", calib[:0], grid, cache=json.dumps(doc).encode())
-    # rounding to nearest needs no moments
-    near = replace(grid, first_layer_rounding="nearest")
-    quantize(fp32, "images", calib[:0], near, cache=json.dumps(doc).encode())

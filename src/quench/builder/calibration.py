@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +100,3 @@ def load_calibration(
     return CalibrationSet(
         tensor, files, skipped, digest, norm.batch(held) if held else None, held_files
     )
-
-
-def cache_key(model_sha256: str, calib_digest: str, settings: dict[str, object]) -> str:
-    """What a calibration cache depends on: the model, the preprocessed images, the method."""
-    blob = json.dumps([model_sha256, calib_digest, settings], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]

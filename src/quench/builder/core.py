@@ -3,7 +3,6 @@ verify -> (accuracy check) -> save."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -494,8 +493,7 @@ def _quantize(
     say: Log,
 ) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
     """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``."""
-    from quench.builder.calibration import cache_key
-    from quench.builder.quantize import QuantConfig, quantize
+    from quench.builder.quantize import QuantConfig, Source, cache, quantize
     from quench.progress import Bar
     from quench.zoo.fetch import cache_dir
 
@@ -509,12 +507,12 @@ def _quantize(
     # None (the default): the first conv on the pixel grid (GPTQ-rounded) where it fits
     config.float_first_layer = opts.float_first_layer
     config.weight_bits = 8 if opts.target == "native" and int8_accumulates_in_int32() else 7
-    settings = {"config": asdict(config), "precision_family": "int8"}
-    key = cache_key(src.sha256, calib.digest, settings)
+    source = Source.of(src.sha256, calib.digest, calib.describe(), config)
+    key = source.key
     cache_file = (
         Path(opts.calib_cache) if opts.calib_cache else cache_dir() / "calibration" / f"{key}.json"
     )
-    cached = _read_calibration_cache(cache_file, key, say)
+    cached = cache.read(cache_file, key, say)
     say(
         f"calibration: {len(calib.files)} images, method {config.method}"
         + (f", reusing ranges from {cache_file}" if cached else "")
@@ -528,26 +526,10 @@ def _quantize(
             config,
             cache=cached,
             progress=lambda done, total: bar.advance(1),
+            source=source,
         )
-    wrapped = json.dumps(
-        {
-            "format": "quench-calibration",
-            "version": 1,
-            "key": key,
-            "model_sha256": src.sha256,
-            "images": calib.describe(),
-            "settings": settings,
-            "ranges": json.loads(result.ranges),
-        },
-        sort_keys=True,
-        indent=1,
-    ).encode()
     if not cached:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_bytes(wrapped)
-        except OSError as exc:
-            say(f"warning: cannot write calibration cache {cache_file} ({exc})")
+        cache.write(cache_file, result.ranges, say)
     info = {
         **result.info,
         "target": opts.target,
@@ -559,25 +541,7 @@ def _quantize(
         "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
         "cache": {"key": key, "reused": bool(cached)},
     }
-    return result.model, wrapped, info
-
-
-def _read_calibration_cache(path: Path, key: str, say: Log) -> bytes | None:
-    """The cached ranges if ``path`` holds a calibration for exactly this key."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        say(f"warning: ignoring unreadable calibration cache {path} ({exc})")
-        return None
-    if not isinstance(data, dict) or data.get("format") != "quench-calibration":
-        say(f"warning: {path} is not a Quench calibration cache; recalibrating")
-        return None
-    if data.get("key") != key:
-        say(f"calibration cache {path} is for other inputs; recalibrating")
-        return None
-    return json.dumps(data["ranges"]).encode()
+    return result.model, result.ranges, info
 
 
 def _check_paths(spec: str) -> list[Path]:
