@@ -449,3 +449,23 @@ def test_pixel_grid_cache_keeps_the_moments(fp32: onnx.ModelProto) -> None:
     del doc["quench"]["first_layer_moments"]
     with pytest.raises(QuenchError, match="first-layer input moments"):
         quantize(fp32, "images", calib[:0], grid, cache=json.dumps(doc).encode())
+
+
+def test_quiet_silences_only_onnxruntime_quantization(caplog: pytest.LogCaptureFixture) -> None:
+    """The quantizer's silencer leaves the caller's logging alone (no process-wide disable)."""
+    import logging
+
+    import onnxruntime.quantization as ortq
+
+    from quench.builder.quantize.qdq import quiet
+
+    where = str(Path(ortq.__file__).parent / "quantize.py")
+    ort_record = logging.LogRecord("root", logging.WARNING, where, 1, "ort noise", None, None)
+    with caplog.at_level(logging.WARNING), quiet():
+        logging.getLogger("my.app").warning("mine")
+        logging.getLogger().handle(ort_record)
+        logging.getLogger("onnxruntime.quantization.calibrate").warning("ort named")
+        assert logging.root.manager.disable == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["mine"]
+    assert logging.getLogger("onnxruntime.quantization").level == logging.NOTSET

@@ -21,15 +21,35 @@ from onnx import TensorProto
 from quench.builder.quantize.config import QuantConfig
 
 
+class _OrtQuantNoise(logging.Filter):
+    """Drops ONNX Runtime quantization's own warnings (logged on the root logger)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING and record.pathname.startswith(self.where))
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence ONNX Runtime's quantization tooling (it logs warnings on the root logger)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """Silence ONNX Runtime's quantization warnings for the duration, and nothing else: the
+    caller's own logging is untouched (a filter on the root logger and the level of the
+    ``onnxruntime.quantization`` loggers, both restored on the way out)."""
+    import onnxruntime.quantization as ortq
+
+    noise = _OrtQuantNoise(str(Path(ortq.__file__).parent))
+    named = logging.getLogger("onnxruntime.quantization")
+    level = named.level
+    root = logging.getLogger()
+    root.addFilter(noise)
+    named.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logging.disable(previous)
+        root.removeFilter(noise)
+        named.setLevel(level)
 
 
 def to_qdq(
