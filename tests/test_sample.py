@@ -21,7 +21,7 @@ from quench.labels import imagenet_wnids, load_labels
 from quench.zoo import sample
 from quench.zoo.fetch import cache_dir
 from quench.zoo.sample import SampleSpec, fetch_sample, find_sample
-from test_fetch import Server
+from test_fetch import Server, _env  # noqa: F401  (_env: the same isolated cache and no proxy)
 
 COUNT = 20  # classes 0, 50, 100, ... of ImageNet-1k, one image each
 
@@ -62,15 +62,6 @@ def _archive(images: dict[str, bytes]) -> bytes:
 
 ARCHIVE = _archive(IMAGES)
 SPEC = SampleSpec(url="unused", images=COUNT, content_sha256=_digest(IMAGES))
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("ALL_PROXY", raising=False)
-    monkeypatch.setenv("no_proxy", "*")
 
 
 @pytest.fixture

@@ -94,13 +94,7 @@ def fetch_model(
             f"preset {preset.name} has no download URL; download the model yourself and {hint}"
         )
 
-    part = dest.with_name(dest.name + ".part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if force:
-            part.unlink(missing_ok=True)
-    except OSError as e:
-        raise FetchError(f"cannot write to {dest.parent}: {_one_line(e)}") from e
+    part = part_file(dest, force)
     try:
         download(src, part, preset.name, preset.size, timeout=timeout, progress=progress)
         sha = _verify(part, preset, src)
@@ -162,6 +156,18 @@ def _cached_sha(dest: Path, preset: Preset) -> str | None:
 
 
 # -- download ----------------------------------------------------------------------------------
+
+
+def part_file(dest: Path, force: bool) -> Path:
+    """``<dest>.part``, its folder made (and the file removed when ``force``)."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if force:
+            part.unlink(missing_ok=True)
+    except OSError as e:
+        raise FetchError(f"cannot write to {dest.parent}: {_one_line(e)}") from e
+    return part
 
 
 def download(

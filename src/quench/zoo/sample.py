@@ -27,7 +27,7 @@ from pathlib import Path
 from quench.errors import FetchError
 from quench.labels import imagenet_wnids
 from quench.progress import Bar
-from quench.zoo.fetch import _Invalid, _NetError, _one_line, cache_dir, download
+from quench.zoo.fetch import _Invalid, _NetError, _one_line, cache_dir, download, part_file
 
 NAME = "imagenet-sample"
 COMMIT = "bc69043e2862758a1906c6a24a792bb28c6bb2ff"
@@ -97,14 +97,7 @@ def fetch_sample(
         "if you are offline, pass your own images instead "
         "(--images DIR_OR_LIST --labels gt.tsv --calib-images LIST)"
     )
-    archive = dest.parent / f"{NAME}.zip"
-    part = archive.with_name(archive.name + ".part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if force:
-            part.unlink(missing_ok=True)
-    except OSError as e:
-        raise FetchError(f"cannot write to {dest.parent}: {_one_line(e)}") from e
+    part = part_file(dest.parent / f"{NAME}.zip", force)
     try:
         download(src, part, NAME, None, timeout=timeout, progress=progress)
     except _NetError as e:
