@@ -319,6 +319,23 @@ def test_preset_names_must_match(tmp_path: Path, tiny_model: Path, tiny_labels: 
 # -- presets and data config -----------------------------------------------------------------
 
 
+def test_detected_preset_with_other_preprocessing_is_named_for_its_file(tmp_path: Path) -> None:
+    """Same tensor names, other data config (efficientnet-lite1 looks like -lite0): the
+    artifact is named for its file, not for the preset it resembles."""
+    src = make_classifier(
+        tmp_path / "r50-at-240.onnx",
+        size=240,
+        classes=1000,
+        input_name="data",
+        output_name="resnetv17_dense0_fwd",
+    )
+    model = build(src, tmp_path / "x.quench", engine="onnxruntime", resize=274, crop=240)
+    m = model.manifest
+    assert m["preset"] == {"name": "resnet50-v1-7", "chosen": "detected"}
+    assert m["name"] == "r50-at-240"
+    assert m["preprocess"]["crop"] == 240
+
+
 def test_preset_is_detected_from_tensor_names(tmp_path: Path) -> None:
     src = make_classifier(
         tmp_path / "r50ish.onnx",

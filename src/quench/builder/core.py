@@ -112,6 +112,15 @@ def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tup
     return preset, how
 
 
+def artifact_name(preset: Preset, how: str, source: Path) -> str:
+    """The preset's name when the model is the preset's (named, or detected with its own data
+    config); else the source file's stem: a detected preset whose preprocessing flags replaced
+    is another model with the same tensor names (efficientnet-lite1 looks like -lite0)."""
+    if how == "named" or (how == "detected" and preset.data == get_preset(preset.name).data):
+        return preset.name
+    return source.stem
+
+
 def candidate_engines(name: str, precision: str) -> list[Engine]:
     """The named engine, or for ``auto`` every installed engine that runs ``precision``."""
     if name != "auto":
@@ -261,7 +270,7 @@ def build(
     candidates.sort(key=lambda c: -c[3].get("score", 0.0))
     timings["compile_and_select"] = round(time.perf_counter() - t, 3)
     base = Manifest(
-        name=opts.name or (src.path.stem if how == "generic" else preset.name),
+        name=opts.name or artifact_name(preset, how, src.path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         quench_version=__version__,
         source=src.describe(),
