@@ -128,3 +128,17 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         make_image(d / f"img{i}.jpg", size=(40 + 7 * i, 56 - 3 * i), seed=i)
     make_image(d / "img6.png", seed=6)
     return d
+
+
+def make_calib_images(folder: Path, count: int, seed: int) -> Path:
+    """``count`` small JPEGs of varied sizes (calibration images) in ``folder``."""
+    for i in range(count):
+        make_image(folder / f"c{i:02d}.jpg", size=(40 + 3 * i, 44), seed=seed + i)
+    return folder
+
+
+@pytest.fixture()
+def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Quench cache for this test (``$QUENCH_CACHE``)."""
+    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

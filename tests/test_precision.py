@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import TINY_BUILD, make_image
+from conftest import TINY_BUILD, make_calib_images, make_image
 from quench.builder import build
 from quench.errors import QuenchError
 from quench.imaging import Normalizer, load_pixels
@@ -22,10 +22,7 @@ CAPS = set(cpu_capabilities())  # as OpenVINO's kernels can run them ($ONEDNN_MA
 
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("calib")
-    for i in range(16):
-        make_image(d / f"c{i:02d}.jpg", size=(40 + 3 * i, 44), seed=100 + i)
-    return d
+    return make_calib_images(tmp_path_factory.mktemp("calib"), 16, seed=100)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +31,6 @@ def check_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(12):
         make_image(d / f"v{i:02d}.jpg", size=(50, 38 + 2 * i), seed=200 + i)
     return d
-
-
-@pytest.fixture()
-def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _inputs(model_data, folder: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import NUM_CLASSES, TINY_BUILD, make_image
+from conftest import NUM_CLASSES, TINY_BUILD, make_calib_images, make_image
 from quench import artifact, hw, selfcheck
 from quench.builder import build
 from quench.model import Model
@@ -33,16 +33,7 @@ needs_int32_accumulation = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("calib")
-    for i in range(20):
-        make_image(d / f"c{i:02d}.jpg", size=(40 + 3 * i, 44), seed=300 + i)
-    return d
-
-
-@pytest.fixture()
-def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return make_calib_images(tmp_path_factory.mktemp("calib"), 20, seed=300)
 
 
 def _int8(tmp_path: Path, tiny_model: Path, tiny_labels: Path, calib: Path, name: str, **kw):

@@ -330,39 +330,36 @@ def build(
             manifest.fidelity, probe_out = _fidelity_gate(
                 built, probe, probe_ref, probe_source, opts, say
             )
-        except FidelityError as exc:
+            section, check_payloads = record_selfcheck(
+                probe[:SELFCHECK_IMAGES],
+                probe_ref[:SELFCHECK_IMAGES],
+                probe_out[:SELFCHECK_IMAGES],
+                probe_source,
+                engine.name,
+                engine.version(),
+                opts.min_top1_agreement,
+            )
+            manifest.selfcheck = section
+            art.payloads.update(check_payloads)
+            if opts.check_images:
+                t = time.perf_counter()
+                try:
+                    manifest.accuracy, reference_preds = _accuracy_check(
+                        built, src, opts, say, reference_preds
+                    )
+                finally:
+                    timings["accuracy_check"] = round(
+                        timings.get("accuracy_check", 0.0) + time.perf_counter() - t, 3
+                    )
+        except (FidelityError, AccuracyGateError) as exc:
             built.close()
             if rank + 1 < len(candidates):
                 say(f"{engine.name} rejected: {exc}; trying the next fastest candidate")
                 continue
-            raise FidelityError(f"{exc}; artifact not written. {_fidelity_hint(opts)}") from None
-        section, check_payloads = record_selfcheck(
-            probe[:SELFCHECK_IMAGES],
-            probe_ref[:SELFCHECK_IMAGES],
-            probe_out[:SELFCHECK_IMAGES],
-            probe_source,
-            engine.name,
-            engine.version(),
-            opts.min_top1_agreement,
-        )
-        manifest.selfcheck = section
-        art.payloads.update(check_payloads)
-        if opts.check_images:
-            t = time.perf_counter()
-            try:
-                manifest.accuracy, reference_preds = _accuracy_check(
-                    built, src, opts, say, reference_preds
-                )
-            except AccuracyGateError as exc:
-                built.close()
-                if rank + 1 < len(candidates):
-                    say(f"{engine.name} rejected: {exc}; trying the next fastest candidate")
-                    continue
-                raise AccuracyGateError(f"{exc}; artifact not written") from None
-            finally:
-                timings["accuracy_check"] = round(
-                    timings.get("accuracy_check", 0.0) + time.perf_counter() - t, 3
-                )
+            written = "artifact not written"
+            if isinstance(exc, FidelityError):
+                written += f". {_fidelity_hint(opts)}"
+            raise type(exc)(f"{exc}; {written}") from None
         break
     manifest.timings = timings
     manifest.build_seconds = round(time.perf_counter() - started, 3)
