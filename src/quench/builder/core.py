@@ -1,21 +1,38 @@
-"""The build steps: load + check -> preset -> (calibrate + quantize) -> set batch -> compile ->
-verify -> (accuracy check) -> save."""
+"""``build()``: plan (options, source model, preset) -> prepare (calibrate + quantize) ->
+compile and select (:mod:`quench.builder.engines`) -> accept (fidelity gate, self-check,
+accuracy check) -> write."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from quench import __version__, artifact
-from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
+from quench.backend import CompileSpec, Engine
+from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
+from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
+from quench.builder.calibration import CalibrationSet, load_calibration
+from quench.builder.engines import (
+    Candidate,
+    Prepared,
+    Reference,
+    Selection,
+    candidate_engines,
+    compile_candidates,
+    select_fastest,
+)
+from quench.builder.quantize import QuantConfig, Source, quantize
+from quench.builder.quantize import cache as ranges_cache
 from quench.errors import ModelError, QuenchError
+from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
 from quench.graph import (
     SourceModel,
     count_macs,
@@ -29,23 +46,20 @@ from quench.graph import (
 from quench.hw import cpu_info, int8_accumulates_in_int32, one_blas_thread
 from quench.labels import load_labels
 from quench.manifest import IO, Batch, EngineInfo, Manifest, PrecisionInfo, Tensor
+from quench.model import Model
+from quench.pipeline import Prediction
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
 from quench.presets import Preset, detect_preset, get_preset
+from quench.progress import Bar
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
 from quench.selfcheck import record as record_selfcheck
-
-if TYPE_CHECKING:
-    from quench.builder.calibration import CalibrationSet
-    from quench.model import Model
+from quench.zoo.fetch import cache_dir
 
 PRECISIONS = NAMES  # the --precision names, from quench.precision
 TARGETS = ("portable", "native")
 # Where 7-bit weights are exact: u8 x s7 pair sums fit int16 (2 x 255 x 64 <= 32767)
 PORTABLE_CLASSES = "every CPU: x86-64 (SSE4.1, AVX2, AVX-512 with or without VNNI, AMX) and ARM"
-
-# Engine preference for --engine auto: the first installed engine that runs the precision.
-ENGINE_ORDER = ("onnxruntime", "openvino")
 CALIBRATION_PAYLOAD = "calibration.json"
 
 Log = Callable[[str], None]
@@ -93,6 +107,103 @@ class BuildOptions:
     progress: bool = True
 
 
+@dataclass
+class Plan:
+    """What a build works from once its options are checked: the source model (one copy per
+    batch setting), its preset, tensors and labels, and the candidate engines."""
+
+    opts: BuildOptions
+    precision: Precision
+    src: SourceModel
+    preset: Preset
+    preset_how: str  # named, detected or generic
+    labels: list[str]
+    engines: list[Engine]
+    spec: CompileSpec
+    fixed: onnx.ModelProto  # the source at the build's batch size
+    dynamic: onnx.ModelProto  # the source at a dynamic batch size (``fixed`` if that is dynamic)
+
+
+@dataclass
+class Probe:
+    """The fidelity gate's images and the fp32 source model's outputs for them."""
+
+    x: np.ndarray
+    reference: np.ndarray
+    source: str  # what the images are, for messages and the manifest
+
+
+def build(
+    model: str | Path,
+    output: str | Path,
+    options: BuildOptions | None = None,
+    log: Log | None = None,
+    **kwargs: Any,
+) -> Model:
+    """Build ``model`` into the artifact ``output`` and return it loaded."""
+    started = time.perf_counter()
+    say: Log = log or (lambda msg: None)
+    plan = _plan(model, options or BuildOptions(**kwargs), say)
+    opts = plan.opts
+    timings: dict[str, float] = {}
+    calib = _calibration_images(opts, plan.preset, say) if opts.calib_images else None
+    with _timed(timings, "calibrate_quantize") if plan.precision.is_int8 else nullcontext():
+        prepared = _prepare(plan, calib, say)
+    with _timed(timings, "compile_and_select"):
+        selection = _compile_and_select(plan, prepared, say)
+    probe = _probe(plan, calib)
+    manifest, art, built = _accept(plan, selection, probe, Path(output), timings, say)
+    manifest.timings = timings
+    manifest.build_seconds = round(time.perf_counter() - started, 3)
+    return _write(manifest, art, built, output, say)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[key]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t, 3)
+
+
+# -- plan: options, source model, preset ----------------------------------------------------
+
+
+def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
+    """Check the options, load the model, choose its preset, tensors, labels and engines."""
+    precision = Precision.parse(opts.precision)
+    if opts.batch is not None and opts.batch < 1:
+        raise QuenchError(f"batch size must be >= 1, got {opts.batch}")
+    if precision.is_int8 and not opts.calib_images:
+        raise QuenchError(f"--precision {opts.precision} needs --calib-images (a folder or list)")
+    if opts.target not in TARGETS:
+        raise QuenchError(f"unknown target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if not 0.0 <= opts.min_top1_agreement <= 1.0:
+        raise QuenchError(f"--min-top1-agreement must be in [0, 1], got {opts.min_top1_agreement}")
+    if opts.check_labels and not opts.check_images:
+        raise QuenchError("--check-labels needs --check-images")
+
+    src = load_model(model)
+    graph_inputs = [i.name for i in real_inputs(src.model)]
+    preset, how = resolve_preset(opts, graph_inputs[0], src.model.graph.output[0].name)
+    say(f"preset: {preset.name} ({how})")
+    input_name, output_name = find_io(src.model, preset, str(src.path))
+    classes = num_classes(src.model, output_name)
+    labels = load_labels(opts.labels or preset.labels)
+    if classes is not None and len(labels) != classes:
+        raise ModelError(
+            f"{src.path}: the model has {classes} classes but the label set has {len(labels)}; "
+            "pass --labels FILE"
+        )
+    engines = candidate_engines(opts.engine, opts.precision)
+    spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
+    fixed = set_batch(src.model, opts.batch)
+    dynamic = fixed if opts.batch is None else set_batch(src.model, None)
+    return Plan(opts, precision, src, preset, how, labels, engines, spec, fixed, dynamic)
+
+
 def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tuple[Preset, str]:
     """The preset to use and how it was chosen (named, detected or generic)."""
     if opts.preset:
@@ -121,253 +232,222 @@ def artifact_name(preset: Preset, how: str, source: Path) -> str:
     return source.stem
 
 
-def candidate_engines(name: str, precision: str) -> list[Engine]:
-    """The named engine, or for ``auto`` every installed engine that runs ``precision``."""
-    if name != "auto":
-        engine = get_engine(name)
-        if not engine.supports(precision):
-            raise QuenchError(f"engine {engine.name} cannot run precision {precision} on this CPU")
-        return [engine]
-    found, problems = [], []
-    for candidate in ENGINE_ORDER:
-        if candidate not in ENGINES:
-            continue
-        try:
-            engine = get_engine(candidate)
-        except QuenchError as exc:
-            problems.append(str(exc))
-            continue
-        if engine.supports(precision):
-            found.append(engine)
-    if not found:
-        why = "; ".join(problems) or "none supports it"
-        raise QuenchError(f"no installed engine runs {precision} here ({why})")
-    return found
-
-
-def time_candidate(
-    engine: Engine, compiled: Compiled, spec: CompileSpec, shape: tuple[int, ...], seconds: float
-) -> dict[str, Any]:
-    """Images/s of a compiled candidate at the batch sizes it will serve (tactic timing)."""
-    from quench.perf import measure
-
-    batches = [spec.batch] if spec.batch else [1, 8]
-    qps = {}
-    with engine.runner(compiled.payloads, compiled.options, threads=spec.threads) as run:
-        for b in batches:
-            n, secs, _ = measure(
-                lambda x: run.infer({spec.input_name: x}), shape, b, duration=seconds, warmup=2
-            )
-            qps[str(b)] = round(b * n / secs, 2)
-    score = float(np.exp(np.mean(np.log(list(qps.values())))))
-    return {"engine": engine.name, "qps_by_batch": qps, "score": round(score, 2)}
-
-
-def build(
-    model: str | Path,
-    output: str | Path,
-    options: BuildOptions | None = None,
-    log: Log | None = None,
-    **kwargs: Any,
-) -> Model:
-    """Build ``model`` into the artifact ``output`` and return it loaded."""
-    opts = options or BuildOptions(**kwargs)
-    say: Log = log or (lambda msg: None)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    precision = Precision.parse(opts.precision)
-    if opts.batch is not None and opts.batch < 1:
-        raise QuenchError(f"batch size must be >= 1, got {opts.batch}")
-    int8 = precision.is_int8
-    if int8 and not opts.calib_images:
-        raise QuenchError(f"--precision {opts.precision} needs --calib-images (a folder or list)")
-    if opts.target not in TARGETS:
-        raise QuenchError(f"unknown target {opts.target!r}; choose one of {', '.join(TARGETS)}")
-    if not 0.0 <= opts.min_top1_agreement <= 1.0:
-        raise QuenchError(f"--min-top1-agreement must be in [0, 1], got {opts.min_top1_agreement}")
-    if opts.check_labels and not opts.check_images:
-        raise QuenchError("--check-labels needs --check-images")
-
-    src = load_model(model)
-    graph_inputs = [i.name for i in real_inputs(src.model)]
-    preset, how = resolve_preset(opts, graph_inputs[0], src.model.graph.output[0].name)
-    say(f"preset: {preset.name} ({how})")
-    input_name, output_name = find_io(src.model, preset, str(src.path))
-    classes = num_classes(src.model, output_name)
-    labels = load_labels(opts.labels or preset.labels)
-    if classes is not None and len(labels) != classes:
-        raise ModelError(
-            f"{src.path}: the model has {classes} classes but the label set has {len(labels)}; "
-            "pass --labels FILE"
-        )
-    engines = candidate_engines(opts.engine, opts.precision)
-    # (model to compile, payloads it adds, quantization info, first-layer tag)
-    sources: list[tuple[onnx.ModelProto, dict[str, bytes], dict[str, Any] | None, str | None]]
-    sources = [(src.model, {}, None, None)]
-    calib = _calibration_images(opts, preset, say) if opts.calib_images else None
-    if int8:
-        assert calib is not None
-        t = time.perf_counter()
-        firsts: list[bool | None] = [opts.float_first_layer]
-        if (
-            opts.engine == "auto"
-            and opts.float_first_layer is None
-            and opts.check_images
-            and not opts.calib_cache
-        ):
-            # with an accuracy check to decide, also try the faster first layer on the pixel
-            # grid: it is kept only when it is faster and passes the check
-            firsts = [True, False]
-        optimized = _optimized(src)
-        sources = []
-        for first in firsts:
-            o = opts if first is None else replace(opts, float_first_layer=first)
-            qmodel, calib_payload, qinfo = _quantize(
-                src, optimized, input_name, preset, calib, o, say
-            )
-            tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
-            sources.append((qmodel, {CALIBRATION_PAYLOAD: calib_payload}, qinfo, tag))
-        timings["calibrate_quantize"] = round(time.perf_counter() - t, 3)
-
-    spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
-    reference = set_batch(src.model, opts.batch)
-    candidates: list[tuple[Engine, Compiled, dict[str, Any], dict[str, Any], int]] = []
-    t = time.perf_counter()
-    for k, (to_compile, _, _, tag) in enumerate(sources):
-        for engine in engines:
-            say(
-                f"compiling with {engine.name} {engine.version()} ({opts.precision}"
-                + (f", first layer {tag})" if tag else ")")
-            )
-            try:
-                compiled = engine.compile(set_batch(to_compile, opts.batch), spec)
-                verification = _verify(reference, compiled, engine, spec, preset)
-            except QuenchError as exc:
-                if len(engines) == 1 and len(sources) == 1:
-                    raise
-                say(f"  {engine.name} rejected: {exc}")
-                continue
-            variants = engine.variants(spec) if opts.engine == "auto" else [{}]
-            for variant in variants:
-                option_set = Compiled(
-                    compiled.payloads, {**compiled.options, **variant}, compiled.info
-                )
-                timing: dict[str, Any] = {"engine": engine.name}
-                if len(engines) > 1 or len(variants) > 1 or len(sources) > 1:
-                    timing = time_candidate(
-                        engine, option_set, spec, preset.data.input_shape, opts.select_seconds
-                    )
-                    timing["options"] = variant
-                    say(
-                        f"  {engine.name} {variant or ''}: {timing['qps_by_batch']} images/s "
-                        "by batch"
-                    )
-                if tag:
-                    timing["first_layer"] = tag
-                candidates.append((engine, option_set, verification, timing, k))
-    if not candidates:
-        raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
-    candidates.sort(key=lambda c: -c[3].get("score", 0.0))
-    timings["compile_and_select"] = round(time.perf_counter() - t, 3)
-    base = Manifest(
-        name=opts.name or artifact_name(preset, how, src.path),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        quench_version=__version__,
-        source=src.describe(),
-        preset={"name": preset.name, "chosen": how},
-        model={
-            "macs_per_image": count_macs(src.model, preset.data.input_shape),
-            "parameters": sum(
-                int(np.prod(t.dims)) for t in src.model.graph.initializer if t.data_type == 1
-            ),
-        },
-        io=IO(
-            Tensor(input_name, "float32", (opts.batch or "N", *preset.data.input_shape)),
-            Tensor(output_name, "float32", (opts.batch or "N", len(labels))),
-        ),
-        batch=Batch.of(opts.batch),
-        preprocess=preset.data,
-        output_kind=preset.output_kind,
-        labels=labels,
-        build=_settings(opts),
-        host=cpu_info(),
-        precision=PrecisionInfo(precision),
-        engine=EngineInfo("", ""),
+def _calibration_images(opts: BuildOptions, preset: Preset, say: Log) -> CalibrationSet:
+    """Read the calibration images through the preset's preprocessing (once per build)."""
+    assert opts.calib_images is not None
+    calib = load_calibration(
+        opts.calib_images, preset.data, opts.calib_count, progress=opts.progress, warn=say
     )
-    from quench.model import Model
-
-    probe, probe_source = _fidelity_inputs(calib, int8, preset, opts.batch)
-    probe_ref = _fp32_outputs(src.model, input_name, output_name, probe)
-    reference_preds: list[Any] | None = None
-    for rank, (engine, compiled, verification, _, k) in enumerate(candidates):
-        _, payloads, quant_info, tag = sources[k]
-        if len(candidates) > 1:
+    if opts.check_images:
+        overlap = set(calib.files) & {str(p) for p in list_images(opts.check_images)}
+        if overlap:
             say(
-                f"{'chose' if rank == 0 else 'next'}: {engine.name} {compiled.options}"
-                + (f", first layer {tag}" if tag else "")
+                f"warning: {len(overlap)} calibration images are also check images: "
+                "the accuracy check will look better than it is"
             )
+    return calib
+
+
+# -- prepare: the models to compile (the source, or its quantized forms) --------------------
+
+
+def _prepare(plan: Plan, calib: CalibrationSet | None, say: Log) -> list[Prepared]:
+    """The source model for a float build; for INT8, its quantized form, or both forms of the
+    first layer when an accuracy check can decide between them."""
+    opts = plan.opts
+    if not plan.precision.is_int8:
+        return [Prepared(plan.fixed)]
+    assert calib is not None
+    firsts: list[bool | None] = [opts.float_first_layer]
+    if (
+        opts.engine == "auto"
+        and opts.float_first_layer is None
+        and opts.check_images
+        and not opts.calib_cache
+    ):
+        # with an accuracy check to decide, also try the faster first layer on the pixel
+        # grid: it is kept only when it is faster and passes the check
+        firsts = [True, False]
+    # what quantization starts from: opset 13, dynamic batch, BN folded (ORT basic)
+    optimized = optimize(upgrade_opset(plan.dynamic, 13), level="basic")
+    prepared = []
+    for first in firsts:
+        o = opts if first is None else replace(opts, float_first_layer=first)
+        qmodel, ranges, info = _quantize(plan, optimized, calib, o, say)
+        tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
+        payloads = {CALIBRATION_PAYLOAD: ranges}
+        prepared.append(Prepared(set_batch(qmodel, opts.batch), payloads, info, tag))
+    return prepared
+
+
+def _quantize(
+    plan: Plan,
+    optimized: onnx.ModelProto,
+    calib: CalibrationSet,
+    opts: BuildOptions,
+    say: Log,
+) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
+    """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``,
+    its ranges (the calibration payload) and the manifest's quantization section."""
+    config = QuantConfig()
+    if opts.calib_method:
+        config.method = opts.calib_method
+    if opts.bias_correction is not None:
+        config.bias_correction = opts.bias_correction
+    if plan.preset.data.layout == "NCHW":
+        config.input_grid = plan.preset.data.channel_mean_std()
+    # None (the default): the first conv on the pixel grid (GPTQ-rounded) where it fits
+    config.float_first_layer = opts.float_first_layer
+    config.weight_bits = 8 if opts.target == "native" and int8_accumulates_in_int32() else 7
+    source = Source.of(plan.src.sha256, calib.digest, calib.describe(), config)
+    key = source.key
+    cache_file = (
+        Path(opts.calib_cache) if opts.calib_cache else cache_dir() / "calibration" / f"{key}.json"
+    )
+    cached = ranges_cache.read(cache_file, key, say)
+    say(
+        f"calibration: {len(calib.files)} images, method {config.method}"
+        + (f", reusing ranges from {cache_file}" if cached else "")
+    )
+    # one BLAS thread while NumPy computes (GPTQ's patch moments and Cholesky factor)
+    with Bar("quantizing", None, enabled=opts.progress) as bar, one_blas_thread():
+        result = quantize(
+            optimized,
+            plan.spec.input_name,
+            calib.tensor,
+            config,
+            cache=cached,
+            progress=lambda done, total: bar.advance(1),
+            source=source,
+        )
+    if not cached:
+        ranges_cache.write(cache_file, result.ranges, say)
+    info = {
+        **result.info,
+        "target": opts.target,
+        "int8_exact_on": (
+            PORTABLE_CLASSES
+            if config.weight_bits == 7
+            else "VNNI/AMX x86-64 and ARM only (not AVX2 or AVX-512 without VNNI)"
+        ),
+        "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
+        "cache": {"key": key, "reused": bool(cached)},
+    }
+    return result.model, result.ranges, info
+
+
+# -- compile and select (quench.builder.engines) --------------------------------------------
+
+
+def _compile_and_select(plan: Plan, prepared: list[Prepared], say: Log) -> Selection:
+    """Every candidate engine compiles every prepared model, each checked against the source
+    model; when there is a choice, the candidates are timed and ranked, fastest first."""
+    opts, spec, shape = plan.opts, plan.spec, plan.preset.data.input_shape
+    reference = Reference.of(plan.fixed, spec, shape)
+    auto = opts.engine == "auto"
+    candidates = compile_candidates(
+        prepared, plan.engines, spec, reference, auto, say, plan.src.path
+    )
+    if len(plan.engines) == 1 and len(prepared) == 1 and len(candidates) == 1:
+        return Selection.unranked(candidates)  # nothing to choose between
+    return select_fastest(candidates, spec, shape, opts.select_seconds, say)
+
+
+# -- accept: the first candidate that passes the fidelity gate and the accuracy check -------
+
+
+def _accept(
+    plan: Plan,
+    selection: Selection,
+    probe: Probe,
+    output: Path,
+    timings: dict[str, float],
+    say: Log,
+) -> tuple[Manifest, artifact.Artifact, Model]:
+    """The first candidate, in ranked order, that passes the fidelity gate (and the accuracy
+    check, when asked for): its manifest, artifact and loaded model. When the last one fails,
+    so does the build, saying what to try."""
+    opts, ranked = plan.opts, selection.ranked
+    base = _manifest(plan)
+    fp32_preds: list[Prediction] | None = None
+    for rank, candidate in enumerate(ranked):
+        if len(ranked) > 1:
+            say(f"{'chose' if rank == 0 else 'next'}: {candidate.describe()}")
+        v = candidate.verification
         say(
             f"checked against the source model on random input: max |diff| "
-            f"{verification['max_abs_diff']:.2e}, "
-            f"top-1 agreement {verification['top1_agreement']:.0%}"
+            f"{v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.0%}"
         )
-        manifest = replace(
-            base,
-            precision=PrecisionInfo(precision, dict(compiled.info)),
-            engine=EngineInfo(engine.name, engine.version(), compiled.options),
-            verification=verification,
-            engine_selection={
-                "requested": opts.engine,
-                "chosen": engine.name,
-                **({"first_layer": tag} if tag else {}),
-                "candidates": [c[3] for c in candidates],
-            },
-            quantization=quant_info,
-        )
-        art = artifact.Artifact(manifest.to_dict(), {**payloads, **compiled.payloads})
-        built = Model(art, path=Path(output), threads=opts.threads)
+        manifest = _with_candidate(base, plan, candidate, selection)
+        payloads = {**candidate.prepared.payloads, **candidate.compiled.payloads}
+        art = artifact.Artifact(manifest.to_dict(), payloads)
+        built = Model(art, path=output, threads=opts.threads)
         try:
-            manifest.fidelity, probe_out = _fidelity_gate(
-                built, probe, probe_ref, probe_source, opts, say
+            fp32_preds = _check(
+                built, manifest, art, candidate, plan, probe, fp32_preds, timings, say
             )
-            section, check_payloads = record_selfcheck(
-                probe[:SELFCHECK_IMAGES],
-                probe_ref[:SELFCHECK_IMAGES],
-                probe_out[:SELFCHECK_IMAGES],
-                probe_source,
-                engine.name,
-                engine.version(),
-                opts.min_top1_agreement,
-            )
-            manifest.selfcheck = section
-            art.payloads.update(check_payloads)
-            if opts.check_images:
-                t = time.perf_counter()
-                try:
-                    manifest.accuracy, reference_preds = _accuracy_check(
-                        built, src, opts, say, reference_preds
-                    )
-                finally:
-                    timings["accuracy_check"] = round(
-                        timings.get("accuracy_check", 0.0) + time.perf_counter() - t, 3
-                    )
         except (FidelityError, AccuracyGateError) as exc:
             built.close()
-            if rank + 1 < len(candidates):
-                say(f"{engine.name} rejected: {exc}; trying the next fastest candidate")
+            if rank + 1 < len(ranked):
+                say(f"{candidate.engine.name} rejected: {exc}; trying the next fastest candidate")
                 continue
             written = "artifact not written"
             if isinstance(exc, FidelityError):
                 written += f". {_fidelity_hint(opts)}"
             raise type(exc)(f"{exc}; {written}") from None
-        break
-    manifest.timings = timings
-    manifest.build_seconds = round(time.perf_counter() - started, 3)
-    art.manifest.update(manifest.to_dict())  # the dict the built Model holds
-    artifact.save(art, output)  # completes it in place (format, payload digests)
-    built.spec = Manifest.from_dict(art.manifest)
-    say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
-    return built
+        return manifest, art, built
+    raise QuenchError("no candidate to check")  # compile_candidates returns at least one
+
+
+def _manifest(plan: Plan) -> Manifest:
+    """The manifest's candidate-independent part (engine and precision details come later)."""
+    opts, src, preset = plan.opts, plan.src, plan.preset
+    shape, batch = preset.data.input_shape, opts.batch
+    return Manifest(
+        name=opts.name or artifact_name(preset, plan.preset_how, src.path),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        quench_version=__version__,
+        source=src.describe(),
+        preset={"name": preset.name, "chosen": plan.preset_how},
+        model={
+            "macs_per_image": count_macs(src.model, shape),
+            "parameters": sum(
+                int(np.prod(t.dims)) for t in src.model.graph.initializer if t.data_type == 1
+            ),
+        },
+        io=IO(
+            Tensor(plan.spec.input_name, "float32", (batch or "N", *shape)),
+            Tensor(plan.spec.output_name, "float32", (batch or "N", len(plan.labels))),
+        ),
+        batch=Batch.of(batch),
+        preprocess=preset.data,
+        output_kind=preset.output_kind,
+        labels=plan.labels,
+        build=_settings(opts),
+        host=cpu_info(),
+        precision=PrecisionInfo(plan.precision),
+        engine=EngineInfo("", ""),
+    )
+
+
+def _with_candidate(
+    base: Manifest, plan: Plan, candidate: Candidate, selection: Selection
+) -> Manifest:
+    """``base`` with the candidate's engine, precision details, checks and quantization."""
+    engine, compiled, tag = candidate.engine, candidate.compiled, candidate.prepared.first_layer
+    return replace(
+        base,
+        precision=PrecisionInfo(plan.precision, dict(compiled.info)),
+        engine=EngineInfo(engine.name, engine.version(), compiled.options),
+        verification=candidate.verification,
+        engine_selection={
+            "requested": plan.opts.engine,
+            "chosen": engine.name,
+            **({"first_layer": tag} if tag else {}),
+            "candidates": list(selection.records),
+        },
+        quantization=candidate.prepared.quantization,
+    )
 
 
 def _settings(opts: BuildOptions) -> dict[str, Any]:
@@ -386,67 +466,73 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
 
 
-def _calibration_images(opts: BuildOptions, preset: Preset, say: Log) -> CalibrationSet:
-    """Read the calibration images through the preset's preprocessing (once per build)."""
-    from quench.builder.calibration import load_calibration
-
-    assert opts.calib_images is not None
-    calib = load_calibration(
-        opts.calib_images, preset.data, opts.calib_count, progress=opts.progress, warn=say
+def _check(
+    built: Model,
+    manifest: Manifest,
+    art: artifact.Artifact,
+    candidate: Candidate,
+    plan: Plan,
+    probe: Probe,
+    fp32_preds: list[Prediction] | None,
+    timings: dict[str, float],
+    say: Log,
+) -> list[Prediction] | None:
+    """The fidelity gate, the self-check record and the accuracy check of one candidate, written
+    into its manifest and artifact; returns the fp32 model's predictions on the check images
+    (computed once per build)."""
+    opts, n = plan.opts, SELFCHECK_IMAGES
+    manifest.fidelity, out = _fidelity_gate(built, probe, opts, say)
+    section, payloads = record_selfcheck(
+        probe.x[:n],
+        probe.reference[:n],
+        out[:n],
+        probe.source,
+        candidate.engine.name,
+        candidate.engine.version(),
+        opts.min_top1_agreement,
     )
+    manifest.selfcheck = section
+    art.payloads.update(payloads)
     if opts.check_images:
-        overlap = set(calib.files) & {str(p) for p in _check_paths(opts.check_images)}
-        if overlap:
-            say(
-                f"warning: {len(overlap)} calibration images are also check images: "
-                "the accuracy check will look better than it is"
+        with _timed(timings, "accuracy_check"):
+            manifest.accuracy, fp32_preds = _accuracy_check(
+                built, plan.dynamic, opts, say, fp32_preds
             )
-    return calib
+    return fp32_preds
 
 
-def _fidelity_inputs(
-    calib: CalibrationSet | None, int8: bool, preset: Preset, batch: int | None
-) -> tuple[np.ndarray, str]:
+def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
     """The images the fidelity gate and the self-check run: calibration images held out of the
     calibration (INT8) or all of them (float builds), else a random batch (a smoke test);
-    rounded to float16, the form in which the artifact keeps its self-check inputs."""
+    rounded to float16, the form in which the artifact keeps its self-check inputs; with the
+    fp32 source model's outputs (ONNX Runtime, dynamic batch)."""
+    int8 = plan.precision.is_int8
     x, kind = None, "random input"
     if calib is not None:
         x = calib.held_out if int8 else calib.tensor
         kind = "held-out calibration images" if int8 else "calibration images"
     if x is None or not len(x):
         rng = np.random.default_rng(0)
-        x, kind = (
-            rng.standard_normal((max(8, batch or 0), *preset.data.input_shape)),
-            "random input",
-        )
-    return np.asarray(x).astype(np.float16).astype(np.float32), kind
-
-
-def _fp32_outputs(
-    model: onnx.ModelProto, input_name: str, output_name: str, x: np.ndarray
-) -> np.ndarray:
-    """The fp32 source model's outputs for ``x`` (ONNX Runtime, dynamic batch)."""
-    from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
-
-    with OnnxRuntimeRunner(set_batch(model, None).SerializeToString()) as ref:
-        return np.concatenate(
-            [ref.infer({input_name: x[i : i + 8]})[output_name] for i in range(0, len(x), 8)]
-        )
+        x = rng.standard_normal((max(8, plan.opts.batch or 0), *plan.preset.data.input_shape))
+        kind = "random input"
+    x = np.asarray(x).astype(np.float16).astype(np.float32)
+    spec = plan.spec
+    with OnnxRuntimeRunner(plan.dynamic.SerializeToString()) as ref:
+        out = [
+            ref.infer({spec.input_name: x[i : i + 8]})[spec.output_name]
+            for i in range(0, len(x), 8)
+        ]
+    return Probe(x, np.concatenate(out), kind)
 
 
 def _fidelity_gate(
-    built: Model,
-    x: np.ndarray,
-    ref: np.ndarray,
-    source: str,
-    opts: BuildOptions,
-    say: Log,
+    built: Model, probe: Probe, opts: BuildOptions, say: Log
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Fidelity of ``built`` against fp32 on ``x`` and its outputs; :class:`FidelityError`
-    below the bound."""
+    """Fidelity of ``built`` against fp32 on the probe images, and its outputs;
+    :class:`FidelityError` below the bound."""
+    x, source = probe.x, probe.source
     got = built.predict(x)
-    figures = fidelity(got, ref)
+    figures = fidelity(got, probe.reference)
     result = {
         "images": len(x),
         "source": source,
@@ -482,88 +568,12 @@ def _fidelity_hint(opts: BuildOptions) -> str:
     return "Try " + ", ".join(tries) + " (or lower --min-top1-agreement if this is expected)."
 
 
-def _optimized(src: SourceModel) -> onnx.ModelProto:
-    """The graph quantization starts from: opset 13, dynamic batch, BN folded (ORT basic)."""
-    from quench.backend.onnxruntime.loader import optimize
-
-    return optimize(upgrade_opset(set_batch(src.model, None), 13), level="basic")
-
-
-def _quantize(
-    src: SourceModel,
-    optimized: onnx.ModelProto,
-    input_name: str,
-    preset: Preset,
-    calib: CalibrationSet,
-    opts: BuildOptions,
-    say: Log,
-) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
-    """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``."""
-    from quench.builder.quantize import QuantConfig, Source, cache, quantize
-    from quench.progress import Bar
-    from quench.zoo.fetch import cache_dir
-
-    config = QuantConfig()
-    if opts.calib_method:
-        config.method = opts.calib_method
-    if opts.bias_correction is not None:
-        config.bias_correction = opts.bias_correction
-    if preset.data.layout == "NCHW":
-        config.input_grid = preset.data.channel_mean_std()
-    # None (the default): the first conv on the pixel grid (GPTQ-rounded) where it fits
-    config.float_first_layer = opts.float_first_layer
-    config.weight_bits = 8 if opts.target == "native" and int8_accumulates_in_int32() else 7
-    source = Source.of(src.sha256, calib.digest, calib.describe(), config)
-    key = source.key
-    cache_file = (
-        Path(opts.calib_cache) if opts.calib_cache else cache_dir() / "calibration" / f"{key}.json"
-    )
-    cached = cache.read(cache_file, key, say)
-    say(
-        f"calibration: {len(calib.files)} images, method {config.method}"
-        + (f", reusing ranges from {cache_file}" if cached else "")
-    )
-    # one BLAS thread while NumPy computes (GPTQ's patch moments and Cholesky factor)
-    with Bar("quantizing", None, enabled=opts.progress) as bar, one_blas_thread():
-        result = quantize(
-            optimized,
-            input_name,
-            calib.tensor,
-            config,
-            cache=cached,
-            progress=lambda done, total: bar.advance(1),
-            source=source,
-        )
-    if not cached:
-        cache.write(cache_file, result.ranges, say)
-    info = {
-        **result.info,
-        "target": opts.target,
-        "int8_exact_on": (
-            PORTABLE_CLASSES
-            if config.weight_bits == 7
-            else "VNNI/AMX x86-64 and ARM only (not AVX2 or AVX-512 without VNNI)"
-        ),
-        "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
-        "cache": {"key": key, "reused": bool(cached)},
-    }
-    return result.model, result.ranges, info
-
-
-def _check_paths(spec: str) -> list[Path]:
-    from quench.evaluate import list_images
-
-    return list_images(spec)
-
-
-def _reference_model(src: SourceModel, built: Model) -> Model:
-    """The fp32 source model on ONNX Runtime, with the built model's preprocessing."""
-    from quench.backend.onnxruntime.loader import OnnxRuntimeEngine
-    from quench.model import Model
-
+def _reference_model(source: onnx.ModelProto, built: Model) -> Model:
+    """The fp32 source model (dynamic batch) on ONNX Runtime, with the built model's
+    preprocessing."""
     engine = OnnxRuntimeEngine()
     spec = CompileSpec(FORCE_FLOAT32.name, built.input_name, built.output_name, None)
-    compiled = engine.compile(set_batch(src.model, None), spec)
+    compiled = engine.compile(source, spec)
     manifest = built.spec.with_engine(
         EngineInfo(engine.name, engine.version(), compiled.options), batch=None
     )
@@ -572,21 +582,19 @@ def _reference_model(src: SourceModel, built: Model) -> Model:
 
 def _accuracy_check(
     built: Model,
-    src: SourceModel,
+    source: onnx.ModelProto,
     opts: BuildOptions,
     say: Log,
-    reference_preds: list[Any] | None = None,
-) -> tuple[dict[str, Any], list[Any]]:
-    """Top-1/top-5 of the built model and of fp32 on the check images; gate on the drop."""
-    from quench.evaluate import GroundTruth, read_ground_truth, score
-    from quench.progress import Bar
-
+    reference_preds: list[Prediction] | None = None,
+) -> tuple[dict[str, Any], list[Prediction]]:
+    """Top-1/top-5 of the built model and of fp32 (``source``, dynamic batch) on the check
+    images; gate on the drop."""
     assert opts.check_images is not None
-    paths = _check_paths(opts.check_images)
+    paths = list_images(opts.check_images)
     if not paths:
         raise QuenchError(f"{opts.check_images}: no check images")
     if reference_preds is None:
-        reference = _reference_model(src, built)
+        reference = _reference_model(source, built)
         with Bar("checking accuracy (fp32)", len(paths), enabled=opts.progress) as bar:
             reference_preds = list(
                 reference.iter_classify(paths, topk=5, on_done=lambda p: bar.advance())
@@ -630,26 +638,15 @@ def _accuracy_check(
     return result, ref_preds
 
 
-def _verify(
-    model: onnx.ModelProto, compiled: Compiled, engine: Engine, spec: CompileSpec, preset: Preset
-) -> dict[str, Any]:
-    """Run the compiled model and the source model on the same random batch and compare."""
-    from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
+# -- write -----------------------------------------------------------------------------------
 
-    n = spec.batch or 2
-    x = np.random.default_rng(0).standard_normal((n, *preset.data.input_shape)).astype(np.float32)
-    feed = {spec.input_name: x}
-    with OnnxRuntimeRunner(model.SerializeToString(), graph_optimization_level="disable") as ref:
-        expected = ref.infer(feed)[spec.output_name]
-    with engine.runner(compiled.payloads, compiled.options, threads=spec.threads) as run:
-        got = run.infer(feed)[spec.output_name]
-    if got.shape != expected.shape:
-        raise ModelError(f"compiled model output shape {got.shape} != source {expected.shape}")
-    diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-    scale = float(np.max(np.abs(expected))) or 1.0
-    agree = float(np.mean(got.argmax(1) == expected.argmax(1)))
-    if spec.precision == FORCE_FLOAT32.name and diff > 1e-3 * max(1.0, scale):
-        raise ModelError(f"compiled fp32 model differs from the source by {diff:.3g}")
-    if not np.all(np.isfinite(got)):
-        raise ModelError("the compiled model produces non-finite outputs")
-    return {"batch": n, "max_abs_diff": diff, "max_abs_reference": scale, "top1_agreement": agree}
+
+def _write(
+    manifest: Manifest, art: artifact.Artifact, built: Model, output: str | Path, say: Log
+) -> Model:
+    """Save the accepted artifact to ``output``; the loaded model holds the final manifest."""
+    art.manifest.update(manifest.to_dict())  # the dict the built Model holds
+    artifact.save(art, output)  # completes it in place (format, payload digests)
+    built.spec = Manifest.from_dict(art.manifest)
+    say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
+    return built
