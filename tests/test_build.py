@@ -518,3 +518,36 @@ def test_forcing_an_engine(
     x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
     ref = ort.InferenceSession(str(tiny_model)).run(None, {"images": x})[0]
     np.testing.assert_allclose(model.predict(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_the_source_model_is_copied_once_per_batch_setting(
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_labels: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int | None,
+) -> None:
+    """However many engines compile it and checks run it, the build copies the source model
+    (100 MB for ResNet-50) once for its batch size and once for a dynamic batch."""
+    from quench.builder import core
+
+    copies: list[int | None] = []
+    real = core.set_batch
+
+    def counted(model, b, *args):
+        copies.append(b)
+        return real(model, b, *args)
+
+    monkeypatch.setattr(core, "set_batch", counted)
+    opts = {**TINY_BUILD, "engine": "auto"}
+    m = build(
+        tiny_model,
+        tmp_path / "m.quench",
+        labels=str(tiny_labels),
+        batch=batch,
+        select_seconds=0.05,
+        **opts,
+    )
+    assert len(m.manifest["engine_selection"]["candidates"]) >= 2  # both engines compiled it
+    assert sorted(copies, key=str) == ([None] if batch is None else [4, None])
