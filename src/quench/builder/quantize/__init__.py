@@ -60,6 +60,9 @@ class QuantResult:
     model: onnx.ModelProto  # the QDQ model (fp32 tensors elsewhere)
     ranges: bytes  # the calibration cache envelope (JSON), reusable as ``cache``
     info: dict[str, Any] = field(default_factory=dict)
+    # the float graph the QDQ rewrite started from (node names as in ``model``, first layer
+    # rewritten, biases not corrected): what ``layers.with_float_layers`` takes weights from
+    float_model: onnx.ModelProto | None = None
 
 
 def quantize(
@@ -157,7 +160,7 @@ def quantize(
         "bias_corrected": len(corrected_nodes),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return QuantResult(model=qmodel, ranges=cache_bytes, info=info)
+    return QuantResult(model=qmodel, ranges=cache_bytes, info=info, float_model=model)
 
 
 def _to_qdq(
