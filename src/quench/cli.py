@@ -201,6 +201,11 @@ def zoo_synth(
 # -- build ----------------------------------------------------------------------------------
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list of names (an empty one for None)."""
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
 def _floats3(text: str | None, what: str) -> tuple[float, float, float] | None:
     if text is None:
         return None
@@ -300,6 +305,25 @@ def build(
             "calibration images held out of calibration is lower (random input without images).",
         ),
     ] = 0.8,
+    float_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="INT8: layers (ONNX node names, comma separated; `quench diagnose` lists them) "
+            "kept in float."
+        ),
+    ] = None,
+    int8_layers: Annotated[
+        str | None,
+        typer.Option(help="INT8: layers kept in INT8 whatever the repair finds (comma separated)."),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair/--no-repair",
+            help="INT8: when the build misses --min-top1-agreement or --max-top1-drop, keep its "
+            "most sensitive layers in float (the fewest that pass) instead of failing.",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON.")
@@ -335,6 +359,9 @@ def build(
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,
             min_top1_agreement=min_top1_agreement,
+            float_layers=_names(float_layers),
+            int8_layers=_names(int8_layers),
+            repair=repair,
             progress=not quiet,
         )
         m = do_build(model, output, opts, log=None if quiet else info)

@@ -5,7 +5,7 @@ accuracy check) -> write."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -19,6 +19,7 @@ from quench import __version__, artifact
 from quench.backend import CompileSpec, Engine
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
+from quench.builder import repair, sensitivity
 from quench.builder.calibration import CalibrationSet, load_calibration
 from quench.builder.engines import (
     Candidate,
@@ -29,8 +30,10 @@ from quench.builder.engines import (
     compile_candidates,
     select_fastest,
 )
-from quench.builder.quantize import QuantConfig, Source, quantize
+from quench.builder.quantize import QuantConfig, QuantResult, Source, quantize
 from quench.builder.quantize import cache as ranges_cache
+from quench.builder.quantize.layers import check_names, layers, with_float_layers
+from quench.builder.quantize.qdq import quantized_counts
 from quench.errors import ModelError, QuenchError
 from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
 from quench.graph import (
@@ -61,6 +64,7 @@ TARGETS = ("portable", "native")
 # Where 7-bit weights are exact: u8 x s7 pair sums fit int16 (2 x 255 x 64 <= 32767)
 PORTABLE_CLASSES = "every CPU: x86-64 (SSE4.1, AVX2, AVX-512 with or without VNNI, AMX) and ARM"
 CALIBRATION_PAYLOAD = "calibration.json"
+SENSITIVITY_IMAGES = 32  # calibration images the repair ranks layers on
 
 Log = Callable[[str], None]
 
@@ -97,6 +101,11 @@ class BuildOptions:
     # portable: 7-bit weights, exact on every CPU; native: 8-bit where this host's int8
     # accumulates in int32 (VNNI, AMX, ARM), exact only on such CPUs
     target: str = "portable"
+    # mixed precision: layers (ONNX node names) kept in float / kept in INT8 whatever the repair
+    float_layers: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
+    # a build that misses its bound keeps its most sensitive layers in float until it holds
+    repair: bool = True
     # accuracy check at build time
     check_images: str | None = None
     check_labels: str | None = None
@@ -152,7 +161,21 @@ def build(
     with _timed(timings, "compile_and_select"):
         selection = _compile_and_select(plan, prepared, say)
     probe = _probe(plan, calib)
-    manifest, art, built = _accept(plan, selection, probe, Path(output), timings, say)
+    try:
+        manifest, art, built = _accept(plan, selection, probe, Path(output), timings, say)
+    except (FidelityError, AccuracyGateError) as exc:
+        if not _repairable(plan, selection):
+            raise _not_written(exc, opts) from None
+        assert calib is not None
+        try:
+            with _timed(timings, "repair"):
+                prepared = [_repair(plan, selection, probe, calib, exc, say)]
+            with _timed(timings, "compile_and_select"):
+                selection = _compile_and_select(plan, prepared, say)
+            # the repaired model, confirmed by the same gates
+            manifest, art, built = _accept(plan, selection, probe, Path(output), timings, say)
+        except (FidelityError, AccuracyGateError) as again:
+            raise _not_written(again, opts) from None
     manifest.timings = timings
     manifest.build_seconds = round(time.perf_counter() - started, 3)
     return _write(manifest, art, built, output, say)
@@ -273,11 +296,35 @@ def _prepare(plan: Plan, calib: CalibrationSet | None, say: Log) -> list[Prepare
     prepared = []
     for first in firsts:
         o = opts if first is None else replace(opts, float_first_layer=first)
-        qmodel, ranges, info = _quantize(plan, optimized, calib, o, say)
+        result, info = _quantize(plan, optimized, calib, o, say)
         tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
-        payloads = {CALIBRATION_PAYLOAD: ranges}
-        prepared.append(Prepared(set_batch(qmodel, opts.batch), payloads, info, tag))
+        payloads = {CALIBRATION_PAYLOAD: result.ranges}
+        qdq = set_batch(result.model, opts.batch)
+        prepared.append(
+            _mixed(Prepared(qdq, payloads, info, tag, result.float_model), plan, opts.float_layers)
+        )
     return prepared
+
+
+def _mixed(prepared: Prepared, plan: Plan, float_layers: Sequence[str]) -> Prepared:
+    """``prepared`` (all INT8) with ``float_layers`` in float, checked against its layers; the
+    quantization section then maps every layer to its precision."""
+    assert prepared.float_model is not None and prepared.quantization is not None
+    qdq, opts = prepared.model, plan.opts
+    known = [layer.name for layer in layers(qdq)]
+    names = check_names(float_layers, known)
+    check_names(opts.int8_layers, known)
+    if clash := sorted(set(names) & set(opts.int8_layers)):
+        raise QuenchError(f"layer(s) asked both in float and in INT8: {', '.join(clash)}")
+    model = with_float_layers(qdq, prepared.float_model, names)
+    info = {
+        **prepared.quantization,
+        "quantized_nodes": quantized_counts(model),
+        "float_layers": names,
+        "int8_layers": list(opts.int8_layers),
+        "layers": {layer.name: layer.precision for layer in layers(model)},
+    }
+    return replace(prepared, model=model, quantization=info)
 
 
 def _quantize(
@@ -286,9 +333,9 @@ def _quantize(
     calib: CalibrationSet,
     opts: BuildOptions,
     say: Log,
-) -> tuple[onnx.ModelProto, bytes, dict[str, Any]]:
-    """Calibrate on ``calib`` (or reuse the cache) and return the QDQ model of ``optimized``,
-    its ranges (the calibration payload) and the manifest's quantization section."""
+) -> tuple[QuantResult, dict[str, Any]]:
+    """Calibrate on ``calib`` (or reuse the cache) and quantize ``optimized``: the result (QDQ
+    model, ranges, float graph) and the manifest's quantization section."""
     config = QuantConfig()
     if opts.calib_method:
         config.method = opts.calib_method
@@ -333,7 +380,7 @@ def _quantize(
         "calibration": {**calib.describe(), "files_skipped": calib.skipped[:20]},
         "cache": {"key": key, "reused": bool(cached)},
     }
-    return result.model, result.ranges, info
+    return result, info
 
 
 # -- compile and select (quench.builder.engines) --------------------------------------------
@@ -391,12 +438,128 @@ def _accept(
             if rank + 1 < len(ranked):
                 say(f"{candidate.engine.name} rejected: {exc}; trying the next fastest candidate")
                 continue
-            written = "artifact not written"
-            if isinstance(exc, FidelityError):
-                written += f". {_fidelity_hint(opts)}"
-            raise type(exc)(f"{exc}; {written}") from None
+            raise
         return manifest, art, built
     raise QuenchError("no candidate to check")  # compile_candidates returns at least one
+
+
+# -- repair: the fewest most sensitive layers in float (quench.builder.repair) ---------------
+
+
+def _repairable(plan: Plan, selection: Selection) -> bool:
+    prepared = selection.ranked[0].prepared
+    return plan.opts.repair and plan.precision.is_int8 and prepared.float_model is not None
+
+
+def _repair(
+    plan: Plan,
+    selection: Selection,
+    probe: Probe,
+    calib: CalibrationSet,
+    failure: QuenchError,
+    say: Log,
+) -> Prepared:
+    """Rank the quantized layers by sensitivity on calibration images, then search the fewest
+    top-ranked layers in float that pass the bounds (judged with the chosen engine on the
+    images each bound names); :class:`AccuracyGateError` or :class:`FidelityError` (nothing
+    written) with the best mix found when none does."""
+    opts, chosen = plan.opts, selection.ranked[0]
+    prepared = chosen.prepared
+    assert prepared.float_model is not None
+    qdq, float_model = set_batch(prepared.model, None), prepared.float_model
+    pinned = set(opts.int8_layers)
+    names = [x.name for x in layers(qdq) if x.precision == "int8" and x.name not in pinned]
+    say(f"{failure}; ranking {len(names)} quantized layers by sensitivity")
+    x = calib.tensor[:SENSITIVITY_IMAGES]
+    spec = plan.spec
+    t = time.perf_counter()
+    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
+    with Bar("ranking layers by sensitivity", len(names), enabled=opts.progress) as bar:
+        base, each = sensitivity.sensitivity(
+            qdq, float_model, spec.input_name, spec.output_name, x, ref, names, bar.advance
+        )
+    ranking = sensitivity.rank(base, each)
+    rank_seconds = time.perf_counter() - t
+    judge = _judge(plan, selection, probe)
+    t = time.perf_counter()
+    with Bar("searching float layers", None, enabled=opts.progress):
+        plan_ = repair.search(ranking, judge, say)
+    record = {
+        "failure": str(failure),
+        "sensitivity_images": len(x),
+        "all_int8": base.to_dict(),
+        "ranking": [{"name": n, **each[n].to_dict()} for n in ranking],
+        "steps": [s.to_dict() for s in plan_.steps],
+        "seconds": {"rank": round(rank_seconds, 2), "search": round(time.perf_counter() - t, 2)},
+    }
+    best = plan_.best
+    if plan_.float_layers is None:
+        figures = "; ".join(f"{a} {b}" for a, b in best.verdict.figures.items()) if best else ""
+        kept = ", ".join(ranking[: best.float_layers]) if best else ""
+        raise type(failure)(
+            f"{failure}; no mix of float layers meets the bound: the best found keeps "
+            f"{best.float_layers if best else 0} of {len(ranking)} layers in float ({figures})"
+            + (f": {kept}" if kept and best and best.float_layers <= 10 else "")
+        )
+    chosen_layers = [*opts.float_layers, *plan_.float_layers]
+    say(f"keeping {len(plan_.float_layers)} layer(s) in float: {', '.join(plan_.float_layers)}")
+    repaired = _mixed(prepared, plan, chosen_layers)
+    assert repaired.quantization is not None
+    repaired.quantization["repair"] = {**record, "float_layers": plan_.float_layers}
+    return repaired
+
+
+def _judge(plan: Plan, selection: Selection, probe: Probe) -> repair.Judge:
+    """What a repair step asks of a mix: compiled by the chosen engine with its options, its
+    top-1 agreement with fp32 on the probe (the fidelity gate's bound) and, with check images,
+    its top-1 drop there (the accuracy check's bound)."""
+    opts, chosen, spec = plan.opts, selection.ranked[0], plan.spec
+    prepared = chosen.prepared
+    assert prepared.float_model is not None
+    check = _check_set(plan) if opts.check_images else None
+    base = _manifest(plan)
+
+    def judge(names: Sequence[str]) -> repair.Verdict:
+        model = with_float_layers(prepared.model, prepared.float_model, names)
+        compiled = chosen.engine.compile(model, spec)
+        compiled.options.update(chosen.variant)
+        candidate = Candidate(chosen.engine, compiled, chosen.variant, {}, Prepared(model))
+        manifest = _with_candidate(base, plan, candidate, selection)
+        art = artifact.Artifact(manifest.to_dict(), compiled.payloads)
+        with Model(art, threads=opts.threads) as built:
+            agree = fidelity(built.predict(probe.x), probe.reference)["top1_agreement"]
+            figures: dict[str, Any] = {"top1_agreement": round(agree, 4)}
+            passed = agree >= opts.min_top1_agreement
+            score = agree - opts.min_top1_agreement
+            if check is not None:
+                drop = round(check.drop(built.predict(check.x)), 4)  # as the check rounds
+                figures["top1_drop_points"] = round(drop, 4)
+                if opts.max_top1_drop is not None:
+                    passed = passed and drop <= opts.max_top1_drop
+                    score = min(score, (opts.max_top1_drop - drop) / 100)
+        return repair.Verdict(figures, passed, score)
+
+    return judge
+
+
+def _check_set(plan: Plan) -> repair.CheckSet:
+    """The check images, preprocessed once, with the fp32 source model's outputs."""
+    opts, spec = plan.opts, plan.spec
+    assert opts.check_images is not None
+    truth = read_ground_truth(opts.check_labels) if opts.check_labels else None
+    x, labels = repair.read_check_images(
+        list_images(opts.check_images), plan.preset.data, truth, opts.progress
+    )
+    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
+    return repair.CheckSet(x, ref, labels)
+
+
+def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:
+    """The build's final word on a failed gate: nothing written, and what to try."""
+    written = "artifact not written"
+    if isinstance(exc, FidelityError):
+        written += f". {_fidelity_hint(opts)}"
+    return type(exc)(f"{exc}; {written}")
 
 
 def _manifest(plan: Plan) -> Manifest:

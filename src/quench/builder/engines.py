@@ -38,6 +38,9 @@ class Prepared:
     payloads: dict[str, bytes] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # the manifest's quantization section
     first_layer: str | None = None  # "float" or "pixel grid" when both forms are candidates
+    # INT8: the float graph the QDQ model was made from (dynamic batch), where layers kept in
+    # float take their weights (quench.builder.quantize.layers.with_float_layers)
+    float_model: onnx.ModelProto | None = None
 
 
 @dataclass

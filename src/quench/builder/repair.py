@@ -18,7 +18,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from quench.errors import ImageError, QuenchError
+from quench.evaluate import GroundTruth
+from quench.imaging import Normalizer, load_pixels
+from quench.presets import DataConfig
+from quench.progress import Bar
 
 
 @dataclass(frozen=True)
@@ -112,3 +121,49 @@ def search(ranking: Sequence[str], judge: Judge, say: Callable[[str], None] | No
             lo = mid
     plan.chosen = hi
     return plan
+
+
+@dataclass
+class CheckSet:
+    """Check images read once: the preprocessed tensor, fp32's outputs, and the labels (None:
+    the measure is agreement with fp32's top-1, as in the build's accuracy check)."""
+
+    x: np.ndarray
+    reference: np.ndarray
+    labels: np.ndarray | None = None  # class index per image, -1 where the truth has none
+
+    def drop(self, logits: np.ndarray) -> float:
+        """Top-1 drop against fp32, in percentage points."""
+        got, ref = logits.argmax(1), self.reference.argmax(1)
+        if self.labels is None:
+            return float(100 * (1 - np.mean(got == ref)))
+        known = self.labels >= 0
+        if not known.any():
+            raise QuenchError("no check image has a label")
+        truth = self.labels[known]
+        return float(100 * (np.mean(ref[known] == truth) - np.mean(got[known] == truth)))
+
+
+def read_check_images(
+    paths: Sequence[Path], data: DataConfig, truth: GroundTruth | None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The readable images of ``paths`` preprocessed as ``data`` says, and their labels from
+    ``truth`` (-1 where it has none); unreadable files are left out, as the accuracy check
+    leaves them out."""
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    with Bar("reading check images", len(paths), enabled=progress) as bar:
+        for p in paths:
+            try:
+                images.append(load_pixels(p, data))
+            except ImageError:
+                continue
+            finally:
+                bar.advance()
+            if truth is not None:
+                label = truth.get(p)
+                labels.append(-1 if label is None else label)
+    if not images:
+        raise QuenchError("none of the check images could be read")
+    x = Normalizer(data).batch(images)
+    return x, (np.array(labels) if truth is not None else None)

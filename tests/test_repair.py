@@ -1,0 +1,292 @@
+"""Accuracy-aware mixed precision: layer sensitivity, the float-layer search and the repair."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_calib_images
+from quench.builder import build, repair, sensitivity
+from quench.builder.quantize import QuantConfig, quantize
+from quench.builder.quantize.layers import check_names, layers, with_float_layers
+from quench.errors import QuenchError
+from quench.imaging import Normalizer, load_pixels
+from quench.model import Model
+from quench.presets import get_preset
+from quench.selfcheck import FidelityError
+
+SIZE = 16
+FRAGILE_BUILD = dict(
+    preset="imagenet",
+    resize=18,
+    crop=SIZE,
+    mean=(120.0, 115.0, 100.0),
+    std=(60.0, 60.0, 60.0),
+    engine="onnxruntime",
+    precision="qint8_mixed_float32",
+    float_first_layer=True,
+    progress=False,
+)
+
+
+def make_fragile(path: Path, wide: float = 300.0, seed: int = 0) -> Path:
+    """Conv -> Relu -> Conv "conv_b" (output channel 0 scaled by ``wide``) -> Relu -> Conv
+    "fragile" (reads channel 0 scaled back) -> Relu -> Flatten -> Gemm "fc".
+
+    The fragile Conv's input has one wide-range channel: its per-tensor uint8 range is set by
+    that channel, so the others round to a few levels. Keeping just that layer in float fixes it.
+    """
+    rng = np.random.default_rng(seed)
+    c, classes = 16, 10
+    wa = rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3
+    wb = rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.15
+    wb[0] *= wide
+    wc = rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.15
+    wc[:, 0] /= wide
+    fw = rng.standard_normal((classes, c * SIZE * SIZE)).astype(np.float32) / 64
+
+    def bias(n: int) -> np.ndarray:
+        return rng.normal(0, 0.1, n).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [
+            (wa, "wa"),
+            (bias(c), "ba"),
+            (wb, "wb"),
+            (bias(c), "bb"),
+            (wc, "wc"),
+            (bias(c), "bc"),
+            (fw, "fw"),
+            (bias(classes), "fb"),
+        ]
+    ]
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["images", "wa", "ba"], ["a"], pads=pads, name="conv_a"),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], pads=pads, name="conv_b"),
+        helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
+        helper.make_node("Conv", ["br", "wc", "bc"], ["c"], pads=pads, name="fragile"),
+        helper.make_node("Relu", ["c"], ["cr"], name="relu_c"),
+        helper.make_node("Flatten", ["cr"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fragile",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_x(calib_dir: Path) -> np.ndarray:
+    """The calibration images, preprocessed as the build does."""
+    data = (
+        get_preset(FRAGILE_BUILD["preset"])
+        .with_data(**{k: FRAGILE_BUILD[k] for k in ("resize", "crop", "mean", "std")})
+        .data
+    )
+    return Normalizer(data).batch([load_pixels(p, data) for p in sorted(calib_dir.iterdir())])
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fragile(tmp_path_factory.mktemp("fragile") / "fragile.onnx")
+
+
+@pytest.fixture(scope="module")
+def labels10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("labels") / "labels.txt"
+    p.write_text("".join(f"class-{i}\n" for i in range(10)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_calib_images(tmp_path_factory.mktemp("calib"), 40, seed=100)
+
+
+@pytest.fixture(scope="module")
+def check_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_calib_images(tmp_path_factory.mktemp("check"), 40, seed=500)
+
+
+@pytest.fixture(scope="module")
+def quantized(fragile: Path, calib_x: np.ndarray):
+    """The fragile model quantized on 24 calibration images, and the 16 others."""
+    config = QuantConfig(bias_correction=False)
+    return quantize(onnx.load(fragile), "images", calib_x[:24], config), calib_x[24:]
+
+
+def test_with_float_layers_puts_only_the_named_layer_in_float(quantized) -> None:
+    result, _ = quantized
+    before = {x.name: x.precision for x in layers(result.model)}
+    assert before == {"conv_a": "float", "conv_b": "int8", "fragile": "int8", "fc": "int8"}
+    mixed = with_float_layers(result.model, result.float_model, ["fragile"])
+    after = {x.name: x.precision for x in layers(mixed)}
+    assert after == {**before, "fragile": "float"}
+    onnx.checker.check_model(mixed)
+    # its weights are the float model's, not the dequantized int8 ones
+    node = next(n for n in mixed.graph.node if n.name == "fragile")
+    inits = {t.name: numpy_helper.to_array(t) for t in mixed.graph.initializer}
+    float_w = {t.name: t for t in result.float_model.graph.initializer}["wc"]
+    assert np.array_equal(inits[node.input[1]], numpy_helper.to_array(float_w))
+
+
+def test_sensitivity_ranks_the_fragile_layer_first(quantized) -> None:
+    result, x = quantized
+    ref = sensitivity.run(result.float_model, "images", x)["logits"]
+    names = [n.name for n in layers(result.model) if n.precision == "int8"]
+    base, each = sensitivity.sensitivity(
+        result.model, result.float_model, "images", "logits", x, ref, names
+    )
+    ranking = sensitivity.rank(base, each)
+    assert ranking[0] == "fragile"
+    assert each["fragile"].kl < base.kl / 10  # in float, that layer takes most of the error away
+    sqnr = sensitivity.layer_sqnr(result.model, result.float_model, "images", x)
+    assert sqnr["conv_a"] > 100  # the float first layer is exact
+    # the error appears at the fragile layer (and is carried on to the logits)
+    assert sqnr["fragile"] < sqnr["conv_b"] - 10, sqnr
+
+
+def _verdicts(need: int | None):
+    """A judge that passes when at least ``need`` layers are in float (never for None)."""
+    asked: list[int] = []
+
+    def judge(names):
+        asked.append(len(names))
+        ok = need is not None and len(names) >= need
+        return repair.Verdict({"k": len(names)}, ok, float(len(names)))
+
+    return judge, asked
+
+
+@pytest.mark.parametrize("need", [1, 2, 3, 5, 8, 13])
+def test_search_finds_the_fewest_float_layers_in_log_steps(need: int) -> None:
+    ranking = [f"l{i}" for i in range(13)]
+    judge, asked = _verdicts(need)
+    plan = repair.search(ranking, judge)
+    assert plan.chosen == need and plan.float_layers == ranking[:need]
+    assert len(asked) == len(set(asked)) <= 2 * 4 + 1  # galloping + bisection, never twice
+
+
+def test_search_without_a_passing_mix_reports_the_best() -> None:
+    judge, asked = _verdicts(None)
+    plan = repair.search([f"l{i}" for i in range(6)], judge)
+    assert plan.chosen is None and plan.float_layers is None
+    assert plan.best is not None and plan.best.float_layers == 6  # the best score was judged
+    assert 6 in asked
+
+
+def test_check_names_suggests_the_closest() -> None:
+    with pytest.raises(QuenchError, match=r"unknown layer 'fragil'; closest: fragile"):
+        check_names(["fragil"], ["conv_a", "conv_b", "fragile", "fc"])
+
+
+# -- the build ------------------------------------------------------------------------------
+
+
+def _build(src: Path, out: Path, labels: Path, calib: Path, **kw) -> Model:
+    return build(src, out, labels=str(labels), calib_images=str(calib), **{**FRAGILE_BUILD, **kw})
+
+
+def test_build_fails_its_bound_without_repair(
+    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    out = tmp_path / "f.quench"
+    with pytest.raises(FidelityError, match="artifact not written"):
+        _build(
+            fragile,
+            out,
+            labels10,
+            calib_dir,
+            repair=False,
+            check_images=str(check_dir),
+            max_top1_drop=5.0,
+        )
+    assert not out.exists()
+
+
+def test_repair_keeps_exactly_the_fragile_layer_in_float(
+    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    out = tmp_path / "f.quench"
+    lines: list[str] = []
+    m = _build(
+        fragile,
+        out,
+        labels10,
+        calib_dir,
+        check_images=str(check_dir),
+        max_top1_drop=5.0,
+        log=lines.append,
+    )
+    q = m.manifest["quantization"]
+    assert q["layers"] == {"conv_a": "float", "conv_b": "int8", "fragile": "float", "fc": "int8"}
+    assert q["repair"]["float_layers"] == ["fragile"]
+    assert q["repair"]["ranking"][0]["name"] == "fragile"
+    assert q["repair"]["steps"][-1]["passed"] and q["repair"]["steps"][-1]["float_layers"] == 1
+    assert m.manifest["accuracy"]["passed"]
+    assert m.manifest["accuracy"]["top1_drop_points"] <= 5.0
+    assert any("keeping 1 layer(s) in float: fragile" in line for line in lines)
+    assert Model.load(out).manifest["quantization"]["repair"]["float_layers"] == ["fragile"]
+
+
+def test_impossible_bound_fails_with_the_best_mix_and_writes_nothing(
+    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    out = tmp_path / "f.quench"
+    with pytest.raises(FidelityError, match="no mix of float layers meets the bound") as e:
+        _build(
+            fragile,
+            out,
+            labels10,
+            calib_dir,
+            check_images=str(check_dir),
+            max_top1_drop=5.0,
+            int8_layers=("fragile",),
+        )
+    assert re.search(
+        r"the best found keeps [12] of 2 layers in float \(top1_agreement", str(e.value)
+    )
+    assert "artifact not written" in str(e.value)
+    assert not out.exists()
+
+
+def test_float_layers_by_name(
+    fragile: Path, labels10: Path, calib_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    m = _build(
+        fragile, tmp_path / "f.quench", labels10, calib_dir, float_layers=("fragile",), repair=False
+    )
+    q = m.manifest["quantization"]
+    assert q["layers"] == {"conv_a": "float", "conv_b": "int8", "fragile": "float", "fc": "int8"}
+    assert q["float_layers"] == ["fragile"] and "repair" not in q
+    # asked-for float layers stay float; the repair adds what the bound still needs
+    m = _build(fragile, tmp_path / "g.quench", labels10, calib_dir, float_layers=("fc",))
+    q = m.manifest["quantization"]
+    assert q["float_layers"] == ["fc", "fragile"] and q["repair"]["float_layers"] == ["fragile"]
+    with pytest.raises(QuenchError, match=r"unknown layer 'conv-b'; closest: conv_b"):
+        _build(fragile, tmp_path / "h.quench", labels10, calib_dir, float_layers=("conv-b",))
+    with pytest.raises(QuenchError, match=r"asked both in float and in INT8: fc"):
+        _build(
+            fragile,
+            tmp_path / "i.quench",
+            labels10,
+            calib_dir,
+            float_layers=("fc",),
+            int8_layers=("fc",),
+        )
