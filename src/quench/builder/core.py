@@ -623,6 +623,7 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
             "bias_correction",
             "float_first_layer",
             "target",
+            "repair",
         }
     if not opts.calib_images:
         skip.add("calib_count")
