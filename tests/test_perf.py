@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,69 @@ def test_measure_runs_requests_at_once() -> None:
         perf.measure(
             [slow, lambda x: (_ for _ in ()).throw(RuntimeError("boom"))], (3, 4, 4), 1, 3, warmup=0
         )
+
+
+def test_rounds_alternate_between_batch_sizes() -> None:
+    calls: list[int] = []
+    res = perf._sweep(
+        lambda x: calls.append(len(x)),
+        (3, 4, 4),
+        [1, 2],
+        perf.Timing(iterations=4, warmup=2, rounds=2),
+        False,
+        macs=None,
+        compute="float32",
+        threads=1,
+        model="m",
+        precision="p",
+        engine="e",
+    )
+    # size 1: 2 warm-up + 2 timed; size 2 the same; then one warm-up call and 2 timed each
+    assert calls == [1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2]
+    for r in res:
+        assert r.iterations == 4 and len(r.rounds) == 2 and r.qps_spread["n"] == 2
+        assert r.machine_load is not None and r.machine_load["cores"] >= 1
+
+
+def test_unstable_rounds_are_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected round timings: 10 iterations in 0.1 s, then in 0.2 s: CV far above 5%."""
+    import numpy as np
+
+    secs = iter([0.1, 0.2, 0.1, 0.1, 0.1, 0.1])
+
+    def fake_measure(infer, shape, batch, n, duration, warmup, on_step=None, x=None):
+        s = next(secs)
+        return 10, s, np.full(10, s / 10)
+
+    monkeypatch.setattr(perf, "measure", fake_measure)
+    kw = dict(macs=None, compute="float32", threads=1, model="m", precision="p", engine="e")
+    (r,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=2), False, **kw)
+    assert [x["qps"] for x in r.rounds] == [400.0, 200.0]
+    assert r.qps == pytest.approx(40 * 2 / 0.3, rel=1e-3)
+    assert r.qps_spread["min"] == 200 and r.qps_spread["max"] == 400
+    assert r.unstable and "batch 4 throughput: varied" in r.warnings[0]
+    (steady,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=4), False, **kw)
+    assert steady.qps_spread["cv"] == 0 and not any("varied" in w for w in steady.warnings)
+    row = perf.perf_row(r.to_dict())
+    assert row[3].endswith("!") and row[4] == "200.0-400.0 (47.1%)"
+
+
+def test_perf_cli_rounds_percentiles_and_stability(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    res = invoke(
+        "perf", tiny_artifact, "--batch", "1,2", "--iterations", 9, "--rounds", 3,
+        "--percentile", "95,99.9", "--warmup", 1, "--json", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert re.search(r"\d+\.\d-\d+\.\d \(\d+\.\d%\)", res.stdout)  # qps range (CV)
+    assert "batch 2: latency min = " in res.stdout and "percentile(99.9%) = " in res.stdout
+    doc = json.loads(out.read_text())
+    r = doc["results"][0]
+    assert len(r["rounds"]) == 3 and sum(1 for _ in r["rounds"]) == r["qps_spread"]["n"]
+    assert {"min", "median", "mean", "max", "cv"} <= set(r["qps_spread"])
+    assert {"p95", "p99.9", "min", "mean", "max"} <= set(r["latency_ms"])
+    st = doc["stability"]
+    assert st["unstable"] == bool(st["warnings"]) and st["cv_bound"] == 0.05
+    assert st["machine_load"]["cores"] >= 1
+    for bad in ("0", "abc", "100"):
+        assert invoke("perf", tiny_artifact, "--percentile", bad).exit_code == 2

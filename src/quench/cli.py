@@ -30,7 +30,9 @@ from quench.hw import clock_source, cpu_info, one_blas_thread
 from quench.model import Model
 from quench.perf import (
     PERF_COLUMNS,
+    ROUNDS,
     PerfResult,
+    latency_line,
     peak_macs,
     perf_images,
     perf_model,
@@ -42,6 +44,7 @@ from quench.precision import NAMES as PRECISION_NAMES
 from quench.presets import PRESETS
 from quench.progress import Bar
 from quench.run import TOPK, RunOptions, run_job
+from quench.stats import CV_BOUND
 from quench.zoo.fetch import fetch_model
 from quench.zoo.sample import NAME as SAMPLE
 from quench.zoo.sample import fetch_sample
@@ -537,11 +540,24 @@ def perf(
             "OpenVINO runs them on as many streams). Default 1: synchronous.",
         ),
     ] = 1,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Rounds per batch size, alternating between the sizes; the table shows the "
+            "spread of the rounds' qps and warns when it is unstable.",
+        ),
+    ] = ROUNDS,
+    percentile: Annotated[
+        str,
+        typer.Option(help="Latency percentiles to report, comma separated (like trtexec)."),
+    ] = "90,95,99",
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
     sizes = _batches(batch)
+    pcts = _percentiles(percentile)
     if images is not None and model.suffix.lower() == ".onnx":
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
@@ -552,12 +568,37 @@ def perf(
     with user_errors():
         if model.suffix.lower() == ".onnx":
             results = perf_onnx(
-                model, sizes, iterations, duration, warmup, threads, not quiet, requests
+                model,
+                sizes,
+                iterations,
+                duration,
+                warmup,
+                threads,
+                not quiet,
+                requests,
+                rounds=rounds,
+                percentiles=pcts,
             )
         else:
             loaded = _load(model, threads, accept_host_mismatch)
-            results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet, requests)
+            results = perf_model(
+                loaded,
+                sizes,
+                iterations,
+                duration,
+                warmup,
+                not quiet,
+                requests,
+                rounds=rounds,
+                percentiles=pcts,
+            )
     _print_perf(results)
+    for r in results:
+        print(latency_line(r.to_dict(), pcts))
+    warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+    sys.stdout.flush()
+    for w in warnings:
+        info(f"warning: {w}")
     end_to_end = []
     if images is not None:
         with user_errors():
@@ -586,9 +627,25 @@ def perf(
             "machine": cpu_info(),
             "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
             "results": [r.to_dict() for r in results],
+            "stability": {
+                "unstable": bool(warnings),
+                "warnings": warnings,
+                "cv_bound": CV_BOUND,
+                "machine_load": results[0].machine_load,
+            },
             "end_to_end": end_to_end,
         }
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise fail(f"--percentile: expected numbers like 90,99, got {text!r}", code=2) from None
+    if not values or any(not 0 < p < 100 for p in values):
+        raise fail(f"--percentile: each must be between 0 and 100, got {text!r}", code=2)
+    return values
 
 
 def _print_perf(results: list[PerfResult]) -> None:
@@ -598,7 +655,7 @@ def _print_perf(results: list[PerfResult]) -> None:
         table.add_column(col, justify="left" if left else "right")
     for r in results:
         table.add_row(*perf_row(r.to_dict()))
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def _print_topk(precision: str, predictions: list[Prediction]) -> None:

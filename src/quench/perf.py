@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ from quench.hw import cpu_info, default_threads, nominal_clock_hz
 from quench.imaging import Normalizer, load_pixels
 from quench.manifest import PrecisionInfo
 from quench.progress import Bar
+from quench.stats import instability, split, spread, watch_load
+
+ROUNDS = 5  # rounds per figure by default, alternating between the configurations
+PERCENTILES = (50, 90, 99)
 
 # MACs per cycle per core, by what the CPU can do (see README "Share of peak").
 _FP32_MACS = {"avx512_full": 32, "avx512_half": 16, "avx2": 16, "sse": 4}
@@ -45,6 +49,14 @@ class PerfResult:
     peak_share: float | None = None
     device: str = "cpu"
     requests: int = 1  # requests in flight at once, each a whole batch
+    rounds: list[dict[str, float]] = field(default_factory=list)  # per round: qps, seconds
+    qps_spread: dict[str, float] | None = None  # min/median/mean/max/cv of the round qps
+    machine_load: dict[str, Any] | None = None  # other work during the run (quench.stats)
+    warnings: list[str] = field(default_factory=list)  # why the figure may be unreliable
+
+    @property
+    def unstable(self) -> bool:
+        return bool(self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +68,7 @@ PERF_COLUMNS = (
     "Quant_Mode",
     "Batch_Size",
     "Throughput (qps)",
+    "qps range (CV)",
     "device",
     "p50 ms",
     "p90 ms",
@@ -68,11 +81,14 @@ def perf_row(r: dict[str, Any]) -> list[str]:
     """One ``PerfResult.to_dict()`` as the cells of ``PERF_COLUMNS``."""
     lat = r["latency_ms"]
     requests = r.get("requests", 1)
+    s = r.get("qps_spread")
+    unstable = "!" if r.get("warnings") else ""
     return [
         r["model"],
         r["precision"],
         str(r["batch"]),
-        f"{r['qps']:.2f}",
+        f"{r['qps']:.2f}{unstable}",
+        f"{s['min']:.1f}-{s['max']:.1f} ({s['cv']:.1%})" if s else "-",
         f"cpu ({r['engine']}, {r['threads']} threads"
         + (f", {requests} requests)" if requests > 1 else ")"),
         f"{lat['p50']:.2f}",
@@ -80,6 +96,18 @@ def perf_row(r: dict[str, Any]) -> list[str]:
         f"{lat['p99']:.2f}",
         f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "-",
     ]
+
+
+def latency_line(r: dict[str, Any], percentiles: tuple[float, ...] = PERCENTILES) -> str:
+    """trtexec's latency summary of one result: min, max, mean, median and percentiles."""
+    lat = r["latency_ms"]
+    pcts = ", ".join(
+        f"percentile({p:g}%) = {lat[percentile_key(p)]:.3f} ms" for p in percentiles if p != 50
+    )
+    return (
+        f"batch {r['batch']}: latency min = {lat['min']:.3f} ms, max = {lat['max']:.3f} ms, "
+        f"mean = {lat['mean']:.3f} ms, median = {lat['p50']:.3f} ms" + (f", {pcts}" if pcts else "")
+    )
 
 
 def fp32_macs_per_cycle(info: dict[str, Any]) -> tuple[int, str]:
@@ -134,13 +162,16 @@ def measure(
     duration: float | None = None,
     warmup: int = 20,
     on_step: Callable[[], None] | None = None,
+    x: np.ndarray | None = None,
 ) -> tuple[int, float, np.ndarray]:
-    """Run ``infer`` on one random batch; returns (iterations, seconds, latencies in s).
+    """Run ``infer`` on one batch (``x``, or random); returns (iterations, seconds, latencies
+    in s).
 
     A list of functions keeps that many requests in flight (one thread each, see
     ``_measure_concurrent``).
     """
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    if x is None:
+        x = random_batch(input_shape, batch)
     if iterations is None and duration is None:
         duration = 10.0
     if isinstance(infer, list):
@@ -215,11 +246,25 @@ def _measure_concurrent(
     return len(lat), time.perf_counter() - start, np.asarray(lat)
 
 
+def random_batch(input_shape: tuple[int, ...], batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+
+
+def percentile_key(p: float) -> str:
+    """``p50``, ``p99.9``: the latency figure's name."""
+    return f"p{p:g}"
+
+
 def summarize(
-    lat: np.ndarray, iterations: int, seconds: float, batch: int
+    lat: np.ndarray,
+    iterations: int,
+    seconds: float,
+    batch: int,
+    percentiles: tuple[float, ...] = PERCENTILES,
 ) -> tuple[float, dict[str, float]]:
     ms = lat * 1e3
-    pct = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
+    wanted = sorted({*PERCENTILES, *percentiles})
+    pct = {percentile_key(p): float(np.percentile(ms, p)) for p in wanted}
     stats = {**pct, "mean": float(ms.mean()), "min": float(ms.min()), "max": float(ms.max())}
     return batch * iterations / seconds, {k: round(v, 3) for k, v in stats.items()}
 
@@ -232,8 +277,13 @@ def perf_model(
     warmup: int = 20,
     progress: bool = True,
     requests: int = 1,
+    rounds: int = ROUNDS,
+    percentiles: tuple[float, ...] = PERCENTILES,
+    inputs: np.ndarray | None = None,
 ) -> list[PerfResult]:
-    """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight."""
+    """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight, in
+    ``rounds`` rounds that alternate between the batch sizes. ``inputs``: preprocessed images
+    to time instead of random data (batches cycle through them)."""
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
         raise QuenchError(
             f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
@@ -253,9 +303,7 @@ def perf_model(
         infer,
         model.data.input_shape,
         batches,
-        iterations,
-        duration,
-        warmup,
+        Timing(iterations, duration, warmup, rounds, percentiles, inputs),
         progress,
         macs=model.spec.macs_per_image,
         compute=compute,
@@ -266,13 +314,37 @@ def perf_model(
     )
 
 
+@dataclass
+class Timing:
+    """How long and how often to measure each configuration."""
+
+    iterations: int | None = None  # per configuration, over all rounds
+    duration: float | None = None  # seconds per configuration, over all rounds (default 10)
+    warmup: int = 20
+    rounds: int = ROUNDS
+    percentiles: tuple[float, ...] = PERCENTILES
+    inputs: np.ndarray | None = None  # real preprocessed images; None: random data
+
+    def batch_input(self, shape: tuple[int, ...], batch: int) -> np.ndarray:
+        if self.inputs is None:
+            return random_batch(shape, batch)
+        idx = np.arange(batch) % len(self.inputs)
+        return np.ascontiguousarray(self.inputs[idx])
+
+    def plan(self) -> list[tuple[int | None, float | None]]:
+        """(iterations, seconds) of each round."""
+        if self.iterations is not None:
+            return [(n, None) for n in split(self.iterations, self.rounds)]
+        total = 10.0 if self.duration is None else self.duration
+        n = max(1, self.rounds)
+        return [(None, total / n)] * n
+
+
 def _sweep(
     infer: Callable[[np.ndarray], Any] | list[Callable[[np.ndarray], Any]],
     shape: tuple[int, ...],
     batches: list[int],
-    iterations: int | None,
-    duration: float | None,
-    warmup: int,
+    timing: Timing,
     progress: bool,
     *,
     macs: int | None,
@@ -280,16 +352,33 @@ def _sweep(
     threads: int,
     **fields: Any,
 ) -> list[PerfResult]:
-    """Measure ``infer`` at each batch size; one ``PerfResult`` per size. A list of functions
-    keeps that many requests in flight."""
+    """Measure ``infer`` at each batch size in rounds that alternate between the sizes (so a
+    slow spell of the machine hits every size alike); one ``PerfResult`` per size. A list of
+    functions keeps that many requests in flight."""
     peak, _ = peak_macs(compute, threads)
+    plan = timing.plan()
+    xs = {b: timing.batch_input(shape, b) for b in batches}
+    per: dict[int, list[tuple[int, float, np.ndarray]]] = {b: [] for b in batches}
+    total = timing.iterations * len(batches) if timing.iterations else None
+    with watch_load() as load, Bar("perf", total, enabled=progress) as bar:
+        for r, (n_round, secs_round) in enumerate(plan):
+            for b in batches:
+                # the full warm-up before a size's first round; one call after switching sizes
+                warm = timing.warmup if r == 0 else min(1, timing.warmup)
+                per[b].append(
+                    measure(
+                        infer, shape, b, n_round, secs_round, warm, on_step=bar.advance, x=xs[b]
+                    )
+                )
     results = []
     for b in batches:
-        with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
-            n, secs, lat = measure(
-                infer, shape, b, iterations, duration, warmup, on_step=bar.advance
-            )
-        qps, stats = summarize(lat, n, secs, b)
+        n = sum(m[0] for m in per[b])
+        secs = sum(m[1] for m in per[b])
+        lat = np.concatenate([m[2] for m in per[b]])
+        qps, stats = summarize(lat, n, secs, b, timing.percentiles)
+        rounds = [{"qps": round(b * m[0] / m[1], 2), "seconds": round(m[1], 4)} for m in per[b]]
+        s = spread([r["qps"] for r in rounds])
+        warnings = [w for w in [instability(f"batch {b} throughput", s)] if w]
         results.append(
             PerfResult(
                 batch=b,
@@ -302,9 +391,15 @@ def _sweep(
                 macs_per_image=macs,
                 peak_share=round(macs * qps / peak, 4) if macs else None,
                 requests=len(infer) if isinstance(infer, list) else 1,
+                rounds=rounds,
+                qps_spread=s.to_dict(),
                 **fields,
             )
         )
+        results[-1].warnings = warnings
+    for r in results:
+        r.machine_load = load.to_dict()
+        r.warnings += load.warnings
     return results
 
 
@@ -317,6 +412,8 @@ def perf_onnx(
     threads: int | None = None,
     progress: bool = True,
     requests: int = 1,
+    rounds: int = ROUNDS,
+    percentiles: tuple[float, ...] = PERCENTILES,
 ) -> list[PerfResult]:
     """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
     ``requests`` > 1, that many ``run`` calls at once from as many threads."""
@@ -334,9 +431,7 @@ def perf_onnx(
         [run] * requests if requests > 1 else run,
         shape,
         batches,
-        iterations,
-        duration,
-        warmup,
+        Timing(iterations, duration, warmup, rounds, percentiles),
         progress,
         macs=macs,
         compute="int8" if quantized else "float32",
