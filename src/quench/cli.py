@@ -238,8 +238,20 @@ def build(
         bool, typer.Option("--dynamic-batch", help="Mutable batch size (the default).")
     ] = False,
     engine: Annotated[
-        str, typer.Option(help="auto | onnxruntime | openvino (auto: the first that runs it).")
+        str,
+        typer.Option(
+            help="auto | onnxruntime | openvino (auto: every engine that runs it, timed in "
+            "interleaved rounds; the fastest beyond the noise, else the first in preference)."
+        ),
     ] = "auto",
+    select_budget: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="--engine auto: seconds of timing rounds at most (at least 3 rounds run); "
+            "stops earlier once the ranking is clear.",
+        ),
+    ] = 30.0,
     threads: Annotated[
         int | None, typer.Option(help="Engine threads (default: all cores).")
     ] = None,
@@ -338,6 +350,7 @@ def build(
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,
             min_top1_agreement=min_top1_agreement,
+            select_budget=select_budget,
             progress=not quiet,
         )
         m = do_build(model, output, opts, log=None if quiet else info)

@@ -89,7 +89,10 @@ class BuildOptions:
     max_top1_drop: float | None = None  # percentage points
     # the fidelity gate: top-1 agreement with fp32 on held-out calibration images
     min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
-    select_seconds: float = 1.0  # --engine auto: timing per candidate and batch size
+    # --engine auto: seconds per candidate, batch size and round; rounds go on until the
+    # ranking is clear or the budget ends (quench.builder.select)
+    select_seconds: float = 0.25
+    select_budget: float = 30.0
     progress: bool = True
 
 
@@ -143,24 +146,6 @@ def candidate_engines(name: str, precision: str) -> list[Engine]:
         why = "; ".join(problems) or "none supports it"
         raise QuenchError(f"no installed engine runs {precision} here ({why})")
     return found
-
-
-def time_candidate(
-    engine: Engine, compiled: Compiled, spec: CompileSpec, shape: tuple[int, ...], seconds: float
-) -> dict[str, Any]:
-    """Images/s of a compiled candidate at the batch sizes it will serve (tactic timing)."""
-    from quench.perf import measure
-
-    batches = [spec.batch] if spec.batch else [1, 8]
-    qps = {}
-    with engine.runner(compiled.payloads, compiled.options, threads=spec.threads) as run:
-        for b in batches:
-            n, secs, _ = measure(
-                lambda x: run.infer({spec.input_name: x}), shape, b, duration=seconds, warmup=2
-            )
-            qps[str(b)] = round(b * n / secs, 2)
-    score = float(np.exp(np.mean(np.log(list(qps.values())))))
-    return {"engine": engine.name, "qps_by_batch": qps, "score": round(score, 2)}
 
 
 def build(
@@ -254,20 +239,17 @@ def build(
                 )
                 timing: dict[str, Any] = {"engine": engine.name}
                 if len(engines) > 1 or len(variants) > 1 or len(sources) > 1:
-                    timing = time_candidate(
-                        engine, option_set, spec, preset.data.input_shape, opts.select_seconds
-                    )
                     timing["options"] = variant
-                    say(
-                        f"  {engine.name} {variant or ''}: {timing['qps_by_batch']} images/s "
-                        "by batch"
-                    )
                 if tag:
                     timing["first_layer"] = tag
                 candidates.append((engine, option_set, verification, timing, k))
     if not candidates:
         raise QuenchError(f"no engine could build {opts.precision} for {src.path}")
-    candidates.sort(key=lambda c: -c[3].get("score", 0.0))
+    selection: dict[str, Any] = {}
+    if len(candidates) > 1:
+        from quench.builder.select import choose
+
+        candidates, selection = choose(candidates, spec, preset.data.input_shape, opts, say)
     timings["compile_and_select"] = round(time.perf_counter() - t, 3)
     base = Manifest(
         name=opts.name or artifact_name(preset, how, src.path),
@@ -321,6 +303,7 @@ def build(
                 "chosen": engine.name,
                 **({"first_layer": tag} if tag else {}),
                 "candidates": [c[3] for c in candidates],
+                **selection,
             },
             quantization=quant_info,
         )
@@ -372,7 +355,7 @@ def build(
 
 def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
-    skip = {"progress", "select_seconds"}
+    skip = {"progress", "select_seconds", "select_budget"}
     if not Precision.parse(opts.precision).is_int8:
         skip |= {
             "calib_method",
