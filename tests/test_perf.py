@@ -243,7 +243,7 @@ def test_unstable_rounds_are_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
     (steady,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=4), False, **kw)
     assert steady.qps_spread["cv"] == 0 and not any("varied" in w for w in steady.warnings)
     row = perf.perf_row(r.to_dict())
-    assert row[3].endswith("!") and row[4] == "200.0-400.0 (47.1%)"
+    assert row[3].endswith("!") and row[5] == "200.0-400.0 (47.1%)"
 
 
 def test_perf_cli_rounds_percentiles_and_stability(tiny_artifact: Path, tmp_path: Path) -> None:

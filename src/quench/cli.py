@@ -564,7 +564,7 @@ def perf(
     percentile: Annotated[
         str,
         typer.Option(help="Latency percentiles to report, comma separated (like trtexec)."),
-    ] = "90,95,99",
+    ] = "90,99",
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:

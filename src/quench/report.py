@@ -58,10 +58,22 @@ def machine() -> dict[str, Any]:
     return {**cpu_info(), "engines": engine_versions(), "quench": __version__}
 
 
+def stability(perf: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the speed figures are trustworthy: every warning of every perf result."""
+    warnings = list(dict.fromkeys(w for r in perf for w in r.get("warnings", [])))
+    loads = [r["machine_load"] for r in perf if r.get("machine_load")]
+    return {
+        "unstable": bool(warnings),
+        "warnings": warnings,
+        "max_other_cores": max((x["other_cores"] for x in loads), default=None),
+    }
+
+
 def collect(job: JobRecord) -> dict[str, Any]:
     """Every figure of the job, as plain JSON data."""
     steps = job.steps
     done = [s for s in steps if s["status"] in ("ok", "reused")]
+    perf = [r for s in done if s["kind"] == "perf" for r in s["result"]["results"]]
     return {
         "quench_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -71,7 +83,8 @@ def collect(job: JobRecord) -> dict[str, Any]:
         "precisions": list(job.precisions),
         "builds": [{"precision": p, **b} for p, b in job.builds.items()],
         "accuracy": [s["result"] for s in done if s["kind"] == "eval"],
-        "perf": [r for s in done if s["kind"] == "perf" for r in s["result"]["results"]],
+        "perf": perf,
+        "stability": stability(perf),
         "classify": {
             s["precision"] or "": s["result"]["predictions"]
             for s in done
@@ -140,6 +153,19 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
         f"ISA flags: {', '.join(m.get('flags') or []) or 'none of interest'}",
         f"cores: {m.get('cores')}, clock: {m.get('clock_ghz')} GHz",
         f"engines: {eng}; quench {m.get('quench')}",
+    ]
+
+
+def unstable_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's warning banner: the speed figures were measured on a busy or noisy
+    machine (a ``!`` after a qps marks the figure)."""
+    st = doc.get("stability") or {}
+    if not st.get("unstable"):
+        return []
+    return [
+        "the speed figures below are unstable (marked !): repeat `quench run --force` on a "
+        "quiet machine before relying on them",
+        *st["warnings"],
     ]
 
 
@@ -248,6 +274,8 @@ def markdown(doc: dict[str, Any], plot_files: dict[str, Path], out: Path) -> str
     parts.append("## Machine\n\n" + "\n".join(f"- {line}" for line in machine_lines(doc)) + "\n")
     if doc.get("model"):
         parts.append(f"Model: `{doc['model']['path']}` (sha256 `{doc['model']['sha256']}`)\n")
+    for line in unstable_lines(doc):
+        parts.append(f"> **Warning:** {line}\n")
     if doc["failed"]:
         parts.append(
             "## Failed steps\n\n"
@@ -273,6 +301,7 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:4px 8px;font-size:14px}
 th{background:#f0f0f0}td.n{text-align:right}
 .failed{color:#b00}.machine li{font-family:monospace}
+.warning{background:#fff3cd;border:1px solid #e0b000;padding:6px 10px}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 """
 
@@ -313,6 +342,8 @@ def html_report(doc: dict[str, Any], plot_files: dict[str, Path]) -> str:
             f"<p>Model: <code>{e(doc['model']['path'])}</code> "
             f"(sha256 <code>{e(doc['model']['sha256'])}</code>)</p>"
         )
+    for line in unstable_lines(doc):
+        parts.append(f"<p class='warning'><b>Warning:</b> {e(line)}</p>")
     if doc["failed"]:
         parts.append("<h2 class='failed'>Failed steps</h2><ul>")
         parts += [

@@ -144,6 +144,23 @@ def watch_load(
             )
 
 
+def other_work_now(seconds: float = 1.0) -> float:
+    """Cores other programs keep busy right now, sampled over ``seconds`` of idling."""
+    with watch_load() as ml:
+        time.sleep(seconds)
+    return ml.other_cores
+
+
+def load_changed(stored: dict[str, Any] | None, now: float) -> str | None:
+    """Why speed figures measured under ``stored`` (a ``MachineLoad.to_dict()``) no longer
+    describe this machine, whose other programs now keep ``now`` cores busy; None if they do."""
+    if not stored:
+        return "the stored figures do not say how busy the machine was"
+    if abs(now - stored["other_cores"]) > OTHER_WORK_BOUND:
+        return f"other programs kept {stored['other_cores']:.2f} cores busy then and {now:.2f} now"
+    return None
+
+
 def instability(name: str, s: Spread) -> str | None:
     """A warning when a figure varied more than ``CV_BOUND`` between rounds."""
     if not s.unstable:
