@@ -53,6 +53,8 @@ class PerfResult:
     qps_spread: dict[str, float] | None = None  # min/median/mean/max/cv of the round qps
     machine_load: dict[str, Any] | None = None  # other work during the run (quench.stats)
     warnings: list[str] = field(default_factory=list)  # why the figure may be unreliable
+    streams: int | None = None  # the engine's parallel streams, when set (--streams)
+    inputs: str = "random"  # what was timed: random data, or "N images" (--input-images)
 
     @property
     def unstable(self) -> bool:
@@ -89,6 +91,7 @@ def perf_row(r: dict[str, Any]) -> list[str]:
         str(r["batch"]),
         f"{r['qps']:.2f}{unstable}",
         f"cpu ({r['engine']}, {r['threads']} threads"
+        + (f", {r['streams']} streams" if r.get("streams") else "")
         + (f", {requests} requests)" if requests > 1 else ")"),
         f"{s['min']:.1f}-{s['max']:.1f} ({s['cv']:.1%})" if s else "-",
         f"{lat['p50']:.2f}",
@@ -96,6 +99,20 @@ def perf_row(r: dict[str, Any]) -> list[str]:
         f"{lat['p99']:.2f}",
         f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "-",
     ]
+
+
+def startup_line(t: dict[str, Any], batch: int) -> str:
+    """benchmark_app's "Read model took", "Compile model took", "First inference took"."""
+
+    def ms(key: str) -> str:
+        v = t.get(key)
+        return "-" if v is None else f"{v:.1f} ms"
+
+    note = f" ({t['note']})" if t.get("note") else ""
+    return (
+        f"load {ms('load_ms')}, compile {ms('compile_ms')}{note}, first inference "
+        f"{ms('first_inference_ms')} (batch {batch})"
+    )
 
 
 def latency_line(r: dict[str, Any], percentiles: tuple[float, ...] = PERCENTILES) -> str:
@@ -280,10 +297,12 @@ def perf_model(
     rounds: int = ROUNDS,
     percentiles: tuple[float, ...] = PERCENTILES,
     inputs: np.ndarray | None = None,
+    streams: int | None = None,
 ) -> list[PerfResult]:
     """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight, in
     ``rounds`` rounds that alternate between the batch sizes. ``inputs``: preprocessed images
-    to time instead of random data (batches cycle through them)."""
+    to time instead of random data (batches cycle through them); ``streams``: the engine's
+    parallel streams (OpenVINO), with as many requests in flight unless ``requests`` says."""
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
         raise QuenchError(
             f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
@@ -291,9 +310,11 @@ def perf_model(
         )
     compute = model.spec.precision.compute
     runner = model.runner
-    if requests > 1:
+    if streams is not None and requests == 1:
+        requests = streams  # benchmark_app: one request per stream unless told otherwise
+    if requests > 1 or streams is not None:
         try:
-            fns = runner.concurrent(requests)
+            fns = runner.concurrent(requests, streams)
         except NotImplementedError as exc:
             raise QuenchError(str(exc)) from None
         infer: Any = [lambda x, f=f: f({model.input_name: x}) for f in fns]
@@ -311,7 +332,37 @@ def perf_model(
         model=model.name,
         precision=model.precision,
         engine=model.engine,
+        streams=streams,
+        inputs="random" if inputs is None else f"{len(inputs)} images",
     )
+
+
+def load_inputs(model: Any, paths: list[Path]) -> np.ndarray:
+    """Real images through the model's preprocessing, as one float32 array (--input-images).
+    An unreadable file is an error naming it: a timing must say what it ran on."""
+    if not paths:
+        raise QuenchError("--input-images: no images")
+    norm = Normalizer(model.data)
+    return norm.batch([load_pixels(p, model.data) for p in paths])
+
+
+def startup(model: Any, batch: int, inputs: np.ndarray | None = None) -> dict[str, Any]:
+    """benchmark_app's compile and first-inference times, in ms: the engine compiling the
+    artifact's payload (session or compiled model), then one inference at ``batch``."""
+    out: dict[str, Any] = {}
+    if getattr(model, "_runner", None) is None:
+        t = time.perf_counter()
+        model.runner  # noqa: B018 - compiles
+        out["compile_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    else:
+        out["compile_ms"] = None
+        out["note"] = "compiled during loading (the artifact's self-check ran)"
+    shape = model.data.input_shape
+    x = random_batch(shape, batch) if inputs is None else inputs[np.arange(batch) % len(inputs)]
+    t = time.perf_counter()
+    model.run_batch(np.ascontiguousarray(x))
+    out["first_inference_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    return out
 
 
 @dataclass
@@ -414,13 +465,23 @@ def perf_onnx(
     requests: int = 1,
     rounds: int = ROUNDS,
     percentiles: tuple[float, ...] = PERCENTILES,
+    startup_times: dict[str, Any] | None = None,
 ) -> list[PerfResult]:
     """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
-    ``requests`` > 1, that many ``run`` calls at once from as many threads."""
+    ``requests`` > 1, that many ``run`` calls at once from as many threads. ``startup_times``
+    gets the load, compile (session) and first-inference times in ms."""
+    t0 = time.perf_counter()
     src = load_model(path)
+    t1 = time.perf_counter()
     sess = session(str(path), threads=threads, log_severity=None)
+    t2 = time.perf_counter()
     inp = sess.get_inputs()[0]
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
+    sess.run(None, {inp.name: random_batch(shape, batches[0])})
+    if startup_times is not None:
+        startup_times["load_ms"] = round((t1 - t0) * 1e3, 3)
+        startup_times["compile_ms"] = round((t2 - t1) * 1e3, 3)
+        startup_times["first_inference_ms"] = round((time.perf_counter() - t2) * 1e3, 3)
     macs = count_macs(src.model, shape)
     quantized = any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in src.model.graph.node)
 
