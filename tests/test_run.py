@@ -389,3 +389,24 @@ def test_speed_is_measured_again_when_the_machine_changed(
     assert "no rounds" in job._speed_outdated({"results": [{"qps": 5.0}]})
     job._other_now = 1.2  # a busy machine now: stable quiet figures no longer describe it
     assert "0.05 cores busy then and 1.20 now" in job._speed_outdated(stable)
+
+
+def test_byte_identical_builds_are_measured_once(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds whose artifacts hash the same: the second is classified, evaluated and timed
+    not at all (its figures would be the first one's, plus noise) and shown as the same."""
+    monkeypatch.setattr(run_mod, "sha256_file", lambda path: "same" * 16)
+    out = tmp_path / "out"
+    res = invoke(*_full_args(data, tiny_labels, out))
+    assert res.exit_code == 0, res.output
+    doc = _report(out)
+    steps = {s["id"]: s for s in doc["steps"]}
+    for kind in ("classify", "eval", "perf"):
+        assert steps[f"{kind}:force_float32"]["status"] == "ok"
+        second = steps[f"{kind}:qint8_mixed_float32"]
+        assert second["status"] == "skipped"
+        assert second["message"] == "same artifact as force_float32 (byte-identical)"
+    assert {r["precision"] for r in doc["perf"]} == {"force_float32"}
+    assert doc["builds"][1]["same_as"] == "force_float32"
+    assert "same artifact as force_float32" in (out / "report.md").read_text()

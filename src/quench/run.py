@@ -569,10 +569,16 @@ class _Job:
                 except QuenchError as exc:
                     self.steps.append(Step("images", "classify", None, "failed", 0.0, str(exc)))
                     self.say(f"[classify] FAILED: {exc}")
+            first_of: dict[str, str] = {}  # artifact sha256 -> the first precision built so
             for p in precisions:
                 if p not in builds:
                     for kind in ("classify", "eval", "perf"):
                         self.skip(kind, p, "build did not succeed")
+                    continue
+                same = first_of.setdefault(builds[p]["sha256"], p)
+                if same != p:  # byte-identical: its figures are the first one's
+                    for kind in ("classify", "eval", "perf"):
+                        self.skip(kind, p, f"same artifact as {same} (byte-identical)")
                     continue
                 if sample:
                     self.classify(p, builds[p], sample)
