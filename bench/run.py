@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from quench.graph import count_macs, load_model, real_inputs
 from quench.hw import cpu_info, cpuinfo_fields, default_threads, reported_clock_hz
 from quench.perf import peak_macs
 from quench.presets import get_preset
+from quench.stats import RULE, compare
 
 FP32 = precision.FORCE_FLOAT32
 INT8 = precision.QINT8_MIXED_FLOAT32
@@ -304,6 +306,7 @@ class Row:
     settings: str
     compute: str  # for the share of peak: float32 | bfloat16 | float16 | int8
     qps: dict[int, float] = field(default_factory=dict)
+    rounds: dict[int, list[float]] = field(default_factory=dict)  # qps of each round
     p50: dict[int, float] = field(default_factory=dict)
     p99: dict[int, float] = field(default_factory=dict)
     peak: dict[int, float] = field(default_factory=dict)  # share of peak, 0..1
@@ -372,6 +375,7 @@ def fill_from_perf(row: Row, p: Proc, doc: dict[str, Any] | None, keep_peak: boo
     for r in doc["results"]:
         b = int(r["batch"])
         row.qps[b] = float(r["qps"])
+        row.rounds[b] = [float(x["qps"]) for x in r.get("rounds", [])]
         row.p50[b] = float(r["latency_ms"]["p50"])
         row.p99[b] = float(r["latency_ms"]["p99"])
         if keep_peak and r.get("peak_share") is not None:
@@ -419,8 +423,11 @@ def run_benchmark_app(
     extra: list[str],
     batches: list[int],
     duration: float,
+    rounds: int = 3,
 ) -> dict[str, Any]:
-    """benchmark_app at each batch size (+ one -latency_percentile 99 run at the smallest)."""
+    """benchmark_app at each batch size, ``rounds`` runs of ``duration / rounds`` seconds each
+    (their spread is the noise a comparison must beat), + one -latency_percentile 99 run at the
+    smallest."""
     seen: dict[str, Any] = {}
     for b in batches:
         cmd = [
@@ -433,27 +440,35 @@ def run_benchmark_app(
             "-shape",
             f"[{b},{','.join(map(str, CHW))}]",
             "-t",
-            f"{duration:g}",
+            f"{duration / rounds:g}",
         ]
-        say(f"  {row.label}: batch {b}")
-        p = runner.run(f"ba-{row.label}-b{b}", cmd, 240 + 3 * duration)
-        row.commands.append(p.cmd)
-        r = parse_benchmark_app(p.out)
-        if not p.ok or "fps" not in r:
-            row.errors.append(f"batch {b}: {p.error() if not p.ok else 'no Throughput line'}")
+        fps, medians = [], []
+        for k in range(rounds):
+            say(f"  {row.label}: batch {b}, round {k + 1}/{rounds}")
+            p = runner.run(f"ba-{row.label}-b{b}-r{k + 1}", cmd, 240 + 3 * duration)
+            row.commands.append(p.cmd)
+            r = parse_benchmark_app(p.out)
+            if not p.ok or "fps" not in r:
+                row.errors.append(f"batch {b}: {p.error() if not p.ok else 'no Throughput line'}")
+                break
+            fps.append(float(r["fps"]))
+            if "median" in r:
+                medians.append(float(r["median"]))
+            if "count" in r and "duration" in r:
+                own = b * int(r["count"]) / (float(r["duration"]) / 1e3)
+                if abs(own - fps[-1]) > 0.05 * fps[-1]:
+                    row.notes.append(
+                        f"batch {b}: Throughput {fps[-1]:.1f} FPS but batch x count / duration "
+                        f"= {own:.1f}"
+                    )
+            if not seen:
+                seen = r
+        if len(fps) < rounds:
             continue
-        row.qps[b] = float(r["fps"])
-        if "median" in r:
-            row.p50[b] = float(r["median"])
-        if "count" in r and "duration" in r:
-            own = b * int(r["count"]) / (float(r["duration"]) / 1e3)
-            if abs(own - row.qps[b]) > 0.05 * row.qps[b]:
-                row.notes.append(
-                    f"batch {b}: Throughput {row.qps[b]:.1f} FPS but batch x count / duration = "
-                    f"{own:.1f}"
-                )
-        if not seen:
-            seen = r
+        row.rounds[b] = fps
+        row.qps[b] = statistics.fmean(fps)
+        if medians:
+            row.p50[b] = statistics.median(medians)
         if b == min(batches):
             p99 = [*cmd, "-latency_percentile", "99"]
             say(f"  {row.label}: batch {b}, p99 run")
@@ -630,6 +645,15 @@ def pct(v: float | None) -> str:
     return "—" if v is None else f"{v:.1%}"
 
 
+def ratio_cell(quench: Row, peer: Row, b: int) -> str:
+    """Quench / peer throughput, marked by whether the difference is beyond the rounds' noise."""
+    text = f"{quench.qps[b] / peer.qps[b]:.2f}x"
+    if not quench.rounds.get(b) or not peer.rounds.get(b):
+        return f"{text} (no rounds)"
+    c = compare(quench.rounds[b], peer.rounds[b])
+    return {"a": f"**{text}**", "b": text, "tie": f"{text} (tie)"}[c.winner]
+
+
 def family_table(rows: list[Row], batches: list[int]) -> list[str]:
     b0, bmax = min(batches), max(batches)
     peers = [r for r in rows if r.kind == "peer"]
@@ -646,7 +670,7 @@ def family_table(rows: list[Row], batches: list[int]) -> list[str]:
         ratios = []
         for b in batches:
             if r.kind == "quench" and b in r.qps and best[b]:
-                ratios.append(f"**{r.qps[b] / best[b]:.2f}x**")
+                ratios.append(ratio_cell(r, next(p for p in peers if p.qps.get(b) == best[b]), b))
             else:
                 ratios.append("")
         cells = (
@@ -658,6 +682,10 @@ def family_table(rows: list[Row], batches: list[int]) -> list[str]:
         )
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
+    lines.append(
+        f"- Quench / best peer: **bold** when Quench is faster beyond the noise, (tie) when the "
+        f"difference is inside it ({RULE}; Quench's rounds against the peer's)."
+    )
     for b in batches:
         if best[b]:
             who = next(r.label for r in peers if r.qps.get(b) == best[b])
@@ -852,11 +880,14 @@ def write_report(
         f"all threads the process may use (no thread flags anywhere).",
         "- qps = images per second (batch x iterations / seconds).",
         "- `quench perf` (ONNX Runtime rows and Quench rows): one random batch, 20 untimed "
-        "iterations, then synchronous back-to-back inference for the duration; p50/p99 over "
-        "the per-iteration latencies. On an `.onnx` file it runs a plain "
+        "iterations, then synchronous back-to-back inference for the duration in 5 rounds "
+        "that alternate between the batch sizes; p50/p99 over the per-iteration latencies. "
+        "On an `.onnx` file it runs a plain "
         "`onnxruntime.InferenceSession(path)` with default session options.",
-        "- `benchmark_app`: Throughput (FPS) parsed from its output; it counts images (checked: "
-        "batch x count / duration). p50 is its Median; p99 comes from a second run at "
+        "- `benchmark_app`: 3 runs of a third of the duration per batch size (its rounds); "
+        "Throughput (FPS), their mean, parsed from its output; it counts images (checked: "
+        "batch x count / duration). p50 is the median of its Medians; p99 comes from another "
+        "run at "
         f"b={min(batches)} with `-latency_percentile 99`. With the throughput hint several "
         "requests are in flight, so its latency is per request under load.",
         "- % of peak = MACs per image x qps / peak MACs per second for the row's arithmetic "

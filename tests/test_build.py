@@ -491,15 +491,32 @@ def test_auto_engine_measures_candidates_and_keeps_the_fastest(
 ) -> None:
     opts = {**TINY_BUILD, "engine": "auto"}
     m = build(
-        tiny_model, tmp_path / "auto.quench", labels=str(tiny_labels), select_seconds=0.1, **opts
+        tiny_model,
+        tmp_path / "auto.quench",
+        labels=str(tiny_labels),
+        select_seconds=0.1,
+        select_budget=1,
+        **opts,
     ).manifest
     sel = m["engine_selection"]
     assert sel["requested"] == "auto"
     assert {c["engine"] for c in sel["candidates"]} == {"onnxruntime", "openvino"}
     for c in sel["candidates"]:
         assert set(c["qps_by_batch"]) == {"1", "8"} and c["score"] > 0
+    # the fastest beyond the noise, or on a tie the first in preference order (onnxruntime)
     best = max(sel["candidates"], key=lambda c: c["score"])
-    assert sel["chosen"] == best["engine"] == m["engine"]["name"]
+    if sel["decision"] == "clear":
+        assert sel["chosen"] == best["engine"] == m["engine"]["name"]
+    else:
+        assert sel["decision"] == "tie" and "preference order" in sel["rule"]
+        assert sel["chosen"] == "onnxruntime" == m["engine"]["name"]
+    assert sel["candidates"][0]["engine"] == sel["chosen"]
+    rounds = sel["rounds"]
+    assert len(rounds) >= 3 and all(len(r) == len(sel["candidates"]) for r in rounds)
+    for i, c in enumerate(sel["candidates"]):  # rounds listed in the candidates' order
+        assert c["score"] == pytest.approx(np.median([r[i]["score"] for r in rounds]), abs=0.01)
+        assert c["score_spread"]["n"] == len(rounds)
+    assert sel["margin"]["over_candidate"] == 1 and sel["margin"]["rounds"] == len(rounds)
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])

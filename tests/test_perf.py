@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,165 @@ def test_measure_runs_requests_at_once() -> None:
         perf.measure(
             [slow, lambda x: (_ for _ in ()).throw(RuntimeError("boom"))], (3, 4, 4), 1, 3, warmup=0
         )
+
+
+def test_rounds_alternate_between_batch_sizes() -> None:
+    calls: list[int] = []
+    res = perf._sweep(
+        lambda x: calls.append(len(x)),
+        (3, 4, 4),
+        [1, 2],
+        perf.Timing(iterations=4, warmup=2, rounds=2),
+        False,
+        macs=None,
+        compute="float32",
+        threads=1,
+        model="m",
+        precision="p",
+        engine="e",
+    )
+    # size 1: 2 warm-up + 2 timed; size 2 the same; then one warm-up call and 2 timed each
+    assert calls == [1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2]
+    for r in res:
+        assert r.iterations == 4 and len(r.rounds) == 2 and r.qps_spread["n"] == 2
+        assert r.machine_load is not None and r.machine_load["cores"] >= 1
+
+
+def test_unstable_rounds_are_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected round timings: 10 iterations in 0.1 s, then in 0.2 s: CV far above 5%."""
+    import numpy as np
+
+    secs = iter([0.1, 0.2, 0.1, 0.1, 0.1, 0.1])
+
+    def fake_measure(infer, shape, batch, n, duration, warmup, on_step=None, x=None):
+        s = next(secs)
+        return 10, s, np.full(10, s / 10)
+
+    monkeypatch.setattr(perf, "measure", fake_measure)
+    kw = dict(macs=None, compute="float32", threads=1, model="m", precision="p", engine="e")
+    (r,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=2), False, **kw)
+    assert [x["qps"] for x in r.rounds] == [400.0, 200.0]
+    assert r.qps == pytest.approx(40 * 2 / 0.3, rel=1e-3)
+    assert r.qps_spread["min"] == 200 and r.qps_spread["max"] == 400
+    assert r.unstable and "batch 4 throughput: varied" in r.warnings[0]
+    (steady,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=4), False, **kw)
+    assert steady.qps_spread["cv"] == 0 and not any("varied" in w for w in steady.warnings)
+    row = perf.perf_row(r.to_dict())
+    assert row[3].endswith("!") and row[5] == "200.0-400.0 (47.1%)"
+
+
+def test_perf_cli_rounds_percentiles_and_stability(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    res = invoke(
+        "perf", tiny_artifact, "--batch", "1,2", "--iterations", 9, "--rounds", 3,
+        "--percentile", "95,99.9", "--warmup", 1, "--json", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert re.search(r"\d+\.\d-\d+\.\d \(\d+\.\d%\)", res.stdout)  # qps range (CV)
+    assert "batch 2: latency min = " in res.stdout and "percentile(99.9%) = " in res.stdout
+    doc = json.loads(out.read_text())
+    r = doc["results"][0]
+    assert len(r["rounds"]) == 3 and sum(1 for _ in r["rounds"]) == r["qps_spread"]["n"]
+    assert {"min", "median", "mean", "max", "cv"} <= set(r["qps_spread"])
+    assert {"p95", "p99.9", "min", "mean", "max"} <= set(r["latency_ms"])
+    st = doc["stability"]
+    assert st["unstable"] == bool(st["warnings"]) and st["cv_bound"] == 0.05
+    assert st["machine_load"]["cores"] >= 1
+    for bad in ("0", "abc", "100"):
+        assert invoke("perf", tiny_artifact, "--percentile", bad).exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_openvino(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_labels: Path):
+    from conftest import TINY_BUILD
+
+    out = tmp_path_factory.mktemp("ov") / "tiny-ov.quench"
+    quench.build(tiny_model, out, labels=str(tiny_labels), **{**TINY_BUILD, "engine": "openvino"})
+    return out
+
+
+def test_startup_times_like_benchmark_app(
+    tiny_artifact: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    for src in (tiny_artifact, tiny_model):
+        out = tmp_path / f"{src.suffix}.json"
+        res = invoke("perf", src, "--batch", "2", "--iterations", 3, "--warmup", 0, "--json", out)
+        assert res.exit_code == 0, res.output
+        assert re.search(
+            r"load [\d.]+ ms, compile [\d.]+ ms, first inference [\d.]+ ms", res.stdout
+        )
+        st = json.loads(out.read_text())["startup"]
+        assert st["load_ms"] > 0 and st["compile_ms"] > 0 and st["first_inference_ms"] > 0
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_profile_per_layer(
+    engine: str, tiny_artifact: Path, tiny_openvino: Path, tmp_path: Path
+) -> None:
+    art = tiny_artifact if engine == "onnxruntime" else tiny_openvino
+    out = tmp_path / "p.json"
+    res = invoke(
+        "perf", art, "--batch", "1,2", "--iterations", 2, "--warmup", 0, "--profile",
+        "--profile-top", 2, "--json", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"per-layer profile: {engine}, batch 2" in res.stdout and "time by op:" in res.stdout
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["engine"] == engine and prof["batch"] == 2 and prof["runs"] == 20
+    layers = prof["layers"]
+    ops = {x["op"] for x in layers}
+    assert ({"Conv", "Gemm"} if engine == "onnxruntime" else {"Convolution"}) <= ops
+    assert all(x["precision"] == "f32" and x["ms"] >= 0 for x in layers)
+    assert [x["ms"] for x in layers] == sorted((x["ms"] for x in layers), reverse=True)
+    assert sum(x["share"] for x in layers) == pytest.approx(1.0, abs=1e-3)
+    shown = [ln for ln in res.stdout.splitlines() if re.match(r"│\s+\d+ │", ln)]
+    assert len(shown) == 2  # --profile-top
+    assert invoke("perf", tmp_path / "m.onnx", "--profile").exit_code == 2
+
+
+def test_profile_summary_adds_up_runs() -> None:
+    from quench.backend.base import LayerTime
+    from quench.profile import by_op, summarize
+
+    times = [
+        LayerTime("conv1", "Conv", "u8", 3.0),
+        LayerTime("fc", "Gemm", "f32", 1.0),
+        LayerTime("conv1", "Conv", "u8", 5.0),
+        LayerTime("conv2", "Conv", "u8", 1.0),
+        LayerTime("fc", "Gemm", "f32", 1.0),
+    ]
+    layers = summarize(times, runs=2)
+    assert [(x.name, x.ms) for x in layers] == [("conv1", 4.0), ("fc", 1.0), ("conv2", 0.5)]
+    assert layers[0].share == pytest.approx(8 / 11)
+    ops = by_op(layers)
+    assert ops[0] == {"op": "Conv", "precision": "u8", "layers": 2, "ms": 4.5, "share": 0.81818}
+
+
+def test_pin_streams_and_input_images(
+    tiny_artifact: Path, tiny_openvino: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    import os
+
+    before = os.sched_getaffinity(0)
+    out = tmp_path / "p.json"
+    res = invoke(
+        "perf", tiny_openvino, "--batch", "2", "--iterations", 4, "--warmup", 0, "--pin", "0",
+        "--streams", 2, "--input-images", image_dir, "--json", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    r = doc["results"][0]
+    assert doc["pinned_cpus"] == [0] and r["threads"] == 1
+    assert r["streams"] == 2 and r["requests"] == 2 and r["inputs"] == "7 images"
+    assert "2 streams" in res.stdout
+    assert os.sched_getaffinity(0) == before  # restored
+    # ONNX Runtime has no streams; bad CPU lists and unreadable images: one line each
+    res = invoke("perf", tiny_artifact, "--streams", 2, "--iterations", 2)
+    assert res.exit_code == 1 and "ONNX Runtime has no streams" in res.stderr
+    res = invoke("perf", tiny_artifact, "--pin", "0-999", "--iterations", 2)
+    assert res.exit_code == 1 and "--pin 0-999: this machine has CPUs" in res.stderr
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"not a jpeg")
+    res = invoke("perf", tiny_artifact, "--input-images", tmp_path / "imgs", "--iterations", 2)
+    assert res.exit_code == 1 and "bad.jpg" in res.stderr and "Traceback" not in res.output
+    assert invoke("perf", tmp_path / "m.onnx", "--input-images", image_dir).exit_code == 2

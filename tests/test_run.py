@@ -17,6 +17,7 @@ from typer.testing import CliRunner, Result
 
 from conftest import SIZE, make_image
 from quench import presets
+from quench import run as run_mod
 from quench.cli import app
 from quench.model import Model
 from quench.run import RunOptions, run_job
@@ -172,8 +173,14 @@ def test_html_is_self_contained(full_run: tuple[Result, Path]) -> None:
 
 
 def test_second_run_reuses_and_force_rebuilds(
-    full_run: tuple[Result, Path], data: dict[str, Path], tiny_labels: Path
+    full_run: tuple[Result, Path],
+    data: dict[str, Path],
+    tiny_labels: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the machine as it was: whether noise or other programs force a new measurement is
+    # test_speed_is_measured_again_when_the_machine_changed's business
+    monkeypatch.setattr(run_mod._Job, "_speed_outdated", lambda self, stored: None)
     _, first = full_run
     out = first.parent / "again"
     shutil.copytree(first, out)  # same state, own folder: the other tests keep theirs
@@ -363,3 +370,43 @@ def test_synthetic_model_skips_accuracy(
     assert "synthetic weights" in text
     kinds = {(s["kind"], s["status"]) for s in doc["steps"]}
     assert ("eval", "skipped") in kinds and ("perf", "ok") in kinds
+
+
+def test_speed_is_measured_again_when_the_machine_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored speed figures are reused only when they were stable and other programs keep
+    about as many cores busy now as then (CPU, engine and Quench versions are in the key)."""
+    job = run_mod._Job(RunOptions(out=tmp_path, progress=False), lambda m: None, None)
+    monkeypatch.setattr(run_mod, "other_work_now", lambda: 0.1)
+    quiet = {"other_cores": 0.05, "cores": 2}
+    stable = {"results": [{"qps_spread": {"cv": 0.01}, "warnings": [], "machine_load": quiet}]}
+    assert job._speed_outdated(stable) is None
+    unstable = {"results": [{**stable["results"][0], "warnings": ["batch 1 throughput: varied"]}]}
+    assert "unstable (batch 1 throughput: varied)" in job._speed_outdated(unstable)
+    busy_then = {"results": [{**stable["results"][0], "machine_load": {"other_cores": 0.9}}]}
+    assert "0.90 cores busy then and 0.10 now" in job._speed_outdated(busy_then)
+    assert "no rounds" in job._speed_outdated({"results": [{"qps": 5.0}]})
+    job._other_now = 1.2  # a busy machine now: stable quiet figures no longer describe it
+    assert "0.05 cores busy then and 1.20 now" in job._speed_outdated(stable)
+
+
+def test_byte_identical_builds_are_measured_once(
+    data: dict[str, Path], tiny_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds whose artifacts hash the same: the second is classified, evaluated and timed
+    not at all (its figures would be the first one's, plus noise) and shown as the same."""
+    monkeypatch.setattr(run_mod, "sha256_file", lambda path: "same" * 16)
+    out = tmp_path / "out"
+    res = invoke(*_full_args(data, tiny_labels, out))
+    assert res.exit_code == 0, res.output
+    doc = _report(out)
+    steps = {s["id"]: s for s in doc["steps"]}
+    for kind in ("classify", "eval", "perf"):
+        assert steps[f"{kind}:force_float32"]["status"] == "ok"
+        second = steps[f"{kind}:qint8_mixed_float32"]
+        assert second["status"] == "skipped"
+        assert second["message"] == "same artifact as force_float32 (byte-identical)"
+    assert {r["precision"] for r in doc["perf"]} == {"force_float32"}
+    assert doc["builds"][1]["same_as"] == "force_float32"
+    assert "same artifact as force_float32" in (out / "report.md").read_text()

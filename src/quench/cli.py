@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,22 +27,29 @@ from quench.evaluate import (
     read_ground_truth,
     write_result_dir,
 )
-from quench.hw import clock_source, cpu_info, one_blas_thread
+from quench.hw import clock_source, cpu_info, one_blas_thread, parse_cpus, pinned
 from quench.model import Model
 from quench.perf import (
     PERF_COLUMNS,
+    ROUNDS,
     PerfResult,
+    latency_line,
+    load_inputs,
     peak_macs,
     perf_images,
     perf_model,
     perf_onnx,
     perf_row,
+    startup,
+    startup_line,
 )
 from quench.pipeline import Prediction
 from quench.precision import NAMES as PRECISION_NAMES
 from quench.presets import PRESETS
+from quench.profile import profile_model
 from quench.progress import Bar
 from quench.run import TOPK, RunOptions, run_job
+from quench.stats import CV_BOUND
 from quench.zoo.fetch import fetch_model
 from quench.zoo.sample import NAME as SAMPLE
 from quench.zoo.sample import fetch_sample
@@ -240,8 +248,20 @@ def build(
         bool, typer.Option("--dynamic-batch", help="Mutable batch size (the default).")
     ] = False,
     engine: Annotated[
-        str, typer.Option(help="auto | onnxruntime | openvino (auto: the first that runs it).")
+        str,
+        typer.Option(
+            help="auto | onnxruntime | openvino (auto: every engine that runs it, timed in "
+            "interleaved rounds; the fastest beyond the noise, else the first in preference)."
+        ),
     ] = "auto",
+    select_budget: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="--engine auto: seconds of timing rounds at most (at least 3 rounds run); "
+            "stops earlier once the ranking is clear.",
+        ),
+    ] = 30.0,
     threads: Annotated[
         int | None, typer.Option(help="Engine threads (default: all cores).")
     ] = None,
@@ -362,6 +382,7 @@ def build(
             float_layers=_names(float_layers),
             int8_layers=_names(int8_layers),
             repair=repair,
+            select_budget=select_budget,
             progress=not quiet,
         )
         m = do_build(model, output, opts, log=None if quiet else info)
@@ -564,11 +585,59 @@ def perf(
             "OpenVINO runs them on as many streams). Default 1: synchronous.",
         ),
     ] = 1,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Rounds per batch size, alternating between the sizes; the table shows the "
+            "spread of the rounds' qps and warns when it is unstable.",
+        ),
+    ] = ROUNDS,
+    percentile: Annotated[
+        str,
+        typer.Option(help="Latency percentiles to report, comma separated (like trtexec)."),
+    ] = "90,99",
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="OpenVINO streams (benchmark_app -nstreams); requests in flight default to "
+            "as many.",
+        ),
+    ] = None,
+    pin: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on these CPUs only, e.g. 0,1 or 0-3 (CPU affinity, like taskset -c); "
+            "threads default to their count."
+        ),
+    ] = None,
+    input_images: Annotated[
+        Path | None,
+        typer.Option(help="Time these images (folder or list), preprocessed, not random data."),
+    ] = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Per-layer times from the engine's profiler at the largest batch: the "
+            "slowest layers with op and executed precision (all in --json).",
+        ),
+    ] = False,
+    profile_top: Annotated[int, typer.Option(min=1, help="Layers shown by --profile.")] = 10,
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
     sizes = _batches(batch)
+    pcts = _percentiles(percentile)
+    onnx_file = model.suffix.lower() == ".onnx"
+    for flag, given in (("--input-images", input_images), ("--profile", profile or None)):
+        if onnx_file and given is not None:
+            raise fail(f"{flag} needs a .quench artifact", code=2)
+    cpus = None
+    startup_times: dict[str, Any] = {}
+    profiled = None
     if images is not None and model.suffix.lower() == ".onnx":
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
@@ -577,14 +646,56 @@ def perf(
         raise fail("--images compares with one request at a time: drop --requests", code=2)
     loaded = None
     with user_errors():
-        if model.suffix.lower() == ".onnx":
+        cpus = parse_cpus(pin) if pin else None
+        threads = threads or (len(cpus) if cpus else None)
+    with user_errors(), pinned(cpus):
+        if onnx_file:
+            if streams is not None:
+                raise QuenchError("--streams: ONNX Runtime has no streams; use --requests N")
             results = perf_onnx(
-                model, sizes, iterations, duration, warmup, threads, not quiet, requests
+                model,
+                sizes,
+                iterations,
+                duration,
+                warmup,
+                threads,
+                not quiet,
+                requests,
+                rounds=rounds,
+                percentiles=pcts,
+                startup_times=startup_times,
             )
         else:
+            t = time.perf_counter()
             loaded = _load(model, threads, accept_host_mismatch)
-            results = perf_model(loaded, sizes, iterations, duration, warmup, not quiet, requests)
+            startup_times["load_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+            inputs = None
+            if input_images is not None:
+                inputs = load_inputs(loaded, list_images(input_images))
+            startup_times.update(startup(loaded, sizes[0], inputs))
+            results = perf_model(
+                loaded,
+                sizes,
+                iterations,
+                duration,
+                warmup,
+                not quiet,
+                requests,
+                rounds=rounds,
+                percentiles=pcts,
+                inputs=inputs,
+                streams=streams,
+            )
+            if profile:
+                profiled = profile_model(loaded, max(sizes), inputs=inputs)
+    print(startup_line(startup_times, sizes[0]))
     _print_perf(results)
+    for r in results:
+        print(latency_line(r.to_dict(), pcts))
+    warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+    sys.stdout.flush()
+    for w in warnings:
+        info(f"warning: {w}")
     end_to_end = []
     if images is not None:
         with user_errors():
@@ -601,6 +712,8 @@ def perf(
                     f"({ratio:.2f}x engine-only {r.qps:.1f} qps); naive decode-then-infer loop "
                     f"{e2e['naive_loop']['images_per_s']:.1f} images/s ({len(files)} files)"
                 )
+    if profiled is not None:
+        _print_profile(profiled, profile_top)
     if not quiet:
         for compute in sorted({r.compute for r in results}):
             info(
@@ -612,10 +725,57 @@ def perf(
         doc = {
             "machine": cpu_info(),
             "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
+            "startup": startup_times,
+            "pinned_cpus": cpus,
+            "profile": profiled,
             "results": [r.to_dict() for r in results],
+            "stability": {
+                "unstable": bool(warnings),
+                "warnings": warnings,
+                "cv_bound": CV_BOUND,
+                "machine_load": results[0].machine_load,
+            },
             "end_to_end": end_to_end,
         }
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise fail(f"--percentile: expected numbers like 90,99, got {text!r}", code=2) from None
+    if not values or any(not 0 < p < 100 for p in values):
+        raise fail(f"--percentile: each must be between 0 and 100, got {text!r}", code=2)
+    return values
+
+
+def _print_profile(prof: dict[str, Any], top: int) -> None:
+    """The slowest layers (benchmark_app -pc, trtexec --dumpProfile) and the time per op."""
+    table = Table(
+        title=f"per-layer profile: {prof['engine']}, batch {prof['batch']}, mean of "
+        f"{prof['runs']} runs, {prof['total_ms']:.3f} ms in layers",
+        title_justify="left",
+    )
+    for col in ("#", "layer", "op", "precision", "kernel", "ms", "% of time"):
+        table.add_column(col, justify="right" if col in ("#", "ms", "% of time") else "left")
+    for i, layer in enumerate(prof["layers"][:top], 1):
+        table.add_row(
+            str(i),
+            escape(layer["name"]),
+            layer["op"],
+            layer["precision"],
+            escape(layer["kernel"]),
+            f"{layer['ms']:.3f}",
+            f"{layer['share']:.1%}",
+        )
+    Console(width=max(150, Console().width)).print(table)
+    print(
+        "time by op: "
+        + ", ".join(
+            f"{g['op']} {g['precision']} {g['share']:.1%} ({g['layers']})" for g in prof["by_op"]
+        )
+    )
 
 
 def _print_perf(results: list[PerfResult]) -> None:
@@ -625,7 +785,7 @@ def _print_perf(results: list[PerfResult]) -> None:
         table.add_column(col, justify="left" if left else "right")
     for r in results:
         table.add_row(*perf_row(r.to_dict()))
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def _print_topk(precision: str, predictions: list[Prediction]) -> None:

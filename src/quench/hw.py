@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
+import psutil
 from threadpoolctl import threadpool_limits
+
+from quench.errors import QuenchError
 
 _CPUINFO = Path("/proc/cpuinfo")
 _CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
@@ -228,3 +233,38 @@ def host_fingerprint() -> dict[str, object]:
         "flags": list(info["flags"]),  # type: ignore[call-overload]
         "onednn_max_cpu_isa": onednn_isa_cap(),
     }
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``0,2-3`` -> [0, 2, 3]: a CPU list as ``taskset -c`` takes it."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise QuenchError(f"--pin: expected CPU numbers like 0,1 or 0-3, got {text!r}") from None
+    allowed = set(range(psutil.cpu_count() or 1))
+    if not cpus or not cpus <= allowed:
+        raise QuenchError(
+            f"--pin {text}: this machine has CPUs 0-{max(allowed)}; got {sorted(cpus)}"
+        )
+    return sorted(cpus)
+
+
+@contextmanager
+def pinned(cpus: list[int] | None) -> Iterator[None]:
+    """Run the block with this process (and the engine threads it starts) on ``cpus`` only;
+    the previous affinity is restored afterwards. None: no change."""
+    if cpus is None:
+        yield
+        return
+    proc = psutil.Process()
+    if not hasattr(proc, "cpu_affinity"):
+        raise QuenchError("--pin: this operating system does not let a process set its CPUs")
+    before = proc.cpu_affinity()
+    proc.cpu_affinity(cpus)
+    try:
+        yield
+    finally:
+        proc.cpu_affinity(before)

@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ from quench.hw import cpu_info, default_threads, nominal_clock_hz
 from quench.imaging import Normalizer, load_pixels
 from quench.manifest import PrecisionInfo
 from quench.progress import Bar
+from quench.stats import instability, split, spread, watch_load
+
+ROUNDS = 5  # rounds per figure by default, alternating between the configurations
+PERCENTILES = (50, 90, 99)
 
 # MACs per cycle per core, by what the CPU can do (see README "Share of peak").
 _FP32_MACS = {"avx512_full": 32, "avx512_half": 16, "avx2": 16, "sse": 4}
@@ -45,6 +49,16 @@ class PerfResult:
     peak_share: float | None = None
     device: str = "cpu"
     requests: int = 1  # requests in flight at once, each a whole batch
+    rounds: list[dict[str, float]] = field(default_factory=list)  # per round: qps, seconds
+    qps_spread: dict[str, float] | None = None  # min/median/mean/max/cv of the round qps
+    machine_load: dict[str, Any] | None = None  # other work during the run (quench.stats)
+    warnings: list[str] = field(default_factory=list)  # why the figure may be unreliable
+    streams: int | None = None  # the engine's parallel streams, when set (--streams)
+    inputs: str = "random"  # what was timed: random data, or "N images" (--input-images)
+
+    @property
+    def unstable(self) -> bool:
+        return bool(self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +71,7 @@ PERF_COLUMNS = (
     "Batch_Size",
     "Throughput (qps)",
     "device",
+    "qps range (CV)",
     "p50 ms",
     "p90 ms",
     "p99 ms",
@@ -68,18 +83,48 @@ def perf_row(r: dict[str, Any]) -> list[str]:
     """One ``PerfResult.to_dict()`` as the cells of ``PERF_COLUMNS``."""
     lat = r["latency_ms"]
     requests = r.get("requests", 1)
+    s = r.get("qps_spread")
+    unstable = "!" if r.get("warnings") else ""
     return [
         r["model"],
         r["precision"],
         str(r["batch"]),
-        f"{r['qps']:.2f}",
+        f"{r['qps']:.2f}{unstable}",
         f"cpu ({r['engine']}, {r['threads']} threads"
+        + (f", {r['streams']} streams" if r.get("streams") else "")
         + (f", {requests} requests)" if requests > 1 else ")"),
+        f"{s['min']:.1f}-{s['max']:.1f} ({s['cv']:.1%})" if s else "-",
         f"{lat['p50']:.2f}",
         f"{lat['p90']:.2f}",
         f"{lat['p99']:.2f}",
         f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "-",
     ]
+
+
+def startup_line(t: dict[str, Any], batch: int) -> str:
+    """benchmark_app's "Read model took", "Compile model took", "First inference took"."""
+
+    def ms(key: str) -> str:
+        v = t.get(key)
+        return "-" if v is None else f"{v:.1f} ms"
+
+    note = f" ({t['note']})" if t.get("note") else ""
+    return (
+        f"load {ms('load_ms')}, compile {ms('compile_ms')}{note}, first inference "
+        f"{ms('first_inference_ms')} (batch {batch})"
+    )
+
+
+def latency_line(r: dict[str, Any], percentiles: tuple[float, ...] = PERCENTILES) -> str:
+    """trtexec's latency summary of one result: min, max, mean, median and percentiles."""
+    lat = r["latency_ms"]
+    pcts = ", ".join(
+        f"percentile({p:g}%) = {lat[percentile_key(p)]:.3f} ms" for p in percentiles if p != 50
+    )
+    return (
+        f"batch {r['batch']}: latency min = {lat['min']:.3f} ms, max = {lat['max']:.3f} ms, "
+        f"mean = {lat['mean']:.3f} ms, median = {lat['p50']:.3f} ms" + (f", {pcts}" if pcts else "")
+    )
 
 
 def fp32_macs_per_cycle(info: dict[str, Any]) -> tuple[int, str]:
@@ -134,13 +179,16 @@ def measure(
     duration: float | None = None,
     warmup: int = 20,
     on_step: Callable[[], None] | None = None,
+    x: np.ndarray | None = None,
 ) -> tuple[int, float, np.ndarray]:
-    """Run ``infer`` on one random batch; returns (iterations, seconds, latencies in s).
+    """Run ``infer`` on one batch (``x``, or random); returns (iterations, seconds, latencies
+    in s).
 
     A list of functions keeps that many requests in flight (one thread each, see
     ``_measure_concurrent``).
     """
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    if x is None:
+        x = random_batch(input_shape, batch)
     if iterations is None and duration is None:
         duration = 10.0
     if isinstance(infer, list):
@@ -215,11 +263,25 @@ def _measure_concurrent(
     return len(lat), time.perf_counter() - start, np.asarray(lat)
 
 
+def random_batch(input_shape: tuple[int, ...], batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+
+
+def percentile_key(p: float) -> str:
+    """``p50``, ``p99.9``: the latency figure's name."""
+    return f"p{p:g}"
+
+
 def summarize(
-    lat: np.ndarray, iterations: int, seconds: float, batch: int
+    lat: np.ndarray,
+    iterations: int,
+    seconds: float,
+    batch: int,
+    percentiles: tuple[float, ...] = PERCENTILES,
 ) -> tuple[float, dict[str, float]]:
     ms = lat * 1e3
-    pct = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
+    wanted = sorted({*PERCENTILES, *percentiles})
+    pct = {percentile_key(p): float(np.percentile(ms, p)) for p in wanted}
     stats = {**pct, "mean": float(ms.mean()), "min": float(ms.min()), "max": float(ms.max())}
     return batch * iterations / seconds, {k: round(v, 3) for k, v in stats.items()}
 
@@ -232,8 +294,15 @@ def perf_model(
     warmup: int = 20,
     progress: bool = True,
     requests: int = 1,
+    rounds: int = ROUNDS,
+    percentiles: tuple[float, ...] = PERCENTILES,
+    inputs: np.ndarray | None = None,
+    streams: int | None = None,
 ) -> list[PerfResult]:
-    """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight."""
+    """Measure a loaded ``quench.Model`` at each batch size, with ``requests`` in flight, in
+    ``rounds`` rounds that alternate between the batch sizes. ``inputs``: preprocessed images
+    to time instead of random data (batches cycle through them); ``streams``: the engine's
+    parallel streams (OpenVINO), with as many requests in flight unless ``requests`` says."""
     if model.fixed_batch and any(b != model.fixed_batch for b in batches):
         raise QuenchError(
             f"{model.path}: built with fixed batch {model.fixed_batch}; measure --batch "
@@ -241,9 +310,11 @@ def perf_model(
         )
     compute = model.spec.precision.compute
     runner = model.runner
-    if requests > 1:
+    if streams is not None and requests == 1:
+        requests = streams  # benchmark_app: one request per stream unless told otherwise
+    if requests > 1 or streams is not None:
         try:
-            fns = runner.concurrent(requests)
+            fns = runner.concurrent(requests, streams)
         except NotImplementedError as exc:
             raise QuenchError(str(exc)) from None
         infer: Any = [lambda x, f=f: f({model.input_name: x}) for f in fns]
@@ -253,9 +324,7 @@ def perf_model(
         infer,
         model.data.input_shape,
         batches,
-        iterations,
-        duration,
-        warmup,
+        Timing(iterations, duration, warmup, rounds, percentiles, inputs),
         progress,
         macs=model.spec.macs_per_image,
         compute=compute,
@@ -263,16 +332,70 @@ def perf_model(
         model=model.name,
         precision=model.precision,
         engine=model.engine,
+        streams=streams,
+        inputs="random" if inputs is None else f"{len(inputs)} images",
     )
+
+
+def load_inputs(model: Any, paths: list[Path]) -> np.ndarray:
+    """Real images through the model's preprocessing, as one float32 array (--input-images).
+    An unreadable file is an error naming it: a timing must say what it ran on."""
+    if not paths:
+        raise QuenchError("--input-images: no images")
+    norm = Normalizer(model.data)
+    return norm.batch([load_pixels(p, model.data) for p in paths])
+
+
+def startup(model: Any, batch: int, inputs: np.ndarray | None = None) -> dict[str, Any]:
+    """benchmark_app's compile and first-inference times, in ms: the engine compiling the
+    artifact's payload (session or compiled model), then one inference at ``batch``."""
+    out: dict[str, Any] = {}
+    if getattr(model, "_runner", None) is None:
+        t = time.perf_counter()
+        model.runner  # noqa: B018 - compiles
+        out["compile_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    else:
+        out["compile_ms"] = None
+        out["note"] = "compiled during loading (the artifact's self-check ran)"
+    shape = model.data.input_shape
+    x = random_batch(shape, batch) if inputs is None else inputs[np.arange(batch) % len(inputs)]
+    t = time.perf_counter()
+    model.run_batch(np.ascontiguousarray(x))
+    out["first_inference_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    return out
+
+
+@dataclass
+class Timing:
+    """How long and how often to measure each configuration."""
+
+    iterations: int | None = None  # per configuration, over all rounds
+    duration: float | None = None  # seconds per configuration, over all rounds (default 10)
+    warmup: int = 20
+    rounds: int = ROUNDS
+    percentiles: tuple[float, ...] = PERCENTILES
+    inputs: np.ndarray | None = None  # real preprocessed images; None: random data
+
+    def batch_input(self, shape: tuple[int, ...], batch: int) -> np.ndarray:
+        if self.inputs is None:
+            return random_batch(shape, batch)
+        idx = np.arange(batch) % len(self.inputs)
+        return np.ascontiguousarray(self.inputs[idx])
+
+    def plan(self) -> list[tuple[int | None, float | None]]:
+        """(iterations, seconds) of each round."""
+        if self.iterations is not None:
+            return [(n, None) for n in split(self.iterations, self.rounds)]
+        total = 10.0 if self.duration is None else self.duration
+        n = max(1, self.rounds)
+        return [(None, total / n)] * n
 
 
 def _sweep(
     infer: Callable[[np.ndarray], Any] | list[Callable[[np.ndarray], Any]],
     shape: tuple[int, ...],
     batches: list[int],
-    iterations: int | None,
-    duration: float | None,
-    warmup: int,
+    timing: Timing,
     progress: bool,
     *,
     macs: int | None,
@@ -280,16 +403,33 @@ def _sweep(
     threads: int,
     **fields: Any,
 ) -> list[PerfResult]:
-    """Measure ``infer`` at each batch size; one ``PerfResult`` per size. A list of functions
-    keeps that many requests in flight."""
+    """Measure ``infer`` at each batch size in rounds that alternate between the sizes (so a
+    slow spell of the machine hits every size alike); one ``PerfResult`` per size. A list of
+    functions keeps that many requests in flight."""
     peak, _ = peak_macs(compute, threads)
+    plan = timing.plan()
+    xs = {b: timing.batch_input(shape, b) for b in batches}
+    per: dict[int, list[tuple[int, float, np.ndarray]]] = {b: [] for b in batches}
+    total = timing.iterations * len(batches) if timing.iterations else None
+    with watch_load() as load, Bar("perf", total, enabled=progress) as bar:
+        for r, (n_round, secs_round) in enumerate(plan):
+            for b in batches:
+                # the full warm-up before a size's first round; one call after switching sizes
+                warm = timing.warmup if r == 0 else min(1, timing.warmup)
+                per[b].append(
+                    measure(
+                        infer, shape, b, n_round, secs_round, warm, on_step=bar.advance, x=xs[b]
+                    )
+                )
     results = []
     for b in batches:
-        with Bar(f"perf batch {b}", iterations, enabled=progress) as bar:
-            n, secs, lat = measure(
-                infer, shape, b, iterations, duration, warmup, on_step=bar.advance
-            )
-        qps, stats = summarize(lat, n, secs, b)
+        n = sum(m[0] for m in per[b])
+        secs = sum(m[1] for m in per[b])
+        lat = np.concatenate([m[2] for m in per[b]])
+        qps, stats = summarize(lat, n, secs, b, timing.percentiles)
+        rounds = [{"qps": round(b * m[0] / m[1], 2), "seconds": round(m[1], 4)} for m in per[b]]
+        s = spread([r["qps"] for r in rounds])
+        warnings = [w for w in [instability(f"batch {b} throughput", s)] if w]
         results.append(
             PerfResult(
                 batch=b,
@@ -302,9 +442,15 @@ def _sweep(
                 macs_per_image=macs,
                 peak_share=round(macs * qps / peak, 4) if macs else None,
                 requests=len(infer) if isinstance(infer, list) else 1,
+                rounds=rounds,
+                qps_spread=s.to_dict(),
                 **fields,
             )
         )
+        results[-1].warnings = warnings
+    for r in results:
+        r.machine_load = load.to_dict()
+        r.warnings += load.warnings
     return results
 
 
@@ -317,13 +463,25 @@ def perf_onnx(
     threads: int | None = None,
     progress: bool = True,
     requests: int = 1,
+    rounds: int = ROUNDS,
+    percentiles: tuple[float, ...] = PERCENTILES,
+    startup_times: dict[str, Any] | None = None,
 ) -> list[PerfResult]:
     """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
-    ``requests`` > 1, that many ``run`` calls at once from as many threads."""
+    ``requests`` > 1, that many ``run`` calls at once from as many threads. ``startup_times``
+    gets the load, compile (session) and first-inference times in ms."""
+    t0 = time.perf_counter()
     src = load_model(path)
+    t1 = time.perf_counter()
     sess = session(str(path), threads=threads, log_severity=None)
+    t2 = time.perf_counter()
     inp = sess.get_inputs()[0]
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
+    sess.run(None, {inp.name: random_batch(shape, batches[0])})
+    if startup_times is not None:
+        startup_times["load_ms"] = round((t1 - t0) * 1e3, 3)
+        startup_times["compile_ms"] = round((t2 - t1) * 1e3, 3)
+        startup_times["first_inference_ms"] = round((time.perf_counter() - t2) * 1e3, 3)
     macs = count_macs(src.model, shape)
     quantized = any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in src.model.graph.node)
 
@@ -334,9 +492,7 @@ def perf_onnx(
         [run] * requests if requests > 1 else run,
         shape,
         batches,
-        iterations,
-        duration,
-        warmup,
+        Timing(iterations, duration, warmup, rounds, percentiles),
         progress,
         macs=macs,
         compute="int8" if quantized else "float32",

@@ -15,6 +15,12 @@ from typing import Any
 from quench import __version__
 from quench.hw import cpu_info
 from quench.perf import PERF_COLUMNS, perf_row
+from quench.precision import FORCE_FLOAT32
+from quench.stats import RULE, compare
+
+FP32 = FORCE_FLOAT32.name
+MAX_TOP1_DROP = 1.0  # percentage points: the verdict's accuracy bound against fp32
+THUMB = 128  # sample thumbnails: square tiles, the image fitted inside
 
 
 @dataclass
@@ -34,6 +40,7 @@ class JobRecord:
 
 
 ACC_COLUMNS = ("Model", "Quant_Mode", "Batch_Size", "TOP1", "TOP5")
+VERSUS_COLUMNS = ("Quant_Mode", "speedup over fp32 by batch", "top-1 change vs fp32")
 BUILD_COLUMNS = (
     "Quant_Mode",
     "engine",
@@ -58,20 +65,41 @@ def machine() -> dict[str, Any]:
     return {**cpu_info(), "engines": engine_versions(), "quench": __version__}
 
 
+def stability(perf: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the speed figures are trustworthy: every warning of every perf result."""
+    warnings = list(dict.fromkeys(w for r in perf for w in r.get("warnings", [])))
+    loads = [r["machine_load"] for r in perf if r.get("machine_load")]
+    return {
+        "unstable": bool(warnings),
+        "warnings": warnings,
+        "max_other_cores": max((x["other_cores"] for x in loads), default=None),
+    }
+
+
 def collect(job: JobRecord) -> dict[str, Any]:
     """Every figure of the job, as plain JSON data."""
     steps = job.steps
     done = [s for s in steps if s["status"] in ("ok", "reused")]
-    return {
+    perf = [r for s in done if s["kind"] == "perf" for r in s["result"]["results"]]
+    builds = [{"precision": p, **b} for p, b in job.builds.items()]
+    first_of: dict[str, str] = {}
+    for b in builds:  # byte-identical artifacts: shown once, the later ones point back
+        sha = b.get("sha256")
+        if sha and sha in first_of:
+            b["same_as"] = first_of[sha]
+        elif sha:
+            first_of[sha] = b["precision"]
+    doc = {
         "quench_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "options": json.loads(json.dumps(job.options, default=str)),
         "model": next((s["result"] for s in steps if s["kind"] == "model" and s["result"]), None),
         "precisions": list(job.precisions),
-        "builds": [{"precision": p, **b} for p, b in job.builds.items()],
+        "builds": builds,
         "accuracy": [s["result"] for s in done if s["kind"] == "eval"],
-        "perf": [r for s in done if s["kind"] == "perf" for r in s["result"]["results"]],
+        "perf": perf,
+        "stability": stability(perf),
         "classify": {
             s["precision"] or "": s["result"]["predictions"]
             for s in done
@@ -86,6 +114,126 @@ def collect(job: JobRecord) -> dict[str, Any]:
             {"step": s["id"], "why": s["message"]} for s in steps if s["status"] == "skipped"
         ],
     }
+    doc["versus_fp32"] = versus_fp32(doc)
+    doc["verdict"] = verdict(doc)
+    return doc
+
+
+# -- comparisons ---------------------------------------------------------------------------------
+
+
+def _rounds(r: dict[str, Any]) -> list[float]:
+    return [x["qps"] for x in r.get("rounds", [])] or [r["qps"]]
+
+
+def _top1(doc: dict[str, Any]) -> dict[str, float]:
+    return {a["precision"]: a["top1"] for a in doc["accuracy"]}
+
+
+def versus_fp32(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each build against fp32: speedup per batch size (a tie when inside the noise of the
+    two runs' rounds) and top-1 change in percentage points."""
+    perf = {(r["precision"], r["batch"]): r for r in doc["perf"]}
+    top1 = _top1(doc)
+    rows = []
+    for b in doc["builds"]:
+        p = b["precision"]
+        row: dict[str, Any] = {"precision": p, "speedup": {}, "same_as": b.get("same_as")}
+        for (prec, batch), r in sorted(perf.items(), key=lambda kv: kv[0][1]):
+            base = perf.get((FP32, batch))
+            if prec != p or base is None:
+                continue
+            c = compare(_rounds(r), _rounds(base))
+            row["speedup"][str(batch)] = {
+                "ratio": round(r["qps"] / base["qps"], 3),
+                "beyond_noise": c.winner != "tie",
+            }
+        if p in top1 and FP32 in top1:
+            row["top1_change_points"] = round((top1[p] - top1[FP32]) * 100, 2)
+        rows.append(row)
+    return rows
+
+
+def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, Any]:
+    """The fastest build within ``max_drop`` top-1 points of fp32 at each batch size. Builds
+    whose speed differs by less than the noise are a tie, broken by accuracy (the higher top-1,
+    else the higher fidelity agreement, else the earlier build)."""
+    top1 = _top1(doc)
+    order = [b["precision"] for b in doc["builds"]]
+    agreement = {
+        b["precision"]: (b.get("fidelity") or {}).get("top1_agreement", 1.0) for b in doc["builds"]
+    }
+    measured = FP32 in top1
+
+    def within(p: str) -> bool:
+        if not measured or p not in top1:
+            return True  # no accuracy figures: every build passed its fidelity gate
+        return (top1[FP32] - top1[p]) * 100 <= max_drop + 1e-9
+
+    out: dict[str, Any] = {
+        "max_top1_drop_points": max_drop,
+        "accuracy_measured": measured,
+        "rule": f"{RULE}; a tie goes to the more accurate build",
+        "batches": {},
+    }
+    perf = [r for r in doc["perf"] if r["precision"] in order]
+    for batch in sorted({r["batch"] for r in perf}):
+        rs = [r for r in perf if r["batch"] == batch and within(r["precision"])]
+        if not rs:
+            continue
+        lead = max(rs, key=lambda r: r["qps"])
+        tied = [r for r in rs if compare(_rounds(lead), _rounds(r)).winner == "tie"]
+        best = max(
+            tied or [lead],
+            key=lambda r: (
+                top1.get(r["precision"], 0.0),
+                agreement[r["precision"]],
+                -order.index(r["precision"]),
+            ),
+        )
+        fp32 = next(
+            (r for r in doc["perf"] if r["precision"] == FP32 and r["batch"] == batch), None
+        )
+        out["batches"][str(batch)] = {
+            "fastest": best["precision"],
+            "qps": best["qps"],
+            "speedup": round(best["qps"] / fp32["qps"], 3) if fp32 else None,
+            "tied_with": [r["precision"] for r in tied if r is not best],
+            "top1_change_points": (
+                round((top1[best["precision"]] - top1[FP32]) * 100, 2)
+                if measured and best["precision"] in top1
+                else None
+            ),
+            "unstable": bool(best.get("warnings")),
+        }
+    return out
+
+
+def verdict_lines(doc: dict[str, Any]) -> list[str]:
+    v = doc.get("verdict") or {}
+    if not v.get("batches"):
+        return ["no speed figures: no verdict"]
+    bound = (
+        f"within {v['max_top1_drop_points']:g} top-1 point of fp32"
+        if v["accuracy_measured"]
+        else "that passed its build's fidelity gate (accuracy not measured)"
+    )
+    lines = []
+    for batch, x in v["batches"].items():
+        text = f"batch {batch}: the fastest build {bound} is **{x['fastest']}**, {x['qps']:.1f} qps"
+        if x["speedup"] is not None:
+            text += f", {x['speedup']:.2f}x fp32"
+        if x["top1_change_points"] is not None:
+            text += f", top-1 {x['top1_change_points']:+.2f} points"
+        if x["tied_with"]:
+            text += (
+                f" (a tie within the noise with {', '.join(x['tied_with'])}: kept the more "
+                "accurate)"
+            )
+        if x["unstable"]:
+            text += " (unstable figures)"
+        lines.append(text)
+    return lines
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -114,10 +262,25 @@ def fidelity_text(f: dict[str, Any] | None) -> str:
     )
 
 
+def versus_rows(doc: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for v in doc.get("versus_fp32", []):
+        if v.get("same_as"):
+            rows.append([v["precision"], f"same artifact as {v['same_as']}", ""])
+            continue
+        speed = ", ".join(
+            f"b{b}: {s['ratio']:.2f}x" + ("" if s["beyond_noise"] else " (tie)")
+            for b, s in v["speedup"].items()
+        )
+        top1 = v.get("top1_change_points")
+        rows.append([v["precision"], speed or "-", "-" if top1 is None else f"{top1:+.2f} points"])
+    return rows
+
+
 def build_rows(doc: dict[str, Any]) -> list[list[str]]:
     return [
         [
-            b["precision"],
+            b["precision"] + (f" (same artifact as {b['same_as']})" if b.get("same_as") else ""),
             f"{b['engine']} {b.get('engine_version', '')}".strip(),
             str(b.get("computes") or "-"),
             fidelity_text(b.get("fidelity")),
@@ -143,6 +306,19 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def unstable_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's warning banner: the speed figures were measured on a busy or noisy
+    machine (a ``!`` after a qps marks the figure)."""
+    st = doc.get("stability") or {}
+    if not st.get("unstable"):
+        return []
+    return [
+        "the speed figures below are unstable (marked !): repeat `quench run --force` on a "
+        "quiet machine before relying on them",
+        *st["warnings"],
+    ]
+
+
 # -- plots -------------------------------------------------------------------------------------
 
 
@@ -164,6 +340,7 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_xticks(sorted({r["batch"] for r in doc["perf"]}))
         ax.set_xlabel("batch size")
         ax.set_ylabel("throughput (images/s)")
+        ax.set_ylim(bottom=0)
         ax.set_title("Throughput vs batch size")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -192,19 +369,75 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
 
     if doc["accuracy"]:
         acc = doc["accuracy"]
+        base = next((a for a in acc if a["precision"] == FP32), None)
         fig, ax = _figure(max(6.4, 1.2 * len(acc) + 2))
         xs = range(len(acc))
-        ax.bar([x - 0.2 for x in xs], [a["top1"] for a in acc], 0.4, label="top-1")
-        ax.bar([x + 0.2 for x in xs], [a["top5"] for a in acc], 0.4, label="top-5")
+        if base is not None:  # the change in points: a 0-1 axis would hide a 6-point drop
+            for i, key in enumerate(("top1", "top5")):
+                ax.bar(
+                    [x + (i - 0.5) * 0.4 for x in xs],
+                    [(a[key] - base[key]) * 100 for a in acc],
+                    0.4,
+                    label=key.replace("top", "top-"),
+                )
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_ylabel("change vs fp32 (percentage points)")
+            ax.set_title("Accuracy change against fp32")
+        else:
+            ax.bar([x - 0.2 for x in xs], [a["top1"] for a in acc], 0.4, label="top-1")
+            ax.bar([x + 0.2 for x in xs], [a["top5"] for a in acc], 0.4, label="top-5")
+            ax.set_ylabel("accuracy")
+            ax.set_title("Accuracy per precision")
         ax.set_xticks(list(xs))
         ax.set_xticklabels([a["precision"] for a in acc], fontsize=8, rotation=20)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_title("Accuracy per precision")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         files["accuracy"] = _save(fig, out / "accuracy.png")
     return files
+
+
+def make_thumbnails(doc: dict[str, Any], out: Path) -> dict[str, Path]:
+    """A small JPEG tile of each sample image the job classified: file -> thumbnail."""
+    from PIL import Image, ImageOps
+
+    files: dict[str, Path] = {}
+    sources = dict.fromkeys(p["file"] for preds in doc["classify"].values() for p in preds)
+    for i, src in enumerate(sources):
+        try:
+            with Image.open(src) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                tile = ImageOps.pad(im, (THUMB, THUMB), color=(240, 240, 240))  # same-size tiles
+                out.mkdir(parents=True, exist_ok=True)
+                path = out / f"{i}.jpg"
+                tile.save(path, "JPEG", quality=85)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # the table still shows the predictions, without a picture
+        files[src] = path
+    return files
+
+
+def sample_rows(doc: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[list[str]]]]]:
+    """The sample images' top-5 per build (byte-identical builds once): the build columns,
+    and per image its file and each build's top-5 lines."""
+    same = {b["precision"] for b in doc["builds"] if b.get("same_as")}
+    precs = [p for p in doc["classify"] if p not in same]
+    by_file: dict[str, dict[str, dict[str, Any]]] = {}
+    for p in precs:
+        for pred in doc["classify"][p]:
+            by_file.setdefault(pred["file"], {})[p] = pred
+    rows = []
+    for f, preds in by_file.items():
+        cells = []
+        for p in precs:
+            pred = preds.get(p)
+            if pred is None:
+                cells.append(["-"])
+            elif "error" in pred:
+                cells.append([f"error: {pred['error']}"])
+            else:
+                cells.append([f"{t['name']} {t['score']:.3f}" for t in pred["top"]])
+        rows.append((f, cells))
+    return precs, rows
 
 
 def _figure(width: float) -> tuple[Any, Any]:
@@ -236,6 +469,7 @@ def _md_table(cols: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
 
 def _sections(doc: dict[str, Any]) -> list[tuple[str, tuple[str, ...] | list[str], list[list]]]:
     return [
+        ("Against fp32", VERSUS_COLUMNS, versus_rows(doc)),
         ("Performance", PERF_COLUMNS, perf_rows(doc)),
         ("Accuracy", ACC_COLUMNS, acc_rows(doc)),
         ("Builds", BUILD_COLUMNS, build_rows(doc)),
@@ -243,11 +477,19 @@ def _sections(doc: dict[str, Any]) -> list[tuple[str, tuple[str, ...] | list[str
     ]
 
 
-def markdown(doc: dict[str, Any], plot_files: dict[str, Path], out: Path) -> str:
+def markdown(
+    doc: dict[str, Any],
+    plot_files: dict[str, Path],
+    out: Path,
+    thumbs: dict[str, Path] | None = None,
+) -> str:
     parts = [f"# quench run report\n\n{doc['created']}, quench {doc['quench_version']}\n"]
+    parts.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict_lines(doc)) + "\n")
     parts.append("## Machine\n\n" + "\n".join(f"- {line}" for line in machine_lines(doc)) + "\n")
     if doc.get("model"):
         parts.append(f"Model: `{doc['model']['path']}` (sha256 `{doc['model']['sha256']}`)\n")
+    for line in unstable_lines(doc):
+        parts.append(f"> **Warning:** {line}\n")
     if doc["failed"]:
         parts.append(
             "## Failed steps\n\n"
@@ -256,6 +498,17 @@ def markdown(doc: dict[str, Any], plot_files: dict[str, Path], out: Path) -> str
         )
     for title, cols, rows in _sections(doc):
         parts.append(f"## {title}\n\n" + (_md_table(cols, rows) if rows else "_none_") + "\n")
+    precs, samples = sample_rows(doc)
+    if samples:
+        rows = []
+        for f, cells in samples:
+            pic = (
+                f"![]({thumbs[f].relative_to(out).as_posix()})<br>"
+                if thumbs and f in thumbs
+                else ""
+            )
+            rows.append([pic + Path(f).name, *("<br>".join(c) for c in cells)])
+        parts.append("## Sample top-5\n\n" + _md_table(["image", *precs], rows) + "\n")
     if doc["notes"]:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in doc["notes"]) + "\n")
     if plot_files:
@@ -273,7 +526,8 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:4px 8px;font-size:14px}
 th{background:#f0f0f0}td.n{text-align:right}
 .failed{color:#b00}.machine li{font-family:monospace}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+.warning{background:#fff3cd;border:1px solid #e0b000;padding:6px 10px}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}img.thumb{margin:0}
 """
 
 
@@ -288,6 +542,12 @@ def _html_table(cols: tuple[str, ...] | list[str], rows: list[list[str]]) -> str
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _bold(escaped: str) -> str:
+    """Markdown's **bold** in an already escaped line, as <b>."""
+    parts = escaped.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def _numeric(text: str) -> bool:
     try:
         float(str(text).rstrip("%"))
@@ -296,7 +556,9 @@ def _numeric(text: str) -> bool:
         return False
 
 
-def html_report(doc: dict[str, Any], plot_files: dict[str, Path]) -> str:
+def html_report(
+    doc: dict[str, Any], plot_files: dict[str, Path], thumbs: dict[str, Path] | None = None
+) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -304,6 +566,9 @@ def html_report(doc: dict[str, Any], plot_files: dict[str, Path]) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>quench run report</h1>",
         f"<p>{e(doc['created'])}, quench {e(doc['quench_version'])}</p>",
+        "<h2>Verdict</h2><ul>",
+        *(f"<li>{_bold(e(line))}</li>" for line in verdict_lines(doc)),
+        "</ul>",
         "<h2>Machine</h2><ul class='machine'>",
         *(f"<li>{e(line)}</li>" for line in machine_lines(doc)),
         "</ul>",
@@ -313,6 +578,8 @@ def html_report(doc: dict[str, Any], plot_files: dict[str, Path]) -> str:
             f"<p>Model: <code>{e(doc['model']['path'])}</code> "
             f"(sha256 <code>{e(doc['model']['sha256'])}</code>)</p>"
         )
+    for line in unstable_lines(doc):
+        parts.append(f"<p class='warning'><b>Warning:</b> {e(line)}</p>")
     if doc["failed"]:
         parts.append("<h2 class='failed'>Failed steps</h2><ul>")
         parts += [
@@ -322,6 +589,21 @@ def html_report(doc: dict[str, Any], plot_files: dict[str, Path]) -> str:
     for title, cols, rows in _sections(doc):
         parts.append(f"<h2>{e(title)}</h2>")
         parts.append(_html_table(cols, rows) if rows else "<p><i>none</i></p>")
+    precs, samples = sample_rows(doc)
+    if samples:
+        parts.append("<h2>Sample top-5</h2><table><thead><tr><th>image</th>")
+        parts += [f"<th>{e(p)}</th>" for p in precs]
+        parts.append("</tr></thead><tbody>")
+        for f, cells in samples:
+            pic = ""
+            if thumbs and f in thumbs:
+                data = base64.b64encode(thumbs[f].read_bytes()).decode("ascii")
+                src = f"data:image/jpeg;base64,{data}"
+                pic = f'<img class="thumb" alt="{e(Path(f).name)}" src="{src}"><br>'
+            parts.append(f"<tr><td>{pic}{e(Path(f).name)}</td>")
+            parts += ["<td>" + "<br>".join(e(x) for x in c) + "</td>" for c in cells]
+            parts.append("</tr>")
+        parts.append("</tbody></table>")
     if doc["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in doc["notes"]))
         parts.append("</ul>")
@@ -339,6 +621,7 @@ def write(doc: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_files = make_plots(doc, out / "plots") if plots else {}
+    thumbs = make_thumbnails(doc, out / "plots" / "thumbs") if plots else {}
     doc["plots"] = {k: p.relative_to(out).as_posix() for k, p in plot_files.items()}
     files = {
         "json": out / "report.json",
@@ -346,6 +629,6 @@ def write(doc: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str,
         "html": out / "report.html",
     }
     files["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    files["md"].write_text(markdown(doc, plot_files, out))
-    files["html"].write_text(html_report(doc, plot_files))
+    files["md"].write_text(markdown(doc, plot_files, out, thumbs))
+    files["html"].write_text(html_report(doc, plot_files, thumbs))
     return {**files, **{f"plot_{k}": p for k, p in plot_files.items()}}

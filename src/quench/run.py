@@ -31,6 +31,7 @@ from quench.perf import perf_model
 from quench.pipeline import Prediction
 from quench.precision import NAMES, Precision, is_int8
 from quench.progress import Bar
+from quench.stats import load_changed, other_work_now
 from quench.zoo.fetch import fetch_model, sha256_file
 
 DEFAULT_PRESET = "resnet50-v1-7"
@@ -191,6 +192,7 @@ class _Job:
         self.state = State(self.out / "state.json", opts.force)
         self.steps: list[Step] = []
         self.notes: list[str] = []  # skipped things and where data was looked for
+        self._other_now: float | None = None  # cores other programs use, sampled once
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -460,9 +462,16 @@ class _Job:
                 "warmup": opts.warmup,
                 "threads": opts.threads,
                 "cpu": cpu_info(),
+                "engines": report.engine_versions(),
                 "quench": __version__,
             }
         )
+
+        def valid(r: dict[str, Any]) -> bool:
+            why = self._speed_outdated(r)
+            if why:
+                self.say(f"[perf {precision}] measuring again: {why}")
+            return why is None
 
         def work() -> dict[str, Any]:
             duration = None if opts.iterations is not None else opts.duration
@@ -476,10 +485,24 @@ class _Job:
             Step(f"perf:{precision}", "perf", precision),
             key,
             work,
+            valid,
             describe=lambda r: ", ".join(
                 f"batch {x['batch']}: {x['qps']:.1f} qps" for x in r["results"]
             ),
         )
+
+    def _speed_outdated(self, stored: dict[str, Any]) -> str | None:
+        """Why stored speed figures (same artifact, CPU, engine and Quench versions: the key)
+        should be measured again: they were unstable, or other programs' load changed."""
+        results = stored.get("results") or []
+        warnings = [w for r in results for w in r.get("warnings", [])]
+        if warnings:
+            return f"the stored figures were unstable ({warnings[0]})"
+        if not results or "qps_spread" not in results[0]:
+            return "the stored figures have no rounds"
+        if self._other_now is None:
+            self._other_now = other_work_now()
+        return load_changed(results[0].get("machine_load"), self._other_now)
 
     # -- everything -----------------------------------------------------------------------------
     def sample_file(self, name: str, what: str, missing: str) -> Path | None:
@@ -546,10 +569,16 @@ class _Job:
                 except QuenchError as exc:
                     self.steps.append(Step("images", "classify", None, "failed", 0.0, str(exc)))
                     self.say(f"[classify] FAILED: {exc}")
+            first_of: dict[str, str] = {}  # artifact sha256 -> the first precision built so
             for p in precisions:
                 if p not in builds:
                     for kind in ("classify", "eval", "perf"):
                         self.skip(kind, p, "build did not succeed")
+                    continue
+                same = first_of.setdefault(builds[p]["sha256"], p)
+                if same != p:  # byte-identical: its figures are the first one's
+                    for kind in ("classify", "eval", "perf"):
+                        self.skip(kind, p, f"same artifact as {same} (byte-identical)")
                     continue
                 if sample:
                     self.classify(p, builds[p], sample)

@@ -24,6 +24,17 @@ class TensorMeta:
     shape: tuple[int | str, ...]  # str = symbolic dimension
 
 
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer's time in one run, as the engine's profiler reports it."""
+
+    name: str
+    op: str  # the layer's operation (Convolution, QLinearConv, ...)
+    precision: str  # what it executed in (f32, bf16, i8/u8, ...; "?" when unknown)
+    ms: float
+    kernel: str = ""  # the implementation, when the engine names it (brgconv_avx2_I8, ...)
+
+
 @dataclass
 class CompileSpec:
     """What the builder asks of an engine."""
@@ -80,10 +91,16 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; inputs and outputs by tensor name."""
 
-    def concurrent(self, n: int) -> list[InferFn]:
+    def concurrent(self, n: int, streams: int | None = None) -> list[InferFn]:
         """``n`` infer functions that may run at the same time, one per thread (one request
-        each), for throughput with several requests in flight."""
+        each), for throughput with several requests in flight; ``streams``: the engine's
+        parallel streams (default ``n``) where it has them."""
         raise NotImplementedError(f"{self.name} cannot run concurrent requests")
+
+    def profile(self, feed: dict[str, np.ndarray], iterations: int) -> list[LayerTime]:
+        """Per-layer times of ``iterations`` runs of ``feed`` from the engine's own profiler,
+        one entry per layer and run (``quench.profile`` adds them up)."""
+        raise NotImplementedError(f"{self.name} has no per-layer profiler")
 
     @abstractmethod
     def inputs(self) -> list[TensorMeta]: ...

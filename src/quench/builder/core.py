@@ -28,12 +28,12 @@ from quench.builder.engines import (
     Selection,
     candidate_engines,
     compile_candidates,
-    select_fastest,
 )
 from quench.builder.quantize import QuantConfig, QuantResult, Source, quantize
 from quench.builder.quantize import cache as ranges_cache
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
 from quench.builder.quantize.qdq import quantized_counts
+from quench.builder.select import choose
 from quench.errors import ModelError, QuenchError
 from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
 from quench.graph import (
@@ -112,7 +112,10 @@ class BuildOptions:
     max_top1_drop: float | None = None  # percentage points
     # the fidelity gate: top-1 agreement with fp32 on held-out calibration images
     min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
-    select_seconds: float = 1.0  # --engine auto: timing per candidate and batch size
+    # --engine auto: seconds per candidate, batch size and round; rounds go on until the
+    # ranking is clear or the budget ends (quench.builder.select)
+    select_seconds: float = 0.25
+    select_budget: float = 30.0
     progress: bool = True
 
 
@@ -397,7 +400,7 @@ def _compile_and_select(plan: Plan, prepared: list[Prepared], say: Log) -> Selec
     )
     if len(plan.engines) == 1 and len(prepared) == 1 and len(candidates) == 1:
         return Selection.unranked(candidates)  # nothing to choose between
-    return select_fastest(candidates, spec, shape, opts.select_seconds, say)
+    return choose(candidates, spec, shape, opts, say)
 
 
 # -- accept: the first candidate that passes the fidelity gate and the accuracy check -------
@@ -608,6 +611,7 @@ def _with_candidate(
             "chosen": engine.name,
             **({"first_layer": tag} if tag else {}),
             "candidates": list(selection.records),
+            **selection.summary,
         },
         quantization=candidate.prepared.quantization,
     )
@@ -615,7 +619,7 @@ def _with_candidate(
 
 def _settings(opts: BuildOptions) -> dict[str, Any]:
     """The options as given (calibration ones only for INT8 builds)."""
-    skip = {"progress", "select_seconds"}
+    skip = {"progress", "select_seconds", "select_budget"}
     if not Precision.parse(opts.precision).is_int8:
         skip |= {
             "calib_method",

@@ -1,10 +1,9 @@
-"""Compile and select: every candidate engine compiles every prepared model, each result is
-checked against the source model, and the candidates are ranked by speed.
+"""Compile: every candidate engine compiles every prepared model, each result checked against
+the source model.
 
 The interface is small on purpose: :func:`compile_candidates` turns prepared models into
-:class:`Candidate` s; :func:`select_fastest` turns candidates into a :class:`Selection` (ranked,
-best first, with one record per candidate for the manifest). Another selection rule replaces
-:func:`select_fastest` alone.
+:class:`Candidate` s; :func:`quench.builder.select.choose` turns candidates into a
+:class:`Selection` (ranked, best first, with one record per candidate for the manifest).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import onnx
 from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
 from quench.errors import ModelError, QuenchError
-from quench.perf import measure
 from quench.precision import FORCE_FLOAT32
 
 # Engine preference for --engine auto: the first installed engine that runs the precision.
@@ -74,6 +72,8 @@ class Selection:
 
     ranked: list[Candidate]
     records: list[dict[str, Any]]
+    # how the ranking was decided (quench.builder.select): rounds, decision, margin, rule
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def unranked(cls, candidates: list[Candidate]) -> Selection:
@@ -182,40 +182,3 @@ def compile_candidates(
     if not candidates:
         raise QuenchError(f"no engine could build {spec.precision} for {source}")
     return candidates
-
-
-def time_candidate(
-    engine: Engine, compiled: Compiled, spec: CompileSpec, shape: tuple[int, ...], seconds: float
-) -> dict[str, Any]:
-    """Images/s of a compiled candidate at the batch sizes it will serve (tactic timing)."""
-    batches = [spec.batch] if spec.batch else [1, 8]
-    qps = {}
-    with engine.runner(compiled.payloads, compiled.options, threads=spec.threads) as run:
-        for b in batches:
-            n, secs, _ = measure(
-                lambda x: run.infer({spec.input_name: x}), shape, b, duration=seconds, warmup=2
-            )
-            qps[str(b)] = round(b * n / secs, 2)
-    score = float(np.exp(np.mean(np.log(list(qps.values())))))
-    return {"engine": engine.name, "qps_by_batch": qps, "score": round(score, 2)}
-
-
-def select_fastest(
-    candidates: list[Candidate],
-    spec: CompileSpec,
-    input_shape: tuple[int, ...],
-    seconds: float,
-    say: Log,
-) -> Selection:
-    """Time each candidate for ``seconds`` per batch size it will serve; fastest first (the
-    geometric mean of its images/s over those batch sizes)."""
-    timed = []
-    for c in candidates:
-        record = time_candidate(c.engine, c.compiled, spec, input_shape, seconds)
-        record["options"] = c.variant
-        if c.prepared.first_layer:
-            record["first_layer"] = c.prepared.first_layer
-        say(f"  {c.engine.name} {c.variant or ''}: {record['qps_by_batch']} images/s by batch")
-        timed.append((c, record))
-    timed.sort(key=lambda cr: -cr[1]["score"])
-    return Selection([c for c, _ in timed], [r for _, r in timed])

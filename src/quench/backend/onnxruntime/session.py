@@ -23,12 +23,14 @@ def session(
     optimization: str | None = None,
     log_severity: int | None = 3,
     optimized_path: str | Path | None = None,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime CPU session on ``model`` (a ModelProto, its bytes or a file path).
 
     ``threads``/``inter_threads``: intra-/inter-op threads; ``optimization``: ``disable``,
     ``basic``, ``extended`` or ``all``; ``log_severity``: 3 logs errors only; ``optimized_path``:
-    where ONNX Runtime saves the optimised graph. None leaves ONNX Runtime's default.
+    where ONNX Runtime saves the optimised graph; ``profile_prefix``: profile every node into
+    ``<prefix>_<date>.json``. None leaves ONNX Runtime's default.
     """
     so = ort.SessionOptions()
     if threads:
@@ -39,6 +41,9 @@ def session(
         so.graph_optimization_level = LEVELS[optimization]
     if log_severity is not None:
         so.log_severity_level = log_severity
+    if profile_prefix is not None:  # per-node times, written to a JSON file by end_profiling
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     if isinstance(model, onnx.ModelProto):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from quench.backend.base import InferFn, Runner, TensorMeta
+from quench.backend.base import InferFn, LayerTime, Runner, TensorMeta
 from quench.errors import QuenchError
 
 DEVICE = "CPU"
@@ -29,6 +29,7 @@ CONFIG_KEYS = frozenset(
         "ENABLE_HYPER_THREADING",
         "SCHEDULING_CORE_TYPE",
         "CPU_DENORMALS_OPTIMIZATION",
+        "PERF_COUNT",
     }
 )
 # Runtime-model layers that do no arithmetic of their own.
@@ -67,6 +68,12 @@ def _node_precision(rt: Any) -> str:
     if kernel in ("f32", "bf16", "f16"):
         return kernel
     return runtime
+
+
+def _kernel_precision(exec_type: str) -> str:
+    """The precision in a kernel name's suffix (``brgconv_avx2_I8`` -> i8), else ``?``."""
+    suffix = exec_type.rsplit("_", 1)[-1].lower()
+    return suffix if suffix in ("f32", "bf16", "f16", "i8", "u8", "i32", "i64") else "?"
 
 
 def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, Any]:
@@ -190,18 +197,24 @@ class OpenVinoRunner(Runner):
         parts_out = [self._outputs(r) for r in self._stream_requests]
         return {name: np.concatenate([o[name] for o in parts_out]) for name in self._out_names}
 
-    def concurrent(self, n: int) -> list[InferFn]:
-        """``n`` requests on a throughput configuration with ``n`` streams (same precision)."""
+    def concurrent(self, n: int, streams: int | None = None) -> list[InferFn]:
+        """``n`` requests on a throughput configuration with ``streams`` streams (default
+        ``n``; same precision)."""
         self.compiled  # noqa: B018 - fails when not active
-        if n == 1:
+        streams = streams or n
+        if n == 1 and streams == 1:
             return [self.infer]
-        if self._stream_model is not None and n == self.streams:
+        if self._stream_model is not None and streams == self.streams:
             model = self._stream_model  # the same throughput configuration, already compiled
         else:
-            if self._concurrent is None or self._concurrent[0] != n:
-                config = {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(n)}
+            if self._concurrent is None or self._concurrent[0] != streams:
+                config = {
+                    **self.config,
+                    "PERFORMANCE_HINT": "THROUGHPUT",
+                    "NUM_STREAMS": str(streams),
+                }
                 model = core().compile_model(read_ir(self._xml, self._weights), DEVICE, config)
-                self._concurrent = (n, model)
+                self._concurrent = (streams, model)
             model = self._concurrent[1]
 
         def make(req: ov.InferRequest) -> InferFn:
@@ -212,6 +225,29 @@ class OpenVinoRunner(Runner):
             return infer
 
         return [make(model.create_infer_request()) for _ in range(n)]
+
+    def profile(self, feed: dict[str, np.ndarray], iterations: int) -> list[LayerTime]:
+        """OpenVINO's performance counters (``PERF_COUNT``) on a separately compiled copy of
+        the model (the counters slow every run down), ``iterations`` runs after one warm-up."""
+        config = {**self.config, "PERF_COUNT": "YES"}
+        model = core().compile_model(read_ir(self._xml, self._weights), DEVICE, config)
+        req = model.create_infer_request()
+        req.infer(feed, share_inputs=True)
+        out: list[LayerTime] = []
+        for _ in range(iterations):
+            req.infer(feed, share_inputs=True)
+            for p in req.get_profiling_info():
+                if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_RUN"):
+                    out.append(
+                        LayerTime(
+                            p.node_name,
+                            p.node_type,
+                            _kernel_precision(p.exec_type),
+                            p.real_time.total_seconds() * 1e3,
+                            p.exec_type,
+                        )
+                    )
+        return out
 
     def inputs(self) -> list[TensorMeta]:
         return [_meta(p) for p in self.compiled.inputs]
