@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
 from conftest import make_calib_images
 from quench.builder import build, repair, sensitivity
 from quench.builder.quantize import QuantConfig, quantize
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
+from quench.cli import app
 from quench.errors import QuenchError
 from quench.imaging import Normalizer, load_pixels
 from quench.model import Model
@@ -290,3 +293,60 @@ def test_float_layers_by_name(
             float_layers=("fc",),
             int8_layers=("fc",),
         )
+
+
+# -- quench diagnose ------------------------------------------------------------------------
+
+FLAGS = ["--preset", "imagenet", "--resize", "18", "--crop", "16"]
+FLAGS += ["--mean", "120,115,100", "--std", "60,60,60"]
+
+
+def test_diagnose_a_model_ranks_the_fragile_layer_first(
+    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    page = tmp_path / "diag.html"
+    args = ["diagnose", str(fragile), "--calib-images", str(calib_dir), "--labels", str(labels10)]
+    args += [*FLAGS, "--check-images", str(check_dir), "--html", str(page), "--json", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["ranking"][0] == "fragile"
+    rows = {row["name"]: row for row in d["layers"]}
+    assert list(rows) == ["conv_a", "conv_b", "fragile", "fc"]  # graph order
+    assert rows["fragile"]["rank"] == 1 and rows["fragile"]["top1_agreement_if_float"] > 0.9
+    assert all(row["precision"] == "int8" for row in rows.values())
+    assert rows["fragile"]["sqnr_db"] < rows["conv_b"]["sqnr_db"] - 10
+    shares = [row["time_share"] for row in rows.values()]
+    assert all(s > 0 for s in shares) and sum(shares) <= 1.0 + 1e-6  # from the profiler
+    assert d["check"]["all_int8_top1_drop_points"] > 5
+    assert "<img" in page.read_text() and page.with_suffix(".png").stat().st_size > 1000
+
+
+def test_diagnose_an_artifact_shows_its_float_layers(
+    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    out = tmp_path / "f.quench"
+    _build(
+        fragile,
+        out,
+        labels10,
+        calib_dir,
+        check_images=str(check_dir),
+        max_top1_drop=5.0,
+        engine="openvino",
+    )
+    args = ["diagnose", str(out), "--source", str(fragile), "--json", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert {row["name"]: row["precision"] for row in d["layers"]} == {
+        "conv_a": "float", "conv_b": "int8", "fragile": "float", "fc": "int8"
+    }  # fmt: skip
+    assert d["engine"] == "openvino" and d["ranking"][0] == "fragile"
+    # a source model that is neither beside the artifact nor in the working directory
+    r = CliRunner().invoke(app, ["diagnose", str(out), "-q"])
+    assert r.exit_code == 1 and "pass --source MODEL" in r.output
+    other = tmp_path / "other.onnx"
+    other.write_bytes(fragile.read_bytes()[:-1] + b"\0")
+    r = CliRunner().invoke(app, ["diagnose", str(out), "--source", str(other), "-q"])
+    assert r.exit_code == 1 and "not the model" in r.output

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -388,6 +389,98 @@ def build(
         m = do_build(model, output, opts, log=None if quiet else info)
     if as_json:
         print(json.dumps(m.describe(), indent=2))
+
+
+@app.command()
+def diagnose(
+    model: Annotated[Path, typer.Argument(help="The ONNX model, or an INT8 .quench artifact.")],
+    calib_images: Annotated[
+        str | None,
+        typer.Option(help="Calibration images (default for an artifact: those it was built on)."),
+    ] = None,
+    calib_count: Annotated[int, typer.Option(min=1, help="Images to calibrate on.")] = 200,
+    check_images: Annotated[
+        str | None, typer.Option(help="Also measure the top-1 drop on these images.")
+    ] = None,
+    check_labels: Annotated[
+        str | None, typer.Option(help="Ground truth for --check-images (else: agreement).")
+    ] = None,
+    source: Annotated[
+        Path | None, typer.Option(help="An artifact's source model, if not where it was built.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset (as for build).")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Label file (index<TAB>name or one per line).")
+    ] = None,
+    mean: Annotated[str | None, typer.Option(help="Pixel mean, 0..255 units: R,G,B.")] = None,
+    std: Annotated[str | None, typer.Option(help="Pixel std, 0..255 units: R,G,B.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to this.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre crop size.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Engine to profile a model with: openvino | onnxruntime.")
+    ] = "openvino",
+    top: Annotated[int | None, typer.Option(help="Print only the N most sensitive layers.")] = None,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Write a page with the plot and the table.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every figure as JSON.")] = False,
+) -> None:
+    """Which layers cost accuracy: per layer, its precision, output SQNR against fp32, the
+    sensitivity of the logits to it (only that layer in float) and its share of time."""
+    from quench.builder import diagnose as dg
+
+    with user_errors():
+        if html_out is not None and html_out.is_dir():
+            raise QuenchError(f"--html {html_out}: is a directory")
+        manifest = built = None
+        if model.suffix == ".quench":
+            src, opts, manifest = dg.options_of(model, source)
+            built = model
+            if calib_images:
+                opts = replace(opts, calib_images=calib_images, calib_count=calib_count)
+        else:
+            src = model
+            opts = BuildOptions(
+                precision="qint8_mixed_float32",
+                preset=preset,
+                labels=labels,
+                mean=_floats3(mean, "mean"),
+                std=_floats3(std, "std"),
+                resize=resize,
+                crop=crop,
+                engine=engine,
+                calib_images=calib_images,
+                calib_count=calib_count,
+            )
+        opts = replace(
+            opts, check_images=check_images, check_labels=check_labels, progress=not quiet
+        )
+        d = dg.diagnose(src, opts, built, manifest, say=None if quiet or as_json else info)
+        if html_out is not None:
+            png = dg.plot(d, html_out.with_suffix(".png"))
+            html_out.write_text(dg.html(d, png))
+    if as_json:
+        print(json.dumps(d.to_dict(), indent=2))
+        return
+    table = Table(title=f"quench diagnose: {d.source} ({d.engine})", title_justify="left")
+    for col in dg.COLUMNS:
+        table.add_column(col, justify="left" if col in ("layer", "op", "precision") else "right")
+    for row in dg.table(d, top):
+        table.add_row(*(escape(c) for c in row))
+    Console(width=max(120, Console().width)).print(table)
+    print(
+        f"all INT8 against fp32 on {d.calibration['sensitivity_images']} calibration images: "
+        f"KL {d.all_int8['kl']:.3g}, top-1 agreement {d.all_int8['top1_agreement']:.1%}"
+    )
+    if d.check:
+        print(
+            f"check images ({d.check['images']}, {d.check['measure']}): top-1 drop "
+            f"{d.check['all_int8_top1_drop_points']:.2f} points all INT8, "
+            f"{d.check['engine_top1_drop_points']:.2f} with {d.engine}"
+        )
+    if d.ranking:
+        print(f"most sensitive: {', '.join(d.ranking[:5])} (keep in float: --float-layers)")
 
 
 # -- infer / eval ---------------------------------------------------------------------------
