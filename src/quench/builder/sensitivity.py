@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from quench.backend.onnxruntime.session import session
 from quench.builder.quantize.layers import Layer, layers, with_float_layers
@@ -64,26 +64,36 @@ def _round(v: float | None, digits: int) -> float | None:
 
 
 def run(
-    model: onnx.ModelProto, input_name: str, x: np.ndarray, outputs: Sequence[str] = ()
+    model: onnx.ModelProto,
+    input_name: str,
+    x: np.ndarray,
+    outputs: Sequence[str] = (),
+    optimization: str = "basic",
 ) -> dict[str, np.ndarray]:
     """``model``'s graph outputs (and the extra tensors ``outputs``) for ``x``, in batches."""
     if outputs:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         have = {o.name for o in m.graph.output}
-        m.graph.output.extend(
-            helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-            for t in outputs
-            if t not in have
-        )
+        # name only: ONNX Runtime infers the type (uint8 after a QuantizeLinear)
+        m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in outputs if t not in have)
         model = m
-    sess = session(model, optimization="basic")
+    return run_feeds(model, {input_name: x}, optimization)
+
+
+def run_feeds(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimization: str = "basic"
+) -> dict[str, np.ndarray]:
+    """``model``'s graph outputs for ``feeds`` (arrays with the same first dimension)."""
+    sess = session(model, optimization=optimization)
     names = [o.name for o in sess.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i in range(0, len(x), BATCH):
-        for n, v in zip(names, sess.run(names, {input_name: x[i : i + BATCH]}), strict=True):
-            parts[n].append(v)
-    return {n: np.concatenate(v) for n, v in parts.items()}
+    n = len(next(iter(feeds.values())))
+    for i in range(0, n, BATCH):
+        batch = {k: v[i : i + BATCH] for k, v in feeds.items()}
+        for name, v in zip(names, sess.run(names, batch), strict=True):
+            parts[name].append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def effect(logits: np.ndarray, ref: np.ndarray) -> Effect:
@@ -147,15 +157,79 @@ def sensitivity(
     advance: Advance | None = None,
 ) -> tuple[Effect, dict[str, Effect]]:
     """The all-INT8 model's :class:`Effect` on ``x`` and, for each layer in ``names``, the
-    effect with only that layer in float; ``ref`` are the fp32 logits of ``x``."""
-    base = effect(run(qdq, input_name, x)[output_name], ref)
-    each: dict[str, Effect] = {}
+    effect with only that layer in float; ``ref`` are the fp32 logits of ``x``.
+
+    A what-if differs from the all-INT8 model only from its layer on: the all-INT8 model runs
+    once, keeping the tensors where those suffixes begin, and each what-if runs just its suffix
+    (on average half the network) from them."""
+    known = {i.name for i in qdq.graph.input} | {o for n in qdq.graph.node for o in n.output}
+    suffixes = {}
     for name in names:
         variant = with_float_layers(qdq, float_model, [name])
-        each[name] = effect(run(variant, input_name, x)[output_name], ref)
+        suffixes[name] = _suffix(variant, name, output_name, known)
+    cut = sorted({t for _, inputs in suffixes.values() for t in inputs} - {input_name})
+    acts = run(qdq, input_name, x, cut)
+    acts[input_name] = x
+    base = effect(acts[output_name], ref)
+    each: dict[str, Effect] = {}
+    for name, (sub, inputs) in suffixes.items():
+        sub.graph.input.extend(
+            helper.make_tensor_value_info(
+                t, helper.np_dtype_to_tensor_dtype(acts[t].dtype), ["N", *acts[t].shape[1:]]
+            )
+            for t in inputs
+        )
+        logits = run_feeds(sub, {t: acts[t] for t in inputs})[output_name]
+        each[name] = effect(logits, ref)
         if advance:
             advance()
     return base, each
+
+
+def _suffix(
+    model: onnx.ModelProto, layer: str, output_name: str, known: set[str]
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The part of ``model`` from ``layer`` to ``output_name`` (the layer, everything it feeds,
+    and the nodes the what-if added in front of it), and the tensors it reads from the rest;
+    its graph inputs are left for the caller to type."""
+    g = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    start = next(n for n in g.node if n.name == layer)
+    cone: set[str] = set()
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n.name in cone:
+            continue
+        cone.add(n.name)
+        todo.extend(r for o in n.output for r in readers.get(o, []))
+    added = {o: n for n in g.node for o in n.output if o not in known}
+    cone |= {added[i].name for i in start.input if i in added}
+    # and the constant nodes they read (DequantizeLinear of a weight): not per image
+    constant = {t.name for t in g.initializer}
+    for n in g.node:
+        if all(i in constant for i in n.input if i):
+            constant.update(n.output)
+    read = {i for n in g.node if n.name in cone for i in n.input}
+    cone |= {n.name for n in g.node if any(o in read for o in n.output) and n.output[0] in constant}
+    nodes = [n for n in g.node if n.name in cone]
+    produced = {o for n in nodes for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    reads = list(dict.fromkeys(i for n in nodes for i in n.input if i))
+    inputs = [i for i in reads if i not in produced and i not in inits]
+    sub = helper.make_graph(
+        nodes,
+        f"{g.name}-from-{layer}",
+        [],
+        [o for o in g.output if o.name == output_name],
+        [inits[i] for i in reads if i in inits],
+    )
+    out = helper.make_model(sub, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out, inputs
 
 
 def rank(base: Effect, each: dict[str, Effect]) -> list[str]:
