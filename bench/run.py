@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -33,6 +34,18 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import onnx
+import openvino as ov
+from onnx import version_converter
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
 
 from quench import precision
 from quench.builder.calibration import load_calibration
@@ -64,15 +77,59 @@ FAMILY_TITLE = {
     "int8": "INT8",
 }
 FAMILY_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
-# Quench's precision families -> this benchmark's families
-_FAMILY_OF = {"float32": "fp32", "half": "bf16", "int8": "int8"}
-# The modes benchmarked, in table order, each with its family
-QUENCH_MODES = {
-    p.name: _FAMILY_OF[p.family]
-    for p in (FP32, precision.FORCE_BFLOAT16, precision.FORCE_FLOAT16, INT8, INT8_F16)
-}
-# Build options beyond the defaults, measured as rows of their own: (label suffix, flags)
-QUENCH_VARIANTS = {INT8.name: [("float-first-layer", ["--float-first-layer"])]}
+
+
+@dataclass(frozen=True)
+class QuenchBuild:
+    """One ``quench build`` of the replica: a precision mode, and extra flags for a variant
+    measured as a row of its own."""
+
+    mode: str
+    family: str
+    variant: str = ""  # the row label's suffix for a build with extra flags
+    flags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """For file names."""
+        return f"{self.mode}-{self.variant}" if self.variant else self.mode
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} --{self.variant}" if self.variant else self.mode
+
+
+@dataclass(frozen=True)
+class BenchmarkApp:
+    """One ``benchmark_app`` configuration on the source model."""
+
+    family: str  # "default": the family of OpenVINO's own default precision on this CPU
+    settings: str
+    flags: tuple[str, ...]
+    compute: str  # "?": OpenVINO's default, read from benchmark_app's output
+
+
+# -- the configurations measured, in table order ---------------------------------------------
+
+QUENCH_BUILDS = (
+    QuenchBuild(FP32.name, "fp32"),
+    QuenchBuild(precision.FORCE_BFLOAT16.name, "bf16"),
+    QuenchBuild(precision.FORCE_FLOAT16.name, "bf16"),
+    QuenchBuild(INT8.name, "int8"),
+    QuenchBuild(INT8.name, "int8", "float-first-layer", ("--float-first-layer",)),
+    QuenchBuild(INT8_F16.name, "int8"),
+)
+OV_SOURCE_CONFIGS = (
+    BenchmarkApp(
+        "fp32", "f32, latency hint", ("-hint", "latency", "-infer_precision", "f32"), "float32"
+    ),
+    BenchmarkApp("default", "default hint and precision", (), "?"),
+    BenchmarkApp(
+        "bf16", "bf16, latency hint", ("-hint", "latency", "-infer_precision", "bf16"), "bfloat16"
+    ),
+)
+NNCF_IR = "nncf-int8.xml"  # in the work dir
+NNCF_HINTS = (("default hint", ()), ("latency hint", ("-hint", "latency")))
 # Also timed with two requests in flight, as benchmark_app's default throughput hint runs
 REQUESTS_MODES = (FP32.name, precision.FORCE_BFLOAT16.name, INT8.name)
 SERVE_MODES = (FP32.name, INT8.name)
@@ -267,6 +324,11 @@ def version(pkg: str) -> str:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def ov_version() -> str:
+    """OpenVINO's version without its build suffix."""
+    return version("openvino").split("-")[0]
 
 
 def git_rev() -> str:
@@ -493,16 +555,6 @@ def run_benchmark_app(
 
 def ort_int8_step(args: argparse.Namespace) -> int:
     """Hidden step: the ORT user's INT8 route (quant_pre_process + quantize_static, QDQ)."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     t = time.perf_counter()
     src, dest = Path(args.model), Path(args.dest)
     calib = load_calibration(
@@ -527,8 +579,6 @@ def ort_int8_step(args: argparse.Namespace) -> int:
         # Per-channel QDQ needs DequantizeLinear's axis (opset 13); quantize_static only lifts
         # old models to opset 11 and then writes an invalid graph. Convert first, as ORT's
         # quantization docs advise, with ONNX's own version converter.
-        from onnx import version_converter
-
         m = version_converter.convert_version(onnx.load(str(src)), 13)
         m.ir_version = max(m.ir_version, 7)  # opset 13's IR: initializers need not be inputs
         # ... and must not be, or ORT treats them as overridable inputs and folds nothing (its
@@ -573,8 +623,7 @@ def ort_int8_step(args: argparse.Namespace) -> int:
 
 def nncf_int8_step(args: argparse.Namespace) -> int:
     """Hidden step: the OpenVINO user's INT8 route (nncf.quantize, default parameters)."""
-    import nncf
-    import openvino as ov
+    import nncf  # the bench extra, needed by this step only
 
     t = time.perf_counter()
     calib = load_calibration(
@@ -591,8 +640,6 @@ def nncf_int8_step(args: argparse.Namespace) -> int:
 def rss_step(args: argparse.Namespace) -> int:
     """Run the command given as a JSON list in ``--cmd`` and print its peak resident memory
     (this process has no other children, so RUSAGE_CHILDREN is that command's own)."""
-    import resource
-
     cmd = json.loads(args.cmd)
     t = time.perf_counter()
     rc = subprocess.call(cmd, cwd=REPO)
@@ -720,22 +767,27 @@ def measured_section(
     return [*out, "", "```", *[e["command"] for e in entries], "```", ""]
 
 
-def write_report(
-    path: Path,
-    args: argparse.Namespace,
-    machine: list[tuple[str, str]],
-    rows: list[Row],
-    preps: list[Prep],
-    batches: list[int],
-    started: datetime,
-    extra_notes: list[str],
-    serving: list[dict[str, Any]] | None = None,
-    pipeline: list[dict[str, Any]] | None = None,
-    memory: list[dict[str, Any]] | None = None,
-    capped_titles: dict[str, str] | None = None,
-    accuracy: list[str] | None = None,
-) -> None:
-    out: list[str] = [
+def write_report(b: Bench, machine: list[tuple[str, str]], started: datetime) -> None:
+    """BENCHMARKS.md: every section from this run's measurements."""
+    titles = {**FAMILY_TITLE, **b.capped_titles}
+    out = [
+        *report_header(machine, started),
+        *family_sections(b, titles),
+        *accuracy_section(b.accuracy),
+        *magicmind_section(b),
+        *serving_section(b.serving),
+        *pipeline_section(b.pipeline, b.args.images),
+        *memory_section(b.memory),
+        *builds_section(b.preps),
+        *how_measured(b, titles),
+        f"Logs of every command: `{rel(b.work / 'logs')}`.",
+    ]
+    b.args.out.parent.mkdir(parents=True, exist_ok=True)
+    b.args.out.write_text("\n".join(out) + "\n")
+
+
+def report_header(machine: list[tuple[str, str]], started: datetime) -> list[str]:
+    return [
         "# Benchmarks: ResNet-50 v1, peers vs Quench, CPU",
         "",
         f"Produced {started:%Y-%m-%d %H:%M} UTC by one run of "
@@ -754,45 +806,58 @@ def write_report(
         *[f"| {k} | {v} |" for k, v in machine],
         "",
     ]
-    titles = {**FAMILY_TITLE, **(capped_titles or {})}
+
+
+def family_sections(b: Bench, titles: dict[str, str]) -> list[str]:
+    """A table per family (and per capped CPU class), peers then Quench."""
+    out: list[str] = []
     for fam in titles:
-        frows = [r for r in rows if r.family == fam]
-        if not frows:
-            continue
-        out += [f"## {titles[fam]}", "", *family_table(frows, batches), ""]
+        frows = [r for r in b.rows if r.family == fam]
+        if frows:
+            out += [f"## {titles[fam]}", "", *family_table(frows, b.batches), ""]
+    return out
 
-    if accuracy:
-        out += [
-            "## INT8 accuracy per CPU class (real weights)",
-            "",
-            "`bench/accuracy.py`: efficientnet-lite0 and -lite1 (`../shared/models`, real "
-            "ImageNet weights), calibrated on `calib.txt` (160 images; 40 held out for the "
-            "build's fidelity gate), top-1 on `val.txt` (800 images), OpenVINO engine. Each "
-            "artifact is built once on this CPU and evaluated on each class (the caps run "
-            "OpenVINO's kernels for that class); drops are against fp32 on the same class.",
-            "",
-            *accuracy,
-            "",
-        ]
 
-    qrows = [r for r in rows if r.kind == "quench" and r.qps and "@" not in r.family]
-    if qrows:
-        out += [
-            "## Quench, MagicMind-style",
-            "",
-            "| Model | Quant_Mode | Batch_Size | Throughput (qps) | device | % of peak |",
-            "|---|---|---:|---:|---|---:|",
-        ]
-        for r in qrows:
-            for b in batches:
-                if b in r.qps:
-                    out.append(
-                        f"| {r.model} | {r.mode} | {b} | {r.qps[b]:,.2f} | {r.device} | "
-                        f"{pct(r.peak.get(b))} |"
-                    )
-        out.append("")
+def accuracy_section(lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    return [
+        "## INT8 accuracy per CPU class (real weights)",
+        "",
+        "`bench/accuracy.py`: efficientnet-lite0 and -lite1 (`../shared/models`, real "
+        "ImageNet weights), calibrated on `calib.txt` (160 images; 40 held out for the "
+        "build's fidelity gate), top-1 on `val.txt` (800 images), OpenVINO engine. Each "
+        "artifact is built once on this CPU and evaluated on each class (the caps run "
+        "OpenVINO's kernels for that class); drops are against fp32 on the same class.",
+        "",
+        *lines,
+        "",
+    ]
 
-    out += measured_section(
+
+def magicmind_section(b: Bench) -> list[str]:
+    """Quench's timed rows on this CPU as MagicMind's sample reports them."""
+    qrows = [r for r in b.rows if r.kind == "quench" and r.qps and "@" not in r.family]
+    if not qrows:
+        return []
+    out = [
+        "## Quench, MagicMind-style",
+        "",
+        "| Model | Quant_Mode | Batch_Size | Throughput (qps) | device | % of peak |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for r in qrows:
+        for batch in b.batches:
+            if batch in r.qps:
+                out.append(
+                    f"| {r.model} | {r.mode} | {batch} | {r.qps[batch]:,.2f} | {r.device} | "
+                    f"{pct(r.peak.get(batch))} |"
+                )
+    return [*out, ""]
+
+
+def serving_section(entries: list[dict[str, Any]]) -> list[str]:
+    return measured_section(
         "Serving: `quench serve` under load",
         "16 concurrent clients on loopback, one image per request (KServe v2 binary tensor "
         "infer), dynamic batching up to 8 images / 5 ms (`quench serve` defaults); compared "
@@ -807,7 +872,7 @@ def write_report(
             "served / perf",
             "server exit",
         ],
-        serving or [],
+        entries,
         "mode",
         lambda e: [
             f"{e['images_per_s']:.1f}",
@@ -819,9 +884,12 @@ def write_report(
             str(e.get("server_exit")),
         ],
     )
-    out += measured_section(
+
+
+def pipeline_section(entries: list[dict[str, Any]], images: Path) -> list[str]:
+    return measured_section(
         "End-to-end: JPEG files to top-5",
-        f"`quench perf ART --batch 8 --images {rel(args.images)}`: engine-only qps (random "
+        f"`quench perf ART --batch 8 --images {rel(images)}`: engine-only qps (random "
         "batch), then every file through the pipeline (decode + resize + normalise on "
         "worker threads, overlapped with inference), then a naive loop (decode a batch, "
         "then infer it), in one command.",
@@ -833,7 +901,7 @@ def write_report(
             "naive loop images/s",
             "images",
         ],
-        pipeline or [],
+        entries,
         "mode",
         lambda e: [
             f"{e['engine_qps']:.1f}",
@@ -843,12 +911,15 @@ def write_report(
             str(e["images"]),
         ],
     )
-    out += measured_section(
+
+
+def memory_section(entries: list[dict[str, Any]]) -> list[str]:
+    return measured_section(
         "Peak memory of `quench infer`",
         f"Peak resident set size of the whole `quench infer` process ({MEMORY_MODE} "
         "artifact), on the images above and on them repeated (symlinks).",
         ["images", "peak RSS MiB", "seconds", "images/s", "exit"],
-        memory or [],
+        entries,
         "images",
         lambda e: [
             f"{e['peak_rss_kib'] / 1024:.0f}",
@@ -858,25 +929,32 @@ def write_report(
         ],
     )
 
-    if preps:
-        out += [
-            "## Build / quantization times",
-            "",
-            "Wall time of the whole command (process start, reading calibration images, "
-            "calibration, conversion, writing the result).",
-            "",
-            "| What | Family | Seconds | Notes |",
-            "|---|---|---:|---|",
-        ]
-        for p in preps:
-            note = f"**failed**: {p.error}" if p.error else p.detail
-            out.append(f"| {p.label} | {p.family} | {fmt(p.seconds)} | {note.replace('|', '/')} |")
-        out.append("")
 
-    out += [
+def builds_section(preps: list[Prep]) -> list[str]:
+    if not preps:
+        return []
+    out = [
+        "## Build / quantization times",
+        "",
+        "Wall time of the whole command (process start, reading calibration images, "
+        "calibration, conversion, writing the result).",
+        "",
+        "| What | Family | Seconds | Notes |",
+        "|---|---|---:|---|",
+    ]
+    for p in preps:
+        note = f"**failed**: {p.error}" if p.error else p.detail
+        out.append(f"| {p.label} | {p.family} | {fmt(p.seconds)} | {note.replace('|', '/')} |")
+    return [*out, ""]
+
+
+def how_measured(b: Bench, titles: dict[str, str]) -> list[str]:
+    """How each figure was measured, then every command, row by row."""
+    batches = b.batches
+    out = [
         "## How measured",
         "",
-        f"- Batch sizes {', '.join(map(str, batches))}; {args.duration:g} s per measurement; "
+        f"- Batch sizes {', '.join(map(str, batches))}; {b.args.duration:g} s per measurement; "
         f"all threads the process may use (no thread flags anywhere).",
         "- qps = images per second (batch x iterations / seconds).",
         "- `quench perf` (ONNX Runtime rows and Quench rows): one random batch, 20 untimed "
@@ -895,21 +973,441 @@ def write_report(
         "figure, peer rows the same formula applied here.",
         "- INT8 rows calibrate on the same images, read through the resnet50-v1-7 preset's "
         "preprocessing (quench.builder.calibration.load_calibration).",
-        *[f"- {n}" for n in extra_notes],
+        *[f"- {n}" for n in b.notes],
         "",
     ]
-    for r in rows:
+    for r in b.rows:
         out += [f"**{r.label}** ({titles[r.family]})", "", "```"]
         out += r.commands or ["(not run)"]
         out += ["```", ""]
-    if preps:
-        out += ["Model preparation:", "", "```", *[p.command for p in preps], "```", ""]
-    out.append(f"Logs of every command: `{rel(args.work / 'logs')}`.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n")
+    if b.preps:
+        out += ["Model preparation:", "", "```", *[p.command for p in b.preps], "```", ""]
+    return out
 
 
-# -- main -----------------------------------------------------------------------------------
+# -- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Clock:
+    """The reported clock, and the measured one (exported to every quench command)."""
+
+    reported_ghz: float | None
+    reported_how: str
+    ghz: float | None
+    how: str
+
+
+@dataclass
+class Built:
+    """A Quench build of the replica: its row (timed later) and artifact (None: it failed)."""
+
+    build: QuenchBuild
+    row: Row
+    artifact: Path | None
+
+
+@dataclass
+class Bench:
+    """One run: its arguments, the command runner and everything measured so far."""
+
+    args: argparse.Namespace
+    runner: Runner
+    src: Path  # the ResNet-50 replica
+    rows: list[Row] = field(default_factory=list)
+    preps: list[Prep] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the report's "How measured" extras
+    built: list[Built] = field(default_factory=list)
+    capped_titles: dict[str, str] = field(default_factory=dict)  # int8@CAP -> section title
+    serving: list[dict[str, Any]] = field(default_factory=list)
+    pipeline: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: list[str] = field(default_factory=list)  # bench/accuracy.py's lines
+
+    @property
+    def work(self) -> Path:
+        return self.args.work
+
+    @property
+    def batches(self) -> list[int]:
+        return self.args.batch_list
+
+    @property
+    def families(self) -> list[str]:
+        return self.args.families
+
+    def perf(
+        self,
+        name: str,
+        model: Path,
+        out: Path,
+        extra: list[str] | None = None,
+        runner: Runner | None = None,
+    ) -> tuple[Proc, dict[str, Any] | None]:
+        """``quench perf`` at this run's batch sizes and duration."""
+        runner = runner or self.runner
+        return quench_perf(runner, name, model, out, self.batches, self.args.duration, extra)
+
+    def benchmark_app(
+        self, row: Row, model: Path, extra: list[str], runner: Runner | None = None
+    ) -> dict[str, Any]:
+        runner = runner or self.runner
+        return run_benchmark_app(runner, row, model, extra, self.batches, self.args.duration)
+
+
+def measure_machine_clock(args: argparse.Namespace, env: dict[str, str]) -> Clock:
+    """The reported clock, and the measured one exported (before quench.hw caches its clock)."""
+    reported_hz, reported_how = reported_clock_hz()
+    reported = reported_hz / 1e9 if reported_hz is not None else None
+    say("measuring the clock")
+    ghz, how = measure_clock(args.work, env)
+    if ghz:
+        os.environ["QUENCH_CPU_CLOCK_GHZ"] = env["QUENCH_CPU_CLOCK_GHZ"] = f"{ghz:.3f}"
+    say(f"clock: {how}")
+    return Clock(reported, reported_how, ghz, how)
+
+
+def make_replica(b: Bench) -> int | None:
+    """Write the ResNet-50 replica unless the work dir has it; its MACs per image."""
+    if not b.src.exists():
+        say("writing the ResNet-50 replica")
+        cmd = [rel(QUENCH), "zoo", "synth", MODEL_NAME, "-o", rel(b.src)]
+        p = b.runner.run("synth", cmd, timeout=600)
+        if not p.ok:
+            say("cannot make the model; writing what there is")
+            b.notes.append(f"model generation failed: {p.error()}")
+    b.notes.insert(0, f"Model file: `{rel(b.src)}`.")
+    macs = None
+    if b.src.exists():
+        try:
+            macs = count_macs(load_model(b.src).model, CHW)
+        except Exception as exc:
+            b.notes.append(f"MAC count failed: {type(exc).__name__}: {exc}")
+    if "int8" in b.families and not b.args.calib_images.exists():
+        b.notes.append(f"calibration images {rel(b.args.calib_images)} not found")
+    return macs
+
+
+def openvino_default_precision() -> str:
+    """OpenVINO's default CPU inference precision (its name, e.g. f32 or bf16)."""
+    try:
+        found = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        m = re.search(r"'(\w+)'", found)
+        return m[1] if m else found
+    except Exception:
+        return "f32"
+
+
+def build_quench(b: Bench, q: QuenchBuild) -> Built:
+    """``quench build`` one configuration (INT8: calibrating for real, no cache reused)."""
+    art = b.work / f"r50-{q.name}.quench"
+    art.unlink(missing_ok=True)
+    cmd = [rel(QUENCH), "build", rel(b.src), "-o", rel(art), "--precision", q.mode, "--json"]
+    cmd += q.flags
+    if q.family == "int8":
+        cache = b.work / f"calib-{q.name}.json"
+        cache.unlink(missing_ok=True)  # calibrate for real: honest build time
+        cmd += ["--calib-images", rel(b.args.calib_images), "--calib-count"]
+        cmd += [str(b.args.calib_count), "--calib-cache", rel(cache)]
+    say(f"quench build {q.label}")
+    p = b.runner.run(f"build-{q.name}", cmd, 1800 if q.family == "int8" else 900)
+    row = Row(q.family, "quench", f"Quench {q.label}", "", "float32", mode=q.label)
+    row.commands.append(p.cmd)
+    detail = ""
+    if p.ok:
+        try:
+            m = json.loads(p.stdout)
+            prec, eng = m.get("precision", {}), m.get("engine", {})
+            row.settings = f"engine {eng.get('name', '?')}, computes {prec.get('computes')}"
+            detail = row.settings
+        except ValueError:
+            row.settings = "(manifest not parsed)"
+    error = None if p.ok else p.error()
+    label = f"quench build --precision {q.label}"
+    b.preps.append(Prep(label, q.family, p.seconds if p.ok else None, p.cmd, error, detail))
+    if not p.ok or not art.exists():
+        row.errors.append(f"build: {p.error() if not p.ok else 'no artifact'}")
+    return Built(q, row, art if p.ok and art.exists() else None)
+
+
+def quench_rows(b: Bench, family: str) -> None:
+    """Time the family's Quench artifacts (also with 2 requests in flight, for some modes)."""
+    for built in b.built:
+        q, row, art = built.build, built.row, built.artifact
+        if q.family != family:
+            continue
+        if art is not None:
+            say(f"quench perf {q.label}")
+            p, doc = b.perf(f"perf-{q.name}", art, b.work / f"r50-{q.name}.json")
+            row.commands.pop()  # the build line is listed under model preparation
+            fill_from_perf(row, p, doc, keep_peak=True)
+        b.rows.append(row)
+        if art is not None and q.label in REQUESTS_MODES:
+            more = Row(family, "quench", f"Quench {q.label}, 2 requests", row.settings, "float32")
+            more.mode = f"{q.label} (2 requests)"
+            say(f"quench perf {q.label} --requests 2")
+            out = b.work / f"r50-{q.name}-2req.json"
+            p, doc = b.perf(f"perf-{q.name}-2req", art, out, ["--requests", "2"])
+            fill_from_perf(more, p, doc, keep_peak=True)
+            b.rows.append(more)
+
+
+def ort_fp32_row(b: Bench) -> None:
+    """Plain ONNX Runtime on the source model (quench perf on an .onnx file)."""
+    say("ONNX Runtime fp32 (quench perf on the source ONNX)")
+    label = f"ONNX Runtime {version('onnxruntime')}"
+    row = Row("fp32", "peer", label, "InferenceSession(path), defaults", "float32")
+    p, doc = b.perf("ort-fp32", b.src, b.work / "ort-fp32.json")
+    fill_from_perf(row, p, doc, keep_peak=False)
+    b.rows.append(row)
+
+
+def benchmark_app_rows(b: Bench, group: str, ov_default: str) -> None:
+    """benchmark_app on the source model, each configuration whose family is ``group``."""
+    default_family = OV_PRECISION_FAMILY.get(ov_precision_name(ov_default) or "f32", "fp32")
+    for c in OV_SOURCE_CONFIGS:
+        family = default_family if c.family == "default" else c.family
+        if family != group or family not in b.families:
+            continue
+        label = f"OpenVINO {ov_version()} benchmark_app"
+        row = Row(family, "peer", label, c.settings, c.compute)
+        say(f"{label}: {c.settings}")
+        seen = b.benchmark_app(row, b.src, list(c.flags))
+        if c.family == "default":
+            prec = ov_precision_name(seen.get("precision")) or ov_precision_name(ov_default)
+            row.family = OV_PRECISION_FAMILY.get(prec or "f32", "fp32")
+            row.compute = {"bf16": "bfloat16", "f16": "float16"}.get(prec or "", "float32")
+        b.rows.append(row)
+
+
+def ort_int8_row(b: Bench) -> None:
+    """ONNX Runtime's INT8 route: quantize_static (QDQ), then quench perf on the QDQ model."""
+    qdq = b.work / "ort-int8-qdq.onnx"
+    label = "ONNX Runtime quantize_static (QDQ)"
+    prep = prep_step(b.runner, label, "int8", "ort-int8", b.src, qdq, b.args)
+    prep.detail += "; quant_pre_process + QDQ, per-channel, U8 activations, S8 weights, MinMax"
+    b.preps.append(prep)
+    row = Row(
+        "int8",
+        "peer",
+        f"ONNX Runtime {version('onnxruntime')} INT8",
+        "quantize_static QDQ U8S8 per-channel MinMax; default session",
+        "int8",
+    )
+    if prep.error:
+        row.errors.append(f"quantization: {prep.error}")
+        row.commands.append(prep.command)
+    else:
+        say("ONNX Runtime INT8 (quench perf on the QDQ model)")
+        p, doc = b.perf("ort-int8", qdq, b.work / "ort-int8.json")
+        fill_from_perf(row, p, doc, keep_peak=False)
+    b.rows.append(row)
+
+
+def nncf_rows(b: Bench, family: str, runner: Runner, error: str | None, tag: str = "") -> None:
+    """benchmark_app on the NNCF INT8 model, one row per hint (``error``: no model to run)."""
+    ir = b.work / NNCF_IR
+    for settings, extra in NNCF_HINTS:
+        label = f"OpenVINO {ov_version()} + NNCF {version('nncf')} INT8"
+        row = Row(family, "peer", label, f"benchmark_app, {settings}", "int8")
+        if error:
+            row.errors.append(error)
+        else:
+            say(f"{tag}{label}: {settings}")
+            b.benchmark_app(row, ir, list(extra), runner)
+        b.rows.append(row)
+
+
+def nncf_int8_rows(b: Bench) -> None:
+    """OpenVINO's INT8 route: nncf.quantize with its defaults, then benchmark_app."""
+    ir = b.work / NNCF_IR
+    label = "OpenVINO + NNCF nncf.quantize"
+    prep = prep_step(b.runner, label, "int8", "nncf-int8", b.src, ir, b.args)
+    prep.detail += "; nncf.quantize defaults, ov.save_model"
+    b.preps.append(prep)
+    nncf_rows(b, "int8", b.runner, f"quantization: {prep.error}" if prep.error else None)
+
+
+def capped_rows(b: Bench, cap: str) -> None:
+    """The NNCF model and the OpenVINO-engine INT8 artifacts again, OpenVINO's kernels capped
+    at ``cap`` (what a CPU of that class runs): the same files on an older CPU class."""
+    family = f"int8@{cap}"
+    title = f"INT8 on the {ISA_CLASS.get(cap, cap)} path (ONEDNN_MAX_CPU_ISA={cap})"
+    b.capped_titles[family] = title
+    capped = b.runner.with_env(ONEDNN_MAX_CPU_ISA=cap)
+    missing = None if (b.work / NNCF_IR).exists() else "no NNCF model (see the INT8 section)"
+    nncf_rows(b, family, capped, missing, f"[{cap}] ")
+    for built in b.built:
+        q, base, art = built.build, built.row, built.artifact
+        if q.family != "int8" or art is None or "engine openvino" not in base.settings:
+            continue  # ONNX Runtime has no ISA switch: its rows would be this CPU's again
+        row = Row(family, "quench", f"Quench {q.label} (same artifact)", base.settings, "int8")
+        row.mode = f"{q.label} [{cap}]"
+        say(f"[{cap}] quench perf {q.label}")
+        out = b.work / f"r50-{q.name}-{cap}.json"
+        p, doc = b.perf(f"perf-{q.name}-{cap}", art, out, runner=capped)
+        fill_from_perf(row, p, doc, keep_peak=False)
+        b.rows.append(row)
+    b.notes.append(
+        f"{title}: the INT8 artifacts and NNCF model above, run with OpenVINO's "
+        f"kernels capped at {cap} (what a CPU of that class runs). ONNX Runtime has no such "
+        "switch, so its rows and ONNX Runtime-engine artifacts are not repeated there; % of "
+        "peak is left out (the peak would be this CPU's)."
+    )
+
+
+def timed_quench_rows(b: Bench, modes: tuple[str, ...]) -> list[Row]:
+    """The timed Quench rows (this CPU's, default configuration) of these modes."""
+    return [r for r in b.rows if r.kind == "quench" and r.mode in modes and r.qps]
+
+
+def serving_entries(b: Bench) -> list[dict[str, Any]]:
+    """quench serve under 16 concurrent clients (bench/load.py) vs quench perf at batch 8."""
+    entries: list[dict[str, Any]] = []
+    if b.args.serve_duration <= 0:
+        return entries
+    for r in timed_quench_rows(b, SERVE_MODES):
+        art = b.work / f"r50-{r.mode}.quench"
+        cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "load.py"), rel(art)]
+        cmd += ["--clients", "16", "--duration", f"{b.args.serve_duration:g}", "--warmup", "5"]
+        cmd += ["--json"]
+        say(f"quench serve load test {r.mode}")
+        p = b.runner.run(f"serve-{r.mode}", cmd, b.args.serve_duration + 180)
+        entry: dict[str, Any] = {"mode": r.mode, "command": p.cmd, "perf_b8": r.qps.get(8)}
+        try:
+            entry.update(json.loads(p.stdout))
+        except ValueError:
+            entry["error"] = p.error()
+        entries.append(entry)
+    return entries
+
+
+def pipeline_entries(b: Bench) -> list[dict[str, Any]]:
+    """End-to-end on real JPEGs: engine-only qps, pipeline and naive images/s, one command."""
+    entries: list[dict[str, Any]] = []
+    if not b.args.images.exists():
+        b.notes.append(f"pipeline/memory skipped: {rel(b.args.images)} not found")
+        return entries
+    for r in timed_quench_rows(b, PIPELINE_MODES):
+        art = b.work / f"r50-{r.mode}.quench"
+        out = b.work / f"e2e-{r.mode}.json"
+        out.unlink(missing_ok=True)
+        cmd = [rel(QUENCH), "perf", rel(art), "--batch", "8", "--duration", f"{b.args.duration:g}"]
+        cmd += ["--images", rel(b.args.images), "--json", rel(out), "-q"]
+        say(f"end-to-end pipeline {r.mode}")
+        p = b.runner.run(f"e2e-{r.mode}", cmd, 900)
+        entry: dict[str, Any] = {"mode": r.mode, "command": p.cmd}
+        try:
+            doc = json.loads(out.read_text())
+            e2e = doc["end_to_end"][0]
+            entry.update(
+                engine_qps=doc["results"][0]["qps"],
+                pipeline=e2e["pipeline"]["images_per_s"],
+                naive=e2e["naive_loop"]["images_per_s"],
+                images=e2e["images"],
+            )
+        except (OSError, ValueError, KeyError, IndexError):
+            entry["error"] = p.error()
+        entries.append(entry)
+    return entries
+
+
+def memory_entries(b: Bench) -> list[dict[str, Any]]:
+    """Peak RSS of quench infer on --images, and on them repeated to --memory-images."""
+    entries: list[dict[str, Any]] = []
+    art = b.work / f"r50-{MEMORY_MODE}.quench"
+    if not (b.args.images.exists() and b.args.memory_images > 0 and art.exists()):
+        return entries
+    files = list_images(b.args.images)
+    for count in sorted({len(files), b.args.memory_images}):
+        folder = b.work / f"images-{count}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        for i in range(count):
+            image = files[i % len(files)].absolute()
+            (folder / f"{i:06d}-{image.name}").symlink_to(image)
+        infer = [rel(QUENCH), "infer", rel(art), rel(folder), "-q"]
+        infer += ["-o", rel(b.work / f"infer-{count}.jsonl")]
+        cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "run.py"), "--step", "rss"]
+        cmd += ["--cmd", json.dumps(infer)]
+        say(f"peak memory of quench infer on {count} images")
+        p = b.runner.run(f"rss-{count}", cmd, 60 + count)
+        entry: dict[str, Any] = {"images": count, "command": shlex.join(infer)}
+        try:
+            entry.update(json.loads(p.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            entry["error"] = p.error()
+        entries.append(entry)
+        shutil.rmtree(folder)
+    return entries
+
+
+def accuracy_lines(b: Bench) -> list[str]:
+    """bench/accuracy.py's table (INT8 top-1 on real models per CPU class), when asked for."""
+    if not b.args.accuracy:
+        return []
+    md = b.work / "accuracy.md"
+    md.unlink(missing_ok=True)
+    cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "accuracy.py")]
+    cmd += ["--caps", ",".join(b.args.isa_caps), "--work", rel(b.work / "accuracy")]
+    cmd += ["--json", rel(b.work / "accuracy.json"), "--md", rel(md)]
+    say("INT8 accuracy per CPU class (bench/accuracy.py)")
+    p = b.runner.run("accuracy", cmd, 7200)
+    if p.ok and md.exists():
+        return [*md.read_text().splitlines(), "", "```", p.cmd, "```"]
+    return [f"**failed**: {p.error()}", "", "```", p.cmd, "```"]
+
+
+def peer_peak_shares(rows: list[Row], macs: int | None, threads: int) -> None:
+    """Share of peak for the peer rows: the same formula quench perf uses for its own."""
+    for r in rows:
+        if r.kind == "peer" and macs and "@" not in r.family:
+            compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
+            peak, _ = peak_macs(compute, threads)
+            r.peak = {b: macs * q / peak for b, q in r.qps.items()}
+
+
+def machine_table(
+    clock: Clock, macs: int | None, threads: int, ov_default: str, load_start: str
+) -> list[tuple[str, str]]:
+    """The report's Machine section."""
+    info = cpu_info()
+    peaks = []
+    for c in ("float32", "bfloat16", "float16", "int8"):
+        v, how = peak_macs(c, threads)
+        peaks.append(f"{c}: {v / 1e9:,.0f} GMAC/s ({how})")
+    cpuinfo = cpuinfo_fields()
+    return [
+        ("CPU", f"{info.get('model')} ({info.get('vendor')}, family {info.get('family')})"),
+        ("ISA flags", ", ".join(info.get("flags", [])) or "none of interest"),
+        (
+            "Cores",
+            f"{threads} usable by this process; {os.cpu_count()} logical CPUs; "
+            f"cpuinfo 'cpu cores' {cpuinfo.get('cpu cores') or '?'}, "
+            f"siblings {cpuinfo.get('siblings') or '?'}",
+        ),
+        ("RAM", ram_gib()),
+        ("OS", os_name()),
+        ("Python", f"{platform.python_version()} ({rel(sys.executable)})"),
+        (
+            "Packages",
+            f"onnxruntime {version('onnxruntime')}, openvino {version('openvino')}, "
+            f"nncf {version('nncf')}, onnx {version('onnx')}, numpy {version('numpy')}, "
+            f"quench {version('quench')} (git {git_rev()})",
+        ),
+        ("Reported clock", f"{fmt(clock.reported_ghz, 3)} GHz ({clock.reported_how})"),
+        ("Measured clock", f"{fmt(clock.ghz, 3)} GHz: {clock.how}"),
+        (
+            "Clock used for % of peak",
+            f"{fmt(clock.ghz or clock.reported_ghz, 3)} GHz"
+            + (" (QUENCH_CPU_CLOCK_GHZ, exported to every quench command)" if clock.ghz else ""),
+        ),
+        ("Peak MAC rates", "; ".join(peaks)),
+        ("MACs per image", f"{macs:,}" if macs else "unknown"),
+        ("OpenVINO CPU default inference precision", str(ov_default)),
+        ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -977,429 +1475,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.step == "ort-int8":
-        return ort_int8_step(args)
-    if args.step == "nncf-int8":
-        return nncf_int8_step(args)
-    if args.step == "rss":
-        return rss_step(args)
-
+    if args.step:
+        return STEPS[args.step](args)
     started = datetime.now(timezone.utc)
-    batches, fams, dur = args.batch_list, args.families, args.duration
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    say(f"work dir {work}; families {','.join(fams)}; batches {batches}; {dur:g} s each")
+    args.work.mkdir(parents=True, exist_ok=True)
+    say(
+        f"work dir {args.work}; families {','.join(args.families)}; batches {args.batch_list}; "
+        f"{args.duration:g} s each"
+    )
     load_start = loadavg()
-
-    # 1. machine + measured clock (exported before quench.hw caches its clock)
-    reported_hz, reported_how = reported_clock_hz()
-    reported = reported_hz / 1e9 if reported_hz is not None else None
     env = dict(os.environ)
-    say("measuring the clock")
-    ghz, clock_how = measure_clock(work, env)
-    if ghz:
-        os.environ["QUENCH_CPU_CLOCK_GHZ"] = env["QUENCH_CPU_CLOCK_GHZ"] = f"{ghz:.3f}"
-    say(f"clock: {clock_how}")
-
-    info = cpu_info()
-    threads = default_threads()
-    runner = Runner(work, env)
-
-    # 2. model
-    src = work / "resnet50-replica.onnx"
-    extra_notes: list[str] = []
-    if not src.exists():
-        say("writing the ResNet-50 replica")
-        p = runner.run(
-            "synth", [rel(QUENCH), "zoo", "synth", MODEL_NAME, "-o", rel(src)], timeout=600
-        )
-        if not p.ok:
-            say("cannot make the model; writing what there is")
-            extra_notes.append(f"model generation failed: {p.error()}")
-    extra_notes.insert(0, f"Model file: `{rel(src)}`.")
-    macs = None
-    if src.exists():
-        try:
-            macs = count_macs(load_model(src).model, CHW)
-        except Exception as exc:
-            extra_notes.append(f"MAC count failed: {type(exc).__name__}: {exc}")
-    need_calib = "int8" in fams
-    if need_calib and not args.calib_images.exists():
-        extra_notes.append(f"calibration images {rel(args.calib_images)} not found")
-
-    try:
-        import openvino as ov
-
-        ov_default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
-        m = re.search(r"'(\w+)'", ov_default)
-        ov_default = m[1] if m else ov_default
-    except Exception:
-        ov_default = "f32"
-    ov_default_family = OV_PRECISION_FAMILY.get(ov_precision_name(ov_default) or "f32", "fp32")
-
-    rows: list[Row] = []
-    preps: list[Prep] = []
-    ort_v, ov_v = version("onnxruntime"), version("openvino")
-
-    # 3. Quench builds first, so that below each family's Quench timings follow its peers' with
-    #    nothing in between (this machine's speed drifts by several percent over minutes)
-    built: dict[str, list[tuple[Row, Path | None, str, str]]] = {f: [] for f in FAMILIES}
-    builds = [(mode, fam, "", []) for mode, fam in QUENCH_MODES.items()]
-    for mode, variants in QUENCH_VARIANTS.items():
-        at = next(i for i, b in enumerate(builds) if b[0] == mode) + 1
-        builds[at:at] = [(mode, QUENCH_MODES[mode], v, flags) for v, flags in variants]
-    for mode, fam, variant, flags in builds:
-        if fam not in fams:
-            continue
-        name = f"{mode}-{variant}" if variant else mode
-        art = work / f"r50-{name}.quench"
-        art.unlink(missing_ok=True)
-        cmd = [rel(QUENCH), "build", rel(src), "-o", rel(art), "--precision", mode, "--json"]
-        cmd += flags
-        if fam == "int8":
-            cache = work / f"calib-{name}.json"
-            cache.unlink(missing_ok=True)  # calibrate for real: honest build time
-            cmd += [
-                "--calib-images",
-                rel(args.calib_images),
-                "--calib-count",
-                str(args.calib_count),
-                "--calib-cache",
-                rel(cache),
-            ]
-        label = f"{mode} --{variant}" if variant else mode
-        say(f"quench build {label}")
-        p = runner.run(f"build-{name}", cmd, 1800 if fam == "int8" else 900)
-        row = Row(fam, "quench", f"Quench {label}", "", "float32", mode=label)
-        row.commands.append(p.cmd)
-        detail = ""
-        if p.ok:
-            try:
-                m = json.loads(p.stdout)
-                prec, eng = m.get("precision", {}), m.get("engine", {})
-                row.settings = f"engine {eng.get('name', '?')}, computes {prec.get('computes')}"
-                detail = row.settings
-            except ValueError:
-                row.settings = "(manifest not parsed)"
-        preps.append(
-            Prep(
-                f"quench build --precision {label}",
-                fam,
-                p.seconds if p.ok else None,
-                p.cmd,
-                None if p.ok else p.error(),
-                detail,
-            )
-        )
-        if not p.ok or not art.exists():
-            row.errors.append(f"build: {p.error() if not p.ok else 'no artifact'}")
-        built[fam].append((row, art if p.ok and art.exists() else None, name, label))
-
-    def quench_rows(fam: str) -> None:
-        for row, art, name, label in built[fam]:
-            if art is not None:
-                say(f"quench perf {label}")
-                out = work / f"r50-{name}.json"
-                q, doc = quench_perf(runner, f"perf-{name}", art, out, batches, dur)
-                row.commands.pop()  # the build line is listed under model preparation
-                fill_from_perf(row, q, doc, keep_peak=True)
-            rows.append(row)
-            if art is not None and label in REQUESTS_MODES:
-                more = Row(fam, "quench", f"Quench {label}, 2 requests", row.settings, "float32")
-                more.mode = f"{label} (2 requests)"
-                say(f"quench perf {label} --requests 2")
-                out = work / f"r50-{name}-2req.json"
-                q, doc = quench_perf(
-                    runner, f"perf-{name}-2req", art, out, batches, dur, ["--requests", "2"]
-                )
-                fill_from_perf(more, q, doc, keep_peak=True)
-                rows.append(more)
-
-    # 4. peers, each family followed by Quench's rows for it
-    if "fp32" in fams:
-        say("ONNX Runtime fp32 (quench perf on the source ONNX)")
-        row = Row(
-            "fp32", "peer", f"ONNX Runtime {ort_v}", "InferenceSession(path), defaults", "float32"
-        )
-        p, doc = quench_perf(runner, "ort-fp32", src, work / "ort-fp32.json", batches, dur)
-        fill_from_perf(row, p, doc, keep_peak=False)
-        rows.append(row)
-
-    ov_src_configs = []
-    if "fp32" in fams:
-        ov_src_configs.append(
-            (
-                "fp32",
-                "f32, latency hint",
-                ["-hint", "latency", "-infer_precision", "f32"],
-                "float32",
-            )
-        )
-    if ov_default_family in fams:
-        ov_src_configs.append(("default", "default hint and precision", [], "?"))
-    if "bf16" in fams:
-        ov_src_configs.append(
-            (
-                "bf16",
-                "bf16, latency hint",
-                ["-hint", "latency", "-infer_precision", "bf16"],
-                "bfloat16",
-            )
-        )
+    clock = measure_machine_clock(args, env)
+    b = Bench(args, Runner(args.work, env), args.work / "resnet50-replica.onnx")
+    macs = make_replica(b)
+    ov_default = openvino_default_precision()
+    # Quench builds first, so that below each family's Quench timings follow its peers' with
+    # nothing in between (this machine's speed drifts by several percent over minutes)
+    b.built = [build_quench(b, q) for q in QUENCH_BUILDS if q.family in b.families]
+    if "fp32" in b.families:
+        ort_fp32_row(b)
     for group in ("fp32", "bf16"):
-        for fam, settings, extra, compute in ov_src_configs:
-            fam_ = ov_default_family if fam == "default" else fam
-            if fam_ != group:
-                continue
-            label = f"OpenVINO {ov_v.split('-')[0]} benchmark_app"
-            row = Row(fam_, "peer", label, settings, compute)
-            say(f"{label}: {settings}")
-            seen = run_benchmark_app(runner, row, src, extra, batches, dur)
-            if fam == "default":
-                prec = ov_precision_name(seen.get("precision")) or ov_precision_name(ov_default)
-                row.family = OV_PRECISION_FAMILY.get(prec or "f32", "fp32")
-                row.compute = {"bf16": "bfloat16", "f16": "float16"}.get(prec or "", "float32")
-            rows.append(row)
-        quench_rows(group)
-
-    if "int8" in fams:
-        qdq = work / "ort-int8-qdq.onnx"
-        prep = prep_step(
-            runner, "ONNX Runtime quantize_static (QDQ)", "int8", "ort-int8", src, qdq, args
-        )
-        prep.detail += "; quant_pre_process + QDQ, per-channel, U8 activations, S8 weights, MinMax"
-        preps.append(prep)
-        row = Row(
-            "int8",
-            "peer",
-            f"ONNX Runtime {ort_v} INT8",
-            "quantize_static QDQ U8S8 per-channel MinMax; default session",
-            "int8",
-        )
-        if prep.error:
-            row.errors.append(f"quantization: {prep.error}")
-            row.commands.append(prep.command)
-        else:
-            say("ONNX Runtime INT8 (quench perf on the QDQ model)")
-            p, doc = quench_perf(runner, "ort-int8", qdq, work / "ort-int8.json", batches, dur)
-            fill_from_perf(row, p, doc, keep_peak=False)
-        rows.append(row)
-
-        ir = work / "nncf-int8.xml"
-        prep = prep_step(
-            runner, "OpenVINO + NNCF nncf.quantize", "int8", "nncf-int8", src, ir, args
-        )
-        prep.detail += "; nncf.quantize defaults, ov.save_model"
-        preps.append(prep)
-        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
-            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
-            row = Row("int8", "peer", label, f"benchmark_app, {settings}", "int8")
-            if prep.error:
-                row.errors.append(f"quantization: {prep.error}")
-            else:
-                say(f"{label}: {settings}")
-                run_benchmark_app(runner, row, ir, extra, batches, dur)
-            rows.append(row)
-    quench_rows("int8")
-
-    # 4b. INT8 on other CPU classes: OpenVINO's older kernels (ONEDNN_MAX_CPU_ISA), same files
-    capped_titles: dict[str, str] = {}
-    for cap in args.isa_caps if "int8" in fams else []:
-        fam = f"int8@{cap}"
-        where = ISA_CLASS.get(cap, cap)
-        capped_titles[fam] = f"INT8 on the {where} path (ONEDNN_MAX_CPU_ISA={cap})"
-        capped = runner.with_env(ONEDNN_MAX_CPU_ISA=cap)
-        ir = work / "nncf-int8.xml"
-        for settings, extra in (("default hint", []), ("latency hint", ["-hint", "latency"])):
-            label = f"OpenVINO {ov_v.split('-')[0]} + NNCF {version('nncf')} INT8"
-            row = Row(fam, "peer", label, f"benchmark_app, {settings}", "int8")
-            if not ir.exists():
-                row.errors.append("no NNCF model (see the INT8 section)")
-            else:
-                say(f"[{cap}] {label}: {settings}")
-                run_benchmark_app(capped, row, ir, extra, batches, dur)
-            rows.append(row)
-        for base, art, name, label in built["int8"]:
-            if art is None or "engine openvino" not in base.settings:
-                continue  # ONNX Runtime has no ISA switch: its rows would be this CPU's again
-            row = Row(fam, "quench", f"Quench {label} (same artifact)", base.settings, "int8")
-            row.mode = f"{label} [{cap}]"
-            say(f"[{cap}] quench perf {label}")
-            out = work / f"r50-{name}-{cap}.json"
-            q, doc = quench_perf(capped, f"perf-{name}-{cap}", art, out, batches, dur)
-            fill_from_perf(row, q, doc, keep_peak=False)
-            rows.append(row)
-        extra_notes.append(
-            f"{capped_titles[fam]}: the INT8 artifacts and NNCF model above, run with OpenVINO's "
-            f"kernels capped at {cap} (what a CPU of that class runs). ONNX Runtime has no such "
-            "switch, so its rows and ONNX Runtime-engine artifacts are not repeated there; % of "
-            "peak is left out (the peak would be this CPU's)."
-        )
-
-    # 5. serving: quench serve under 16 concurrent clients vs quench perf at the same batch
-    serving: list[dict[str, Any]] = []
-    if args.serve_duration > 0:
-        for r in rows:
-            if r.kind != "quench" or r.mode not in SERVE_MODES or not r.qps:
-                continue
-            art = work / f"r50-{r.mode}.quench"
-            cmd = [
-                rel(Path(sys.executable)),
-                rel(REPO / "bench" / "load.py"),
-                rel(art),
-                "--clients",
-                "16",
-                "--duration",
-                f"{args.serve_duration:g}",
-                "--warmup",
-                "5",
-                "--json",
-            ]
-            say(f"quench serve load test {r.mode}")
-            p = runner.run(f"serve-{r.mode}", cmd, args.serve_duration + 180)
-            entry: dict[str, Any] = {"mode": r.mode, "command": p.cmd, "perf_b8": r.qps.get(8)}
-            try:
-                entry.update(json.loads(p.stdout))
-            except ValueError:
-                entry["error"] = p.error()
-            serving.append(entry)
-
-    # 6. end-to-end pipeline on real JPEGs: engine-only qps and images/s, same command
-    pipeline: list[dict[str, Any]] = []
-    have_images = args.images.exists()
-    if not have_images:
-        extra_notes.append(f"pipeline/memory skipped: {rel(args.images)} not found")
-    for r in rows if have_images else []:
-        if r.kind != "quench" or r.mode not in PIPELINE_MODES or not r.qps:
-            continue
-        art = work / f"r50-{r.mode}.quench"
-        out = work / f"e2e-{r.mode}.json"
-        out.unlink(missing_ok=True)
-        cmd = [rel(QUENCH), "perf", rel(art), "--batch", "8", "--duration", f"{dur:g}"]
-        cmd += ["--images", rel(args.images), "--json", rel(out), "-q"]
-        say(f"end-to-end pipeline {r.mode}")
-        p = runner.run(f"e2e-{r.mode}", cmd, 900)
-        entry = {"mode": r.mode, "command": p.cmd}
-        try:
-            doc = json.loads(out.read_text())
-            e2e = doc["end_to_end"][0]
-            entry.update(
-                engine_qps=doc["results"][0]["qps"],
-                pipeline=e2e["pipeline"]["images_per_s"],
-                naive=e2e["naive_loop"]["images_per_s"],
-                images=e2e["images"],
-            )
-        except (OSError, ValueError, KeyError, IndexError):
-            entry["error"] = p.error()
-        pipeline.append(entry)
-
-    memory: list[dict[str, Any]] = []
-    mem_art = work / f"r50-{MEMORY_MODE}.quench"
-    if have_images and args.memory_images > 0 and mem_art.exists():
-        files = list_images(args.images)
-        for count in sorted({len(files), args.memory_images}):
-            folder = work / f"images-{count}"
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir()
-            for i in range(count):
-                src = files[i % len(files)].absolute()
-                (folder / f"{i:06d}-{src.name}").symlink_to(src)
-            infer = [rel(QUENCH), "infer", rel(mem_art), rel(folder), "-q"]
-            infer += ["-o", rel(work / f"infer-{count}.jsonl")]
-            cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "run.py"), "--step", "rss"]
-            cmd += ["--cmd", json.dumps(infer)]
-            say(f"peak memory of quench infer on {count} images")
-            p = runner.run(f"rss-{count}", cmd, 60 + count)
-            entry = {"images": count, "command": shlex.join(infer)}
-            try:
-                entry.update(json.loads(p.stdout.strip().splitlines()[-1]))
-            except (ValueError, IndexError):
-                entry["error"] = p.error()
-            memory.append(entry)
-            shutil.rmtree(folder)
-
-    accuracy: list[str] = []
-    if args.accuracy:
-        md = work / "accuracy.md"
-        md.unlink(missing_ok=True)
-        cmd = [rel(Path(sys.executable)), rel(REPO / "bench" / "accuracy.py")]
-        cmd += ["--caps", ",".join(args.isa_caps), "--work", rel(work / "accuracy")]
-        cmd += ["--json", rel(work / "accuracy.json"), "--md", rel(md)]
-        say("INT8 accuracy per CPU class (bench/accuracy.py)")
-        p = runner.run("accuracy", cmd, 7200)
-        if p.ok and md.exists():
-            accuracy = [*md.read_text().splitlines(), "", "```", p.cmd, "```"]
-        else:
-            accuracy = [f"**failed**: {p.error()}", "", "```", p.cmd, "```"]
-
-    # share of peak for peer rows: the same formula quench perf uses
-    for r in rows:
-        if r.kind == "peer" and macs and "@" not in r.family:
-            compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
-            peak, _ = peak_macs(compute, threads)
-            r.peak = {b: macs * q / peak for b, q in r.qps.items()}
-
-    # 7. report
-    peaks = []
-    for c in ("float32", "bfloat16", "float16", "int8"):
-        v, how = peak_macs(c, threads)
-        peaks.append(f"{c}: {v / 1e9:,.0f} GMAC/s ({how})")
-    machine = [
-        ("CPU", f"{info.get('model')} ({info.get('vendor')}, family {info.get('family')})"),
-        ("ISA flags", ", ".join(info.get("flags", [])) or "none of interest"),
-        (
-            "Cores",
-            f"{threads} usable by this process; {os.cpu_count()} logical CPUs; "
-            f"cpuinfo 'cpu cores' {cpuinfo_fields().get('cpu cores') or '?'}, "
-            f"siblings {cpuinfo_fields().get('siblings') or '?'}",
-        ),
-        ("RAM", ram_gib()),
-        ("OS", os_name()),
-        ("Python", f"{platform.python_version()} ({rel(sys.executable)})"),
-        (
-            "Packages",
-            f"onnxruntime {ort_v}, openvino {ov_v}, nncf {version('nncf')}, "
-            f"onnx {version('onnx')}, numpy {version('numpy')}, quench {version('quench')} "
-            f"(git {git_rev()})",
-        ),
-        ("Reported clock", f"{fmt(reported, 3)} GHz ({reported_how})"),
-        ("Measured clock", f"{fmt(ghz, 3)} GHz: {clock_how}"),
-        (
-            "Clock used for % of peak",
-            f"{fmt(ghz or reported, 3)} GHz"
-            + (" (QUENCH_CPU_CLOCK_GHZ, exported to every quench command)" if ghz else ""),
-        ),
-        ("Peak MAC rates", "; ".join(peaks)),
-        ("MACs per image", f"{macs:,}" if macs else "unknown"),
-        ("OpenVINO CPU default inference precision", str(ov_default)),
-        ("Load average (1/5/15 min)", f"start {load_start}; end {loadavg()}"),
-    ]
-    (work / "results.json").write_text(
-        json.dumps(
-            {"rows": [r.__dict__ for r in rows], "preps": [p.__dict__ for p in preps]},
-            indent=2,
-            default=str,
-        )
-    )
-    write_report(
-        args.out,
-        args,
-        machine,
-        rows,
-        preps,
-        batches,
-        started,
-        extra_notes,
-        serving,
-        pipeline,
-        memory,
-        capped_titles,
-        accuracy,
-    )
+        benchmark_app_rows(b, group, ov_default)
+        quench_rows(b, group)
+    if "int8" in b.families:
+        ort_int8_row(b)
+        nncf_int8_rows(b)
+    quench_rows(b, "int8")
+    for cap in args.isa_caps if "int8" in b.families else []:
+        capped_rows(b, cap)
+    b.serving = serving_entries(b)
+    b.pipeline = pipeline_entries(b)
+    b.memory = memory_entries(b)
+    b.accuracy = accuracy_lines(b)
+    threads = default_threads()
+    peer_peak_shares(b.rows, macs, threads)
+    machine = machine_table(clock, macs, threads, ov_default, load_start)
+    results = {"rows": [r.__dict__ for r in b.rows], "preps": [p.__dict__ for p in b.preps]}
+    (args.work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_report(b, machine, started)
     say(f"wrote {args.out}")
     return 0
 
+
+STEPS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ort-int8": ort_int8_step,
+    "nncf-int8": nncf_int8_step,
+    "rss": rss_step,
+}
 
 if __name__ == "__main__":
     sys.exit(main())
