@@ -166,8 +166,10 @@ def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, A
     measured = FP32 in top1
 
     def within(p: str) -> bool:
-        if not measured or p not in top1:
+        if not measured:
             return True  # no accuracy figures: every build passed its fidelity gate
+        if p not in top1:
+            return False  # its accuracy was not measured (failed or skipped): not verified
         return (top1[FP32] - top1[p]) * 100 <= max_drop + 1e-9
 
     out: dict[str, Any] = {
@@ -488,8 +490,11 @@ def markdown(
     parts.append("## Machine\n\n" + "\n".join(f"- {line}" for line in machine_lines(doc)) + "\n")
     if doc.get("model"):
         parts.append(f"Model: `{doc['model']['path']}` (sha256 `{doc['model']['sha256']}`)\n")
-    for line in unstable_lines(doc):
-        parts.append(f"> **Warning:** {line}\n")
+    warn = unstable_lines(doc)
+    if warn:
+        parts.append(
+            f"> **Warning:** {warn[0]}\n>\n" + "\n".join(f"> - {w}" for w in warn[1:]) + "\n"
+        )
     if doc["failed"]:
         parts.append(
             "## Failed steps\n\n"
@@ -578,8 +583,11 @@ def html_report(
             f"<p>Model: <code>{e(doc['model']['path'])}</code> "
             f"(sha256 <code>{e(doc['model']['sha256'])}</code>)</p>"
         )
-    for line in unstable_lines(doc):
-        parts.append(f"<p class='warning'><b>Warning:</b> {e(line)}</p>")
+    warn = unstable_lines(doc)
+    if warn:
+        parts.append(f"<div class='warning'><b>Warning:</b> {e(warn[0])}<ul>")
+        parts += [f"<li>{e(w)}</li>" for w in warn[1:]]
+        parts.append("</ul></div>")
     if doc["failed"]:
         parts.append("<h2 class='failed'>Failed steps</h2><ul>")
         parts += [
