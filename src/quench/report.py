@@ -338,12 +338,22 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         fig, ax = _figure(6.4)
         for prec, rs in by_prec.items():
             rs = sorted(rs, key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rs], [r["qps"] for r in rs], marker="o", label=prec)
+            # the bars span the rounds' min to max qps: the measured noise
+            low = [r["qps"] - (r.get("qps_spread") or {}).get("min", r["qps"]) for r in rs]
+            high = [(r.get("qps_spread") or {}).get("max", r["qps"]) - r["qps"] for r in rs]
+            ax.errorbar(
+                [r["batch"] for r in rs],
+                [r["qps"] for r in rs],
+                yerr=[[max(0.0, x) for x in low], [max(0.0, x) for x in high]],
+                marker="o",
+                capsize=3,
+                label=prec,
+            )
         ax.set_xticks(sorted({r["batch"] for r in doc["perf"]}))
         ax.set_xlabel("batch size")
         ax.set_ylabel("throughput (images/s)")
         ax.set_ylim(bottom=0)
-        ax.set_title("Throughput vs batch size")
+        ax.set_title("Throughput vs batch size (bars: min-max of the rounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         files["throughput"] = _save(fig, out / "throughput.png")
@@ -383,6 +393,8 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
                     label=key.replace("top", "top-"),
                 )
             ax.axhline(0, color="black", linewidth=0.8)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, -1.0), max(hi, 1.0))  # at least +-1 point: no magnified noise
             ax.set_ylabel("change vs fp32 (percentage points)")
             ax.set_title("Accuracy change against fp32")
         else:
