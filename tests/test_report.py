@@ -58,7 +58,7 @@ def test_unstable_figures_are_flagged_in_json_and_text(tmp_path: Path) -> None:
     md = files["md"].read_text()
     assert "> **Warning:** the speed figures below are unstable" in md
     assert "90.00!" in md  # the unstable figure is marked
-    assert "class='warning'" in files["html"].read_text()
+    assert "class='warning'" in files["html"].read_text() and "> - batch 8 throughput" in md
     quiet = job([perf_result("force_float32", 1, [100, 101, 99])])
     assert quiet["stability"]["unstable"] is False
     assert "Warning" not in report.markdown(quiet, {}, tmp_path)
@@ -173,3 +173,16 @@ def test_report_text_verdict_thumbnails_and_axes(
     from PIL import Image
 
     assert Image.open(tmp_path / "out" / "plots" / "thumbs" / "0.jpg").size == (128, 128)
+
+
+def test_a_build_without_accuracy_is_not_in_the_verdict_when_others_have_it(
+    tmp_path: Path,
+) -> None:
+    doc = full_doc(tmp_path)
+    doc["accuracy"] = [a for a in doc["accuracy"] if a["precision"] != "qint8_mixed_float32"]
+    v = report.verdict(doc)
+    assert v["batches"]["8"]["fastest"] == "force_bfloat16"  # INT8's accuracy is unknown
+    doc["accuracy"] = []  # nothing measured: every build passed its fidelity gate
+    v = report.verdict(doc)
+    assert not v["accuracy_measured"] and v["batches"]["8"]["fastest"] == "lossy"
+    assert "passed its build's fidelity gate" in report.verdict_lines({**doc, "verdict": v})[0]

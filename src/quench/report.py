@@ -166,8 +166,10 @@ def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, A
     measured = FP32 in top1
 
     def within(p: str) -> bool:
-        if not measured or p not in top1:
+        if not measured:
             return True  # no accuracy figures: every build passed its fidelity gate
+        if p not in top1:
+            return False  # its accuracy was not measured (failed or skipped): not verified
         return (top1[FP32] - top1[p]) * 100 <= max_drop + 1e-9
 
     out: dict[str, Any] = {
@@ -336,12 +338,22 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
         fig, ax = _figure(6.4)
         for prec, rs in by_prec.items():
             rs = sorted(rs, key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rs], [r["qps"] for r in rs], marker="o", label=prec)
+            # the bars span the rounds' min to max qps: the measured noise
+            low = [r["qps"] - (r.get("qps_spread") or {}).get("min", r["qps"]) for r in rs]
+            high = [(r.get("qps_spread") or {}).get("max", r["qps"]) - r["qps"] for r in rs]
+            ax.errorbar(
+                [r["batch"] for r in rs],
+                [r["qps"] for r in rs],
+                yerr=[[max(0.0, x) for x in low], [max(0.0, x) for x in high]],
+                marker="o",
+                capsize=3,
+                label=prec,
+            )
         ax.set_xticks(sorted({r["batch"] for r in doc["perf"]}))
         ax.set_xlabel("batch size")
         ax.set_ylabel("throughput (images/s)")
         ax.set_ylim(bottom=0)
-        ax.set_title("Throughput vs batch size")
+        ax.set_title("Throughput vs batch size (bars: min-max of the rounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         files["throughput"] = _save(fig, out / "throughput.png")
@@ -381,6 +393,8 @@ def make_plots(doc: dict[str, Any], out: Path) -> dict[str, Path]:
                     label=key.replace("top", "top-"),
                 )
             ax.axhline(0, color="black", linewidth=0.8)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, -1.0), max(hi, 1.0))  # at least +-1 point: no magnified noise
             ax.set_ylabel("change vs fp32 (percentage points)")
             ax.set_title("Accuracy change against fp32")
         else:
@@ -488,8 +502,11 @@ def markdown(
     parts.append("## Machine\n\n" + "\n".join(f"- {line}" for line in machine_lines(doc)) + "\n")
     if doc.get("model"):
         parts.append(f"Model: `{doc['model']['path']}` (sha256 `{doc['model']['sha256']}`)\n")
-    for line in unstable_lines(doc):
-        parts.append(f"> **Warning:** {line}\n")
+    warn = unstable_lines(doc)
+    if warn:
+        parts.append(
+            f"> **Warning:** {warn[0]}\n>\n" + "\n".join(f"> - {w}" for w in warn[1:]) + "\n"
+        )
     if doc["failed"]:
         parts.append(
             "## Failed steps\n\n"
@@ -578,8 +595,11 @@ def html_report(
             f"<p>Model: <code>{e(doc['model']['path'])}</code> "
             f"(sha256 <code>{e(doc['model']['sha256'])}</code>)</p>"
         )
-    for line in unstable_lines(doc):
-        parts.append(f"<p class='warning'><b>Warning:</b> {e(line)}</p>")
+    warn = unstable_lines(doc)
+    if warn:
+        parts.append(f"<div class='warning'><b>Warning:</b> {e(warn[0])}<ul>")
+        parts += [f"<li>{e(w)}</li>" for w in warn[1:]]
+        parts.append("</ul></div>")
     if doc["failed"]:
         parts.append("<h2 class='failed'>Failed steps</h2><ul>")
         parts += [

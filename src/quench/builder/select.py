@@ -129,7 +129,8 @@ def rank(
     leader, vs = _leader(rounds)
     winner = leader
     if decision != "clear":
-        tied = [leader] + [i for i, c in vs.items() if c.winner == "tie"]
+        # not beaten beyond the noise (a "b" against the best median is mixed evidence: a tie)
+        tied = [leader] + [i for i, c in vs.items() if c.winner != "a"]
         winner = min(tied)  # preference order
         decision = "tie" if len(tied) > 1 else "clear"
     rest = sorted((i for i in range(len(candidates)) if i != winner), key=lambda i: -medians[i])
