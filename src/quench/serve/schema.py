@@ -6,13 +6,12 @@ a 400 naming the field), and the published OpenAPI description is generated from
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -29,6 +28,9 @@ TensorData = TypeAliasType(
 )
 
 
+Count = Annotated[StrictInt, Field(ge=0)]  # a dimension or a byte count: no floats, no bools
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,14 +41,14 @@ class Parameters(BaseModel):
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, Scalar] = Field(init=False)  # type: ignore[assignment]
 
-    binary_data_size: NonNegativeInt | None = Field(None, strict=True)
+    binary_data_size: Count | None = None
     binary_data: StrictBool | None = None
     binary_data_output: StrictBool | None = None
 
 
 class RequestInput(_Strict):
     name: StrictStr
-    shape: list[NonNegativeInt] = Field(..., strict=True)
+    shape: list[Count]
     datatype: StrictStr
     parameters: Parameters | None = None
     data: TensorData | None = None
