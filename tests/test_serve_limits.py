@@ -330,6 +330,15 @@ def test_unparsable_requests_answer_json(server: Running, raw: bytes, status: in
     assert "invalid HTTP request" in one_json_error(body)
 
 
+def test_headers_over_the_limit_are_431(server: Running) -> None:
+    with server.sock() as s:
+        s.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        code, headers, body = read_response(s)
+    assert code == 431
+    assert headers["connection"] == "close"
+    assert "16,384 bytes" in one_json_error(body)
+
+
 def test_huge_content_length_is_413_at_once(server: Running) -> None:
     with server.sock() as s:
         s.sendall(
@@ -489,10 +498,10 @@ def test_classify_large_jpeg_decodes_at_reduced_scale(server: Running, tmp_path:
 
 
 def test_decodes_run_at_most_decode_workers_at_once(tiny_artifact: Path, tmp_path: Path) -> None:
-    config = ServeConfig(**{**LIMITS, "max_image_mpix": 4.0})
+    config = ServeConfig(**LIMITS)
     srv = Running(create_app([Model.load(tiny_artifact)], config), config)
     png = tmp_path / "a.png"
-    make_image(png, size=(1900, 1500), seed=2)
+    make_image(png, size=(900, 700), seed=2)
     data = png.read_bytes()
     try:
         codes: list[int] = []
@@ -519,9 +528,9 @@ def test_reduced_decode_matches_the_reference(tmp_path: Path) -> None:
     from quench.imaging import load_pixels
     from quench.presets import DataConfig
 
-    data = DataConfig(resize=256, crop=224)
+    data = DataConfig(resize=36, crop=32)
     for mode in ("RGB", "L", "P", "I;16"):
-        path = make_image(tmp_path / f"r{mode.replace(';', '')}.png", size=(2100, 1400), mode=mode)
+        path = make_image(tmp_path / f"r{mode.replace(';', '')}.png", size=(420, 300), mode=mode)
         ref = load_pixels(path, data).astype(np.int16)
         got = load_pixels(path, data, reduce=True).astype(np.int16)
         assert got.shape == ref.shape

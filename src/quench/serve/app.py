@@ -30,7 +30,7 @@ from quench.serve.config import ServeConfig
 from quench.serve.decoding import DecodePool
 from quench.serve.errors import ServeError
 from quench.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from quench.serve.protocol import CLOSING
+from quench.serve.protocol import CLOSING, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from quench.model import Model
@@ -477,9 +477,13 @@ class Guard:
                 if msg["type"] != "http.request" or not msg.get("more_body", False):
                     return
 
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = scope.get("headers") or []
+        length = dict(headers).get(b"content-length")
+        head = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in headers)
         try:
-            if length is not None and length.isdigit() and int(length) > self.limit:
+            if head > MAX_HEADER_BYTES:  # h11 bounds only headers that arrive in pieces
+                await answer(431, f"request line and headers over {MAX_HEADER_BYTES:,} bytes")
+            elif length is not None and length.isdigit() and int(length) > self.limit:
                 if int(length) <= DRAIN_LIMIT:
                     await drain()
                 await answer(413, too_large())
