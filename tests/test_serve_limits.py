@@ -556,6 +556,28 @@ def test_responses_during_shutdown_say_connection_close(tiny_artifact: Path) -> 
     assert resp.getheader("connection") == "close"
 
 
+def test_timeout_counts_from_the_headers_504(tiny_artifact: Path) -> None:
+    """--timeout-s is per request: a body that took 0.7 s leaves 0.3 s for a 0.6 s engine."""
+    limits = {k: v for k, v in LIMITS.items() if k not in ("name", "quiet")}
+    limits["timeout_s"] = 1.0
+    srv = Running(slow_app(tiny_artifact, 0.6, **limits), ServeConfig(**limits))
+    body = infer_json(np.zeros((1, *SHAPE), np.float32))
+    try:
+        with srv.sock() as s:
+            s.sendall(
+                f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:100]
+            )
+            time.sleep(0.7)
+            s.sendall(body[100:])
+            code, _, out = read_response(s)
+    finally:
+        srv.stop()
+    assert code == 504
+    assert "no answer within 1 s" in one_json_error(out)
+
+
 # -- OpenAPI ----------------------------------------------------------------------------------
 
 
