@@ -2,10 +2,12 @@
 """Fuzz ``quench serve`` from its published OpenAPI description with schemathesis (loopback).
 
 Starts ``quench serve ARTIFACT`` on a free port, runs ``schemathesis run`` on
-``/openapi.json`` (every operation, positive and negative cases, all checks) and then reads the
-server's own count of answers by status from ``/metrics``: the run fails when any answer was a
-5xx (schemathesis's other checks are reported, not fatal). schemathesis is not a dependency of
-Quench: ``pip install schemathesis``.
+``/openapi.json`` (every operation, positive and negative cases, every check but
+``positive_data_acceptance``: which tensor names and shapes a model takes, and that ``data`` holds
+as many numbers as ``shape`` says, are not expressible in the one schema of all models, so
+schema-valid requests are rightly refused) and then reads the server's own count of answers by
+status from ``/metrics``: the run fails when any answer was a 5xx or the server logged a
+traceback. schemathesis is not a dependency of Quench: ``pip install schemathesis``.
 
     .venv/bin/python bench/fuzz.py model.quench --max-examples 150 --seed 1
 """
@@ -59,6 +61,7 @@ def main() -> int:
         wait_ready(base)
         cmd = [
             *(st, "run", f"{base}/openapi.json", "--checks", "all"),
+            *("--exclude-checks", "positive_data_acceptance"),
             *("--max-examples", str(a.max_examples), "--seed", str(a.seed)),
             *("--workers", a.workers, "--max-time", str(a.max_time), "--no-color"),
             *("--generation-database", "none", "--request-timeout", "60"),

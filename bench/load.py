@@ -162,12 +162,7 @@ def main() -> int:
         lat, errors, elapsed = run_clients(u, path, body, headers, a.clients, a.duration)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     ms = np.asarray(lat) * 1000 if lat else np.zeros(1)
     res = {
         "model": name,
@@ -194,6 +189,16 @@ def main() -> int:
 
 
 LAT = (("p50", 50), ("p90", 90), ("p99", 99))
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server; kill it if it has not exited within ``timeout`` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def get_json_index(base: str) -> list[dict]:

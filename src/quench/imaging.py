@@ -131,6 +131,8 @@ def _reduce(im: Image.Image, shorter: int) -> Image.Image:
     k = min(im.size) // (2 * shorter)
     if k < 2:
         return im
+    if im.mode.startswith("I;16"):  # reduce as 32-bit, then scale as 16-bit
+        return _gray_to_l(im.convert("I").reduce(k), 65535.0)
     if im.mode not in _REDUCIBLE:
         im = _to_rgb(im)
     return im.reduce(k)
@@ -141,14 +143,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float32)  # float32 is exact here (v / 257 + 0.5)
-        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr *= 255.0 / peak
-        arr += 0.5
-        im = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
+        im = _gray_to_l(im, 65535.0 if im.mode.startswith("I;16") else None)
     elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     return im.convert("RGB")
+
+
+def _gray_to_l(im: Image.Image, peak: float | None) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit, ``peak`` mapping to 255 (None: 65535 if any value is over
+    255, else 255)."""
+    arr = np.asarray(im, dtype=np.float32)  # float32 is exact here (v / 257 + 0.5)
+    if peak is None:
+        peak = 65535.0 if arr.max() > 255 else 255.0
+    arr *= 255.0 / peak
+    arr += 0.5
+    return Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
 
 
 def resize_crop(

@@ -271,23 +271,18 @@ def create_app(
         content, headers = await asyncio.to_thread(s.api.encode_infer, req, y)
         return Response(content, 200, headers=headers)
 
-    @app.post(
-        "/v2/models/{name}/infer",
-        response_model=schema.InferenceResponse,
-        responses=ERRORS,
-        openapi_extra=infer_body,
-        description=infer_doc,
-    )
+    infer_api: dict[str, Any] = {
+        "response_model": schema.InferenceResponse,
+        "responses": ERRORS,
+        "openapi_extra": infer_body,
+        "description": infer_doc,
+    }
+
+    @app.post("/v2/models/{name}/infer", **infer_api)
     async def infer(request: Request, name: str) -> Response:
         return await infer_route(request, name, None)
 
-    @app.post(
-        "/v2/models/{name}/versions/{version}/infer",
-        response_model=schema.InferenceResponse,
-        responses=ERRORS,
-        openapi_extra=infer_body,
-        description=infer_doc,
-    )
+    @app.post("/v2/models/{name}/versions/{version}/infer", **infer_api)
     async def infer_version(request: Request, name: str, version: str) -> Response:
         return await infer_route(request, name, version)
 
