@@ -178,9 +178,11 @@ def run_mixed(artifact: str, clients: int, duration: float, serve_args: list[str
             server.wait()
     log.seek(0)
     in_log: collections.Counter[int] = collections.Counter()
-    for line in log:
+    for line in log:  # the traffic's requests (not the set-up's health and metadata ones)
         if line.startswith("{"):
-            in_log[json.loads(line)["status"]] += 1
+            entry = json.loads(line)
+            if entry["path"].endswith(("/infer", "/classify")):
+                in_log[entry["status"]] += 1
     Path(log.name).unlink()
     lost = sum(max(n - tally.logged[s], 0) for s, n in in_log.items() if s != 499)
     fives = sum(n for k, n in tally.answers.items() if k.rsplit(" ", 1)[1].startswith("5"))
