@@ -68,7 +68,7 @@ def main() -> int:
             *("--report", "junit", "--report-dir", str(report)),
         ]
         print("$", " ".join(cmd), flush=True)
-        fuzz = subprocess.run(cmd, env={**os.environ, "NO_COLOR": "1"})
+        fuzz = subprocess.run(cmd, env={**os.environ, "NO_COLOR": "1"}, cwd=report)  # its cache
         counts = answers_by_status(base)
     finally:
         server.send_signal(signal.SIGTERM)
