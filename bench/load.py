@@ -8,6 +8,14 @@ and failures. Either point it at a running server (``--url``) or give an artifac
 
     .venv/bin/python bench/load.py model.quench --clients 16 --duration 60 --batch-per-request 1
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --model resnet50 --duration 10
+
+``--mixed`` (artifact only): the clients send valid requests mixed with malformed, unparsable,
+abandoned and oversized ones for D seconds, then again while the server gets SIGTERM. It checks
+0 answers 5xx, 0 lost accepted requests (every answer in the server's access log reached its
+client), exit code 0, and the server's RSS a few seconds after the traffic within 10% of its
+RSS before it:
+
+    .venv/bin/python bench/load.py model.quench --mixed --clients 16 --duration 60
 """
 
 from __future__ import annotations
@@ -118,11 +126,18 @@ def main() -> int:
         "--serve-args", default="", help="extra `quench serve` options, e.g. '--max-batch 16'"
     )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--mixed", action="store_true", help="valid + malformed traffic, SIGTERM")
     a = ap.parse_args()
     if bool(a.artifact) == bool(a.url):
         ap.error("give an artifact or --url, not both")
     if not 0 < a.duration <= 600 or a.clients < 1 or a.batch_per_request < 1:
         ap.error("--duration in (0, 600], --clients >= 1, --batch-per-request >= 1")
+    if a.mixed:
+        if not a.artifact:
+            ap.error("--mixed starts the server itself: give an artifact")
+        from mixed import run_mixed
+
+        return run_mixed(a.artifact, a.clients, a.duration, a.serve_args.split())
 
     proc = None
     if a.url:
@@ -147,12 +162,7 @@ def main() -> int:
         lat, errors, elapsed = run_clients(u, path, body, headers, a.clients, a.duration)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     ms = np.asarray(lat) * 1000 if lat else np.zeros(1)
     res = {
         "model": name,
@@ -179,6 +189,16 @@ def main() -> int:
 
 
 LAT = (("p50", 50), ("p90", 90), ("p99", 99))
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server; kill it if it has not exited within ``timeout`` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def get_json_index(base: str) -> list[dict]:

@@ -28,6 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from quench.model import Model  # noqa: E402
 from quench.serve import ServeConfig, create_app  # noqa: E402
+from quench.serve.server import uvicorn_config  # noqa: E402
 
 NAME = "tiny"
 SHAPE = (3, SIZE, SIZE)
@@ -65,7 +66,7 @@ def server(tiny_artifact: Path) -> Iterator[str]:
     )
     app = create_app([Model.load(tiny_artifact)], config)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_ready(f"http://127.0.0.1:{port}")

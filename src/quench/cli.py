@@ -1029,9 +1029,25 @@ def verify(
         raise typer.Exit(1)
 
 
+def _named_artifact(arg: str) -> tuple[str | None, Path]:
+    """``PATH`` or ``NAME=PATH`` (an existing file named with '=' is a path)."""
+    name, sep, path = arg.partition("=")
+    if not sep or Path(arg).exists():
+        return None, Path(arg)
+    if not name or not path or "/" in name:
+        raise fail(f"{arg}: expected NAME=PATH or a path", code=2)
+    return name, Path(path)
+
+
 @app.command()
 def serve(
-    artifacts: Annotated[list[Path], typer.Argument(help="One or more .quench artifacts.")],
+    artifacts: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more .quench artifacts, each optionally NAME=PATH (its served name).",
+            metavar="[NAME=]ARTIFACT...",
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 8,
@@ -1050,13 +1066,16 @@ def serve(
 ) -> None:
     """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
     if name and len(artifacts) > 1:
-        raise fail("--name needs exactly one artifact", code=2)
+        raise fail("--name needs exactly one artifact (or give each one as NAME=PATH)", code=2)
+    named = [_named_artifact(a) for a in artifacts]
     with user_errors():
         from quench.serve import ServeConfig
         from quench.serve import run as serve_run
+        from quench.serve.server import listen
 
+        sock = listen(host, port)  # a busy port fails now, before the models load
         # the self-check always runs at start; its result is in each model's metadata
-        models = [_load(a, threads, accept_host_mismatch, check="always") for a in artifacts]
+        models = [_load(p, threads, accept_host_mismatch, check="always") for _, p in named]
         config = ServeConfig(
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,
@@ -1067,7 +1086,7 @@ def serve(
             quiet=quiet,
         )
         try:
-            serve_run(models, config, host=host, port=port)
+            serve_run(models, config, host=host, port=port, names=[n for n, _ in named], sock=sock)
         except ValueError as exc:
             raise fail(str(exc)) from None
 

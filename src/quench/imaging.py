@@ -58,7 +58,10 @@ def open_image(source: str | Path | bytes) -> Image.Image:
 
 
 def _decode(
-    source: str | Path | bytes, shorter: int | None = None
+    source: str | Path | bytes,
+    shorter: int | None = None,
+    max_pixels: int | None = None,
+    reduce: bool = False,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` as RGB. With ``shorter``, a JPEG whose shorter side is at least 4x
     ``shorter`` is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled
@@ -84,7 +87,14 @@ def _decode(
             full = im.size
             if shorter:
                 _draft(im, shorter)
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageError(
+                    f"{name}: {im.width}x{im.height} pixels to decode is over this server's "
+                    f"limit of {max_pixels:,}"
+                )
             im.load()
+            if reduce and shorter:
+                im = _reduce(im, shorter)
             turned = ImageOps.exif_transpose(im)
             if turned.size != im.size:
                 full = full[::-1]
@@ -112,17 +122,42 @@ def _draft(im: Image.Image, shorter: int) -> None:
         im.draft(None, (math.ceil(im.width * k), math.ceil(im.height * k)))
 
 
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"})
+
+
+def _reduce(im: Image.Image, shorter: int) -> Image.Image:
+    """Box-average ``im`` down by the largest integer factor keeping its shorter side >= 2x
+    ``shorter`` (no-op under 4x); modes without a meaningful average are converted first."""
+    k = min(im.size) // (2 * shorter)
+    if k < 2:
+        return im
+    if im.mode.startswith("I;16"):  # reduce as 32-bit, then scale as 16-bit
+        return _gray_to_l(im.convert("I").reduce(k), 65535.0)
+    if im.mode not in _REDUCIBLE:
+        im = _to_rgb(im)
+    return im.reduce(k)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette, 16-bit and alpha images become 8-bit RGB."""
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+        im = _gray_to_l(im, 65535.0 if im.mode.startswith("I;16") else None)
     elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     return im.convert("RGB")
+
+
+def _gray_to_l(im: Image.Image, peak: float | None) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit, ``peak`` mapping to 255 (None: 65535 if any value is over
+    255, else 255)."""
+    arr = np.asarray(im, dtype=np.float32)  # float32 is exact here (v / 257 + 0.5)
+    if peak is None:
+        peak = 65535.0 if arr.max() > 255 else 255.0
+    arr *= 255.0 / peak
+    arr += 0.5
+    return Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
 
 
 def resize_crop(
@@ -148,12 +183,21 @@ def resize_crop(
     return im.resize((rw, rh), resample).crop((left, top, left + data.crop, top + data.crop))
 
 
-def load_pixels(source: str | Path | bytes, data: DataConfig) -> np.ndarray:
+def load_pixels(
+    source: str | Path | bytes,
+    data: DataConfig,
+    *,
+    max_pixels: int | None = None,
+    reduce: bool = False,
+) -> np.ndarray:
     """Decode and resize/crop one image: uint8 array (crop, crop, 3), RGB.
 
     Large JPEGs (shorter side >= 4x ``data.resize``) are decoded at reduced scale first.
+    ``max_pixels`` bounds the pixels actually decoded (after that reduced-scale decoding);
+    ``reduce`` box-averages any other large image down by an integer factor before its
+    colour conversion (memory; pixels within +-1 of the reference, like the JPEG case).
     """
-    im, full = _decode(source, data.resize)
+    im, full = _decode(source, data.resize, max_pixels, reduce)
     return np.asarray(resize_crop(im, data, full))
 
 

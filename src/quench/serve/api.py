@@ -8,15 +8,18 @@ Open Inference Protocol: JSON tensors and the binary tensor data extension.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from quench.errors import ImageError
 from quench.imaging import Normalizer, load_pixels
 from quench.model import Model, topk_of
 from quench.serve.errors import ServeError
+from quench.serve.schema import InferenceRequest, RequestInput, describe
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
@@ -31,19 +34,25 @@ class InferRequest:
     x: np.ndarray
     id: str | None = None
     binary_output: bool = False  # the (only) output as binary tensor data
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _flag(params: Any, key: str) -> bool:
-    return isinstance(params, dict) and bool(params.get(key, False))
+def finite_or_none(values: np.ndarray) -> list[float | None]:
+    """Numbers for JSON: NaN and +-inf (not JSON) become ``null``."""
+    out = values.ravel().tolist()
+    if np.isfinite(values).all():
+        return out
+    return [v if math.isfinite(v) else None for v in out]
 
 
 class ClassifierAPI:
     """A ``Model`` behind the v2 protocol: one FP32 input (N, *shape), one FP32 output (N, C)."""
 
-    def __init__(self, model: Model, name: str | None = None) -> None:
+    def __init__(
+        self, model: Model, name: str | None = None, max_pixels: int | None = None
+    ) -> None:
         self.model = model
         self.name = name or model.name
+        self.max_pixels = max_pixels  # decoded pixels per image on /classify
         self.input_shape = tuple(model.data.input_shape)
         self.classes = len(model.labels)
         self._norm = Normalizer(model.data)
@@ -96,52 +105,40 @@ class ClassifierAPI:
                 raise bad(f"{HEADER_LENGTH} {hlen} is outside the body ({len(body)} bytes)")
             body, binary = body[:hlen], body[hlen:]
         try:
-            req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"request body is not valid JSON ({exc})") from None
-        if not isinstance(req, dict):
-            raise bad("request body must be a JSON object")
-        inputs = req.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            req = InferenceRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise bad(describe(exc)) from None
+        if len(req.inputs) != 1:
             raise bad(f"expected 'inputs' with exactly one tensor ({self.model.input_name!r})")
-        x = self._decode_tensor(inputs[0], binary)
-        params = req.get("parameters") or {}
-        binary_output = _flag(params, "binary_data_output")
-        outputs = req.get("outputs")
-        if outputs is not None:
-            if not isinstance(outputs, list):
-                raise bad("'outputs' must be a list")
-            for out in outputs:
-                if not isinstance(out, dict) or out.get("name") != self.model.output_name:
-                    got = out.get("name") if isinstance(out, dict) else out
-                    raise bad(
-                        f"unknown output {got!r}; model {self.name!r} has "
-                        f"{self.model.output_name!r}"
-                    )
-                if "binary_data" in (out.get("parameters") or {}):
-                    binary_output = _flag(out.get("parameters"), "binary_data")
-        rid = req.get("id")
-        return InferRequest(x, None if rid is None else str(rid), binary_output, params)
+        x = self._decode_tensor(req.inputs[0], binary)
+        binary_output = bool(req.parameters and req.parameters.binary_data_output)
+        for out in req.outputs or []:
+            if out.name != self.model.output_name:
+                raise bad(
+                    f"unknown output {out.name!r}; model {self.name!r} has "
+                    f"{self.model.output_name!r}"
+                )
+            if out.parameters and out.parameters.binary_data is not None:
+                binary_output = out.parameters.binary_data
+        return InferRequest(x, None if req.id is None else str(req.id), binary_output)
 
-    def _decode_tensor(self, t: dict[str, Any], binary: bytes) -> np.ndarray:
-        name, dtype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+    def _decode_tensor(self, t: RequestInput, binary: bytes) -> np.ndarray:
+        name, shape = t.name, t.shape
         if name != self.model.input_name:
             raise bad(
                 f"unknown input {name!r}; model {self.name!r} takes {self.model.input_name!r}"
             )
-        if dtype != "FP32":
-            raise bad(f"input {name!r}: datatype {dtype!r} is not supported, send FP32")
+        if t.datatype != "FP32":
+            raise bad(f"input {name!r}: datatype {t.datatype!r} is not supported, send FP32")
         if (
-            not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-            or len(shape) != len(self.input_shape) + 1
+            len(shape) != len(self.input_shape) + 1
             or tuple(shape[1:]) != self.input_shape
             or shape[0] < 1
         ):
             want = ", ".join(map(str, self.input_shape))
             raise bad(f"input {name!r}: shape {shape} does not match [N, {want}] with N >= 1")
-        count = int(np.prod(shape))
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        count = math.prod(shape)
+        size = t.parameters.binary_data_size if t.parameters else None
         if size is not None:
             if size != count * 4:
                 raise bad(
@@ -150,12 +147,14 @@ class ClassifierAPI:
             if len(binary) < size:
                 raise bad(f"input {name!r}: {len(binary)} binary bytes, expected {size}")
             return np.frombuffer(binary[:size], dtype="<f4").reshape(shape)
-        if "data" not in t:
+        if t.data is None:
             raise bad(f"input {name!r}: no 'data' and no binary_data_size")
         try:
-            x = np.asarray(t["data"], dtype=np.float32)
-        except (ValueError, TypeError):
-            raise bad(f"input {name!r}: 'data' must be numbers") from None
+            x = np.asarray(t.data, dtype=np.float32)  # null -> NaN
+        except (ValueError, TypeError, OverflowError):
+            raise bad(
+                f"input {name!r}: 'data' must be a flat or evenly nested list of numbers"
+            ) from None
         if x.size != count:
             raise bad(f"input {name!r}: {x.size} values for shape {shape} ({count})")
         return x.reshape(shape)
@@ -180,14 +179,17 @@ class ClassifierAPI:
                 HEADER_LENGTH: str(len(header)),
                 "Content-Type": "application/octet-stream",
             }
-        out["data"] = y.ravel().tolist()
-        return json.dumps(resp).encode(), {"Content-Type": "application/json"}
+        out["data"] = finite_or_none(y)
+        return json.dumps(resp, allow_nan=False).encode(), {"Content-Type": "application/json"}
 
     # -- classify: decode / encode ----------------------------------------------------------
     def decode_image(self, data: bytes) -> np.ndarray:
-        """Encoded image bytes -> model input (1, *shape); ImageError -> 400."""
+        """Encoded image bytes -> model input (1, *shape); ImageError -> 400.
+
+        Decoded at reduced scale where the model's input allows, and at most ``max_pixels``.
+        """
         try:
-            pixels = load_pixels(data, self.model.data)
+            pixels = load_pixels(data, self.model.data, max_pixels=self.max_pixels, reduce=True)
         except ImageError as exc:
             raise bad(str(exc).replace("<bytes>", "image")) from None
         out = self._norm.new_batch(1)
@@ -199,7 +201,7 @@ class ClassifierAPI:
         return {
             "model": self.name,
             "top": [
-                {"class": int(c), "name": self.model.labels[int(c)], "score": float(s)}
-                for c, s in zip(idx[0], val[0], strict=True)
+                {"class": int(c), "name": self.model.labels[int(c)], "score": s}
+                for c, s in zip(idx[0], finite_or_none(val[0]), strict=True)
             ],
         }

@@ -1,4 +1,8 @@
-"""The ASGI app: KServe v2 routes, classify, metrics, limits, access log, lifespan."""
+"""The ASGI app: KServe v2 routes, classify, metrics, limits, access log, lifespan.
+
+The wire protocol (routes, status codes, limits, deadlines) lives here and in ``protocol``;
+the model API (decode / predict / encode) in ``api``; batching in ``batcher``.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,34 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quench import __version__
+from quench.serve import schema
 from quench.serve.api import HEADER_LENGTH, VERSION, ClassifierAPI
 from quench.serve.batcher import Batcher
 from quench.serve.config import ServeConfig
+from quench.serve.decoding import DecodePool
 from quench.serve.errors import ServeError
 from quench.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from quench.serve.protocol import CLOSING, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from quench.model import Model
 
-DRAIN_LIMIT = 64 * 1024 * 1024  # over-limit bodies up to this size are read before the 413
+DRAIN_LIMIT = 64 * 1024 * 1024  # over-limit bodies up to this size are read before the 413 ...
+DRAIN_SECONDS = 1.0  # ... for at most this long
+DEADLINE = "quench.deadline"  # scope key: loop time by which the request must be answered
 EXTENSIONS = ["binary_tensor_data", "model_repository"]  # model_repository: index only
+LARGE_JSON = 1024 * 1024  # an /infer body over this leaves enough freed heap to trim
+OPENAPI_URL = "/openapi.json"
+CLIENT_CLOSED = 499  # status counted (not sent) when the client went away mid-request
 
 
 class Served:
@@ -39,19 +53,41 @@ class Served:
         self.ready = False
 
 
-def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> ASGIApp:
-    """An ASGI app serving ``models`` (KServe v2 REST + /classify + /metrics)."""
+def _errors(status: int, *more: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: the JSON error body for each status."""
+    return {code: {"model": schema.Error} for code in (status, *more)}
+
+
+ERRORS = _errors(400, 404, 408, 413, 503, 504)
+
+
+def create_app(
+    models: Sequence[Model],
+    config: ServeConfig | None = None,
+    names: Sequence[str | None] | None = None,
+) -> ASGIApp:
+    """An ASGI app serving ``models`` (KServe v2 REST + /classify + /metrics).
+
+    ``names``: the served name of each model (None: ``config.name`` for a single model, else
+    the artifact's own name).
+    """
     config = config or ServeConfig()
     if not models:
         raise ValueError("no models to serve")
     if config.name and len(models) > 1:
         raise ValueError("a served name (--name) needs exactly one model")
+    names = list(names) if names is not None else [None] * len(models)
+    if len(names) != len(models):
+        raise ValueError("one name (or None) per model")
     metrics = Metrics()
+    decoder = DecodePool(config.decode_workers)
     served: dict[str, Served] = {}
-    for m in models:
-        api = ClassifierAPI(m, config.name)
+    for m, n in zip(models, names, strict=True):
+        api = ClassifierAPI(m, n or config.name, config.max_image_pixels)
         if api.name in served:
-            raise ValueError(f"two models are named {api.name!r}; serve them separately")
+            raise ValueError(
+                f"two models are named {api.name!r}; name each one: NAME=artifact.quench"
+            )
         batcher = Batcher(
             api.name,
             api.predict,
@@ -72,11 +108,20 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
             s.ready = False
         # uvicorn has already answered in-flight requests; drain anything still queued
         await asyncio.gather(*(s.batcher.close() for s in served.values()))
+        await asyncio.to_thread(decoder.close)
 
-    app = FastAPI(title="quench", version=__version__, lifespan=lifespan, openapi_url=None)
+    app = FastAPI(
+        title="quench",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=OPENAPI_URL,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.served = served
     app.state.config = config
     app.state.metrics = metrics
+    app.state.decoder = decoder
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -85,6 +130,21 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        found = {}
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            found.setdefault(loc or "request", e.get("msg", "invalid"))
+        msg = "; ".join(f"{k}: {v}" for k, v in list(found.items())[:3])
+        return JSONResponse({"error": " ".join(f"invalid request: {msg}".split())}, 400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        # a bug, not a bad request: the traceback goes to the log (uvicorn), the client gets JSON
+        reason = " ".join(f"internal error: {type(exc).__name__}: {exc}".split())
+        return JSONResponse({"error": reason[:500]}, 500)
 
     def get(name: str, version: str | None = None) -> Served:
         s = served.get(name)
@@ -99,14 +159,28 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
         if isinstance(info, dict):
             info.update(fields)
 
+    def remaining(request: Request) -> float:
+        """Seconds left before the request's deadline (``timeout_s`` after its headers)."""
+        deadline = request.scope.get(DEADLINE)
+        if deadline is None:  # not behind Guard (never in practice)
+            return config.timeout_s
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
+    def late(what: str) -> ServeError:
+        return ServeError(504, f"{what}: no answer within {config.timeout_s:g} s")
+
+    async def decode(request: Request, fn: Any, *args: Any, large: bool) -> Any:
+        try:
+            return await decoder.run(fn, *args, timeout=remaining(request), large=large)
+        except asyncio.TimeoutError:
+            raise late("decoding the request") from None
+
     async def run(request: Request, s: Served, x: Any) -> Any:
         note(request, model=s.api.name)
         try:
-            y, batch = await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
+            y, batch = await asyncio.wait_for(s.batcher.submit(x), remaining(request))
         except asyncio.TimeoutError:
-            raise ServeError(
-                504, f"model {s.api.name!r}: no answer within {config.timeout_s:g} s"
-            ) from None
+            raise late(f"model {s.api.name!r}") from None
         except ServeError:
             raise
         except Exception as exc:
@@ -115,33 +189,52 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
         return y
 
     # -- health / metadata ------------------------------------------------------------------
-    @app.get("/v2/health/live")
+    @app.get("/v2/health/live", response_model=schema.Live)
     async def live() -> Response:
         return JSONResponse({"live": True})
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", response_model=schema.Ready, responses=_errors(503))
     async def ready() -> Response:
         ok = all(s.ready for s in served.values())
         return JSONResponse({"ready": ok}, 200 if ok else 503)
 
-    @app.get("/v2")
+    @app.get("/v2", response_model=schema.ServerMetadata)
     async def server_metadata() -> Response:
         return JSONResponse({"name": "quench", "version": __version__, "extensions": EXTENSIONS})
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
+    @app.get("/v2/models/{name}", response_model=schema.ModelMetadata, responses=_errors(404))
+    async def model_metadata(name: str) -> Response:
+        return JSONResponse(get(name).api.metadata())
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}",
+        response_model=schema.ModelMetadata,
+        responses=_errors(404),
+    )
+    async def model_version_metadata(name: str, version: str) -> Response:
         return JSONResponse(get(name, version).api.metadata())
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    def is_ready(name: str, version: str | None) -> Response:
         s = get(name, version)
         if not s.ready:
             return JSONResponse({"error": f"model {name!r} is not ready"}, 503)
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v2/repository/index")
+    @app.get(
+        "/v2/models/{name}/ready", response_model=schema.ModelReady, responses=_errors(404, 503)
+    )
+    async def model_ready(name: str) -> Response:
+        return is_ready(name, None)
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=schema.ModelReady,
+        responses=_errors(404, 503),
+    )
+    async def model_version_ready(name: str, version: str) -> Response:
+        return is_ready(name, version)
+
+    @app.post("/v2/repository/index", response_model=list[schema.IndexEntry])
     async def repository_index() -> Response:
         return JSONResponse(
             [
@@ -151,25 +244,74 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
         )
 
     # -- inference --------------------------------------------------------------------------
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    infer_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
+            },
+        }
+    }
+    infer_doc = (
+        "KServe v2 inference. Binary tensor data extension: the JSON header (this schema), "
+        f"then raw little-endian tensors; the {HEADER_LENGTH} header gives the JSON's length."
+    )
+
+    async def infer_route(request: Request, name: str, version: str | None) -> Response:
         s = get(name, version)
         body = await request.body()
-        req = await asyncio.to_thread(s.api.decode_infer, body, request.headers.get(HEADER_LENGTH))
+        req = await decode(
+            request,
+            s.api.decode_infer,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            large=len(body) > LARGE_JSON,
+        )
         y = await run(request, s, req.x)
         content, headers = await asyncio.to_thread(s.api.encode_infer, req, y)
         return Response(content, 200, headers=headers)
 
-    @app.post("/v2/models/{name}/classify")
-    async def classify(request: Request, name: str, topk: str = "5") -> Response:
+    infer_api: dict[str, Any] = {
+        "response_model": schema.InferenceResponse,
+        "responses": ERRORS,
+        "openapi_extra": infer_body,
+        "description": infer_doc,
+    }
+
+    @app.post("/v2/models/{name}/infer", **infer_api)
+    async def infer(request: Request, name: str) -> Response:
+        return await infer_route(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", **infer_api)
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await infer_route(request, name, version)
+
+    image = {"type": "string", "format": "binary"}
+    classify_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": image},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": image},
+                        "required": ["file"],
+                    }
+                },
+            },
+        }
+    }
+
+    @app.post(
+        "/v2/models/{name}/classify",
+        response_model=schema.Classification,
+        responses=ERRORS,
+        openapi_extra=classify_body,
+        description="An encoded image (raw body or multipart 'file') -> the top-k classes.",
+    )
+    async def classify(request: Request, name: str, topk: int = Query(5, ge=1)) -> Response:
         s = get(name)
-        try:
-            k = int(topk)
-            if k < 1:
-                raise ValueError
-        except ValueError:
-            raise ServeError(400, f"topk must be an integer >= 1, got {topk!r}") from None
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form = await request.form()
@@ -184,29 +326,61 @@ def create_app(models: Sequence[Model], config: ServeConfig | None = None) -> AS
             data = await request.body()
         if not data:
             raise ServeError(400, "empty request body: send the encoded image")
-        x = await asyncio.to_thread(s.api.decode_image, data)
+        x = await decode(request, s.api.decode_image, data, large=True)
         y = await run(request, s, x)
-        return JSONResponse(s.api.encode_classify(y, k))
+        return JSONResponse(s.api.encode_classify(y, topk))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         for n, s in served.items():
             metrics.queue_depth.labels(n).set(s.batcher.depth)
         return Response(metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, config.max_body_bytes, metrics, log=not config.quiet)
+    def openapi() -> dict[str, Any]:
+        """FastAPI's description, plus the request schema and the served names as enums."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(
+            title="quench",
+            version=__version__,
+            description="KServe v2 / Open Inference Protocol (REST) and /classify.",
+            routes=app.routes,
+        )
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        req = schema.InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(req.pop("$defs", {}))
+        comps["InferenceRequest"] = req
+        for path in doc["paths"].values():
+            for op in path.values():
+                for p in op.get("parameters", []):
+                    if p["in"] == "path" and p["name"] == "name":
+                        p["schema"] = {"type": "string", "enum": sorted(served)}
+                    elif p["in"] == "path" and p["name"] == "version":
+                        p["schema"] = {"type": "string", "enum": [VERSION]}
+        app.openapi_schema = doc
+        return doc
 
+    app.openapi = openapi  # type: ignore[method-assign]
 
-class _Hijacked(Exception):
-    pass
+    return Guard(app, config, metrics, log=not config.quiet)
 
 
 class Guard:
-    """Outermost ASGI layer: body size limit (413), metrics and the JSON access log."""
+    """Outermost ASGI layer: the request deadline and body limits, metrics and the access log.
 
-    def __init__(self, app: FastAPI, limit: int, metrics: Metrics, log: bool = True) -> None:
+    Each request must be answered ``timeout_s`` after its headers: a body not received by then
+    is answered 408 (and the connection closed); the routes use what is left for decoding,
+    queueing and inference (504). A body over ``max_body_mb`` is answered 413. A client that
+    goes away before its answer is counted as status 499 (nothing is sent, nothing is logged as
+    an error). While the server shuts down, responses carry ``Connection: close``.
+    """
+
+    def __init__(
+        self, app: FastAPI, config: ServeConfig, metrics: Metrics, log: bool = True
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self.config = config
+        self.limit = config.max_body_bytes
         self.metrics = metrics
         self.log = log
 
@@ -218,28 +392,37 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
+        deadline = loop.time() + self.config.timeout_s
+        scope[DEADLINE] = deadline
         info: dict[str, Any] = {"model": None, "batch": None}
         scope["quench.log"] = info
         status = 500
-        started = False
-        hijacked = False
+        started = hijacked = gone = body_done = False
+        received = 0
 
         async def send_(msg: Message) -> None:
             nonlocal status, started
-            if hijacked:
+            if hijacked or gone:
                 return
             if msg["type"] == "http.response.start":
                 status, started = msg["status"], True
+                if scope.get(CLOSING):
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"connection", b"close")]}
             await send(msg)
 
-        async def too_large() -> None:
+        async def answer(code: int, message: str) -> None:
+            """Answer now, close the connection, and let the app see a disconnect."""
             nonlocal hijacked
-            body = json.dumps({"error": f"request body over {self.limit:,} bytes"}).encode()
+            if started:
+                hijacked = True
+                return
+            body = json.dumps({"error": message}).encode()
             await send_(
                 {
                     "type": "http.response.start",
-                    "status": 413,
+                    "status": code,
                     "headers": [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
@@ -250,32 +433,63 @@ class Guard:
             await send_({"type": "http.response.body", "body": body})
             hijacked = True
 
-        received = 0
+        def too_large() -> str:
+            return f"request body over {self.limit:,} bytes"
 
         async def receive_() -> Message:
-            nonlocal received
-            msg = await receive()
+            nonlocal received, gone, body_done
+            if hijacked or gone:
+                return {"type": "http.disconnect"}
+            if body_done:  # e.g. a response listening for the client going away
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                secs = f"{self.config.timeout_s:g}"
+                await answer(408, f"request body not received within {secs} s")
+                return {"type": "http.disconnect"}
+            if msg["type"] == "http.disconnect":
+                gone = not started
+                return msg
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if received > self.limit:
-                    if not started:
-                        await too_large()
+                    await answer(413, too_large())
                     return {"type": "http.disconnect"}
             return msg
 
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        async def drain() -> None:
+            """Read an over-limit body for a moment, so the client is listening for the 413."""
+            end = min(loop.time() + DRAIN_SECONDS, deadline)
+            total = 0
+            while total <= DRAIN_LIMIT:
+                try:
+                    msg = await asyncio.wait_for(receive(), max(end - loop.time(), 0.0))
+                except asyncio.TimeoutError:
+                    return
+                total += len(msg.get("body", b""))
+                if msg["type"] != "http.request" or not msg.get("more_body", False):
+                    return
+
+        headers = scope.get("headers") or []
+        length = dict(headers).get(b"content-length")
+        head = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in headers)
         try:
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                if int(length) <= DRAIN_LIMIT:  # read it, so the client sees the 413
-                    while (await receive()).get("more_body", False):
-                        pass
-                await too_large()
+            if head > MAX_HEADER_BYTES:  # h11 bounds only headers that arrive in pieces
+                await answer(431, f"request line and headers over {MAX_HEADER_BYTES:,} bytes")
+            elif length is not None and length.isdigit() and int(length) > self.limit:
+                if int(length) <= DRAIN_LIMIT:
+                    await drain()
+                await answer(413, too_large())
             else:
                 await self.app(scope, receive_, send_)
         except Exception:
-            if not hijacked:
+            if not (hijacked or gone):
                 raise
         finally:
+            if gone:
+                status = CLIENT_CLOSED
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"

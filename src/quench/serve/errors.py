@@ -1,6 +1,8 @@
-"""The one exception route handlers raise: an HTTP status and a one-line reason."""
+"""The exception route handlers raise (an HTTP status and a one-line reason), and start-up's."""
 
 from __future__ import annotations
+
+from quench.errors import QuenchError
 
 
 class ServeError(Exception):
@@ -21,3 +23,7 @@ class QueueFull(ServeError):
 class ShuttingDown(ServeError):
     def __init__(self, model: str) -> None:
         super().__init__(503, f"model {model!r}: server is shutting down", {"Retry-After": "1"})
+
+
+class CannotListen(QuenchError):
+    """The address or port cannot be bound (busy, not local, no permission)."""
