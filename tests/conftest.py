@@ -156,8 +156,11 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> object:
     env = cluster_env(tmp_path_factory.mktemp("ray-auth"))
     mp = pytest.MonkeyPatch()
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED"):
-        mp.setenv(key, env[key])  # before Ray reads its configuration at import
+        mp.setenv(key, env[key])
     import ray
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray read RAY_AUTH_MODE when first imported: read it again
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:

@@ -874,6 +874,37 @@ def verify(
         raise typer.Exit(1)
 
 
+def _serve_ray(
+    artifacts: list[Path],
+    host: str,
+    port: int,
+    address: str,
+    replicas: int | None,
+    autoscale: str | None,
+    threads: int | None,
+    accept: bool,
+    settings: dict[str, Any],
+) -> None:
+    """``quench serve --ray``: the same app as Ray Serve replicas, until SIGTERM / Ctrl-C."""
+    with user_errors():
+        from quench.ray.serve import Scale
+        from quench.ray.serve import run as serve_ray
+        from quench.serve import ServeConfig
+
+        scale = Scale.parse(replicas, autoscale)
+        serve_ray(
+            artifacts,
+            ServeConfig(**settings),
+            scale,
+            host,
+            port,
+            address,
+            threads,
+            check="warn" if accept else "always",
+            log=info,
+        )
+
+
 @app.command()
 def serve(
     artifacts: Annotated[list[Path], typer.Argument(help="One or more .quench artifacts.")],
@@ -890,12 +921,36 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit (413).")] = 20.0,
     name: Annotated[str | None, typer.Option(help="Served model name (one artifact only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads per model.")] = None,
+    ray: RayAddress = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: replicas of the server (default 1).")
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(help="With --ray: MIN:MAX replicas, scaled on the requests in flight."),
+    ] = None,
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
     """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
     if name and len(artifacts) > 1:
         raise fail("--name needs exactly one artifact", code=2)
+    if ray is None and (replicas is not None or autoscale is not None):
+        raise fail("--replicas and --autoscale go with --ray", code=2)
+    if ray is not None:
+        settings = dict(
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            max_body_mb=max_body_mb,
+            name=name,
+            quiet=quiet,
+        )
+        _serve_ray(
+            artifacts, host, port, ray, replicas, autoscale, threads, accept_host_mismatch, settings
+        )
+        return
     with user_errors():
         from quench.serve import ServeConfig
         from quench.serve import run as serve_run
