@@ -150,18 +150,19 @@ def run(
     log: Callable[[str], None] = print,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C, then shut down gracefully."""
-    url = start(artifacts, config, scale, host, port, address, threads, check)
-    how = (
-        f"autoscaling {scale.autoscale[0]}-{scale.autoscale[1]} replicas"
-        if scale.autoscale
-        else f"{scale.replicas} replica(s)"
-    )
-    log(f"quench: serving on {url} with Ray Serve, {how}")
+    connect(address)  # Ray sets its own SIGTERM handler (exit at once) as it connects
     stopping = threading.Event()
     previous = {
         s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)
     }
     try:
+        url = start(artifacts, config, scale, host, port, address, threads, check)
+        how = (
+            f"autoscaling {scale.autoscale[0]}-{scale.autoscale[1]} replicas"
+            if scale.autoscale
+            else f"{scale.replicas} replica(s)"
+        )
+        log(f"quench: serving on {url} with Ray Serve, {how}")
         while not stopping.wait(0.5):
             pass
         log("quench: stopping (answering accepted requests)")
