@@ -90,13 +90,9 @@ def stop(marks: list[str]) -> None:
             p.kill()
 
 
-@contextmanager
-def two_nodes() -> Iterator[tuple[str, dict[str, str]]]:
-    """A head and a worker node on this machine, one CPU each; yields (address, client env)."""
-    # a short folder: Ray's socket paths under it must stay within 107 characters
-    folder = Path(tempfile.mkdtemp(prefix="quench-ray-"))
-    env = cluster_env(folder)
-    temp = folder / "ray"
+def start_cluster(temp: Path, cpus: list[int], env: dict[str, str]) -> tuple[str, list[str]]:
+    """A head node and more nodes on this machine, ``cpus[i]`` CPUs each, all joined; returns
+    (address, marks for :func:`stop`). Stops what it started if a node does not come up."""
     port = free_port()
     marks = [str(temp), f":{port}"]
     try:
@@ -105,7 +101,7 @@ def two_nodes() -> Iterator[tuple[str, dict[str, str]]]:
                 "start",
                 "--head",
                 "--num-cpus",
-                "1",
+                str(cpus[0]),
                 "--node-ip-address",
                 "127.0.0.1",
                 "--port",
@@ -123,15 +119,38 @@ def two_nodes() -> Iterator[tuple[str, dict[str, str]]]:
             env,
         )
         address = f"127.0.0.1:{port}"
-        _ray(
-            ["start", "--address", address, "--num-cpus", "1", "--node-ip-address", "127.0.0.1"],
-            env,
-        )
+        for n in cpus[1:]:
+            _ray(
+                [
+                    "start",
+                    "--address",
+                    address,
+                    "--num-cpus",
+                    str(n),
+                    "--node-ip-address",
+                    "127.0.0.1",
+                ],
+                env,
+            )
         deadline = time.monotonic() + 60
-        while _alive_nodes(address, env) < 2:
+        while _alive_nodes(address, env) < len(cpus):
             if time.monotonic() > deadline:
-                raise RuntimeError("the second node did not join")
+                raise RuntimeError("a node did not join the cluster")
             time.sleep(1)
+    except BaseException:
+        stop(marks)
+        raise
+    return address, marks
+
+
+@contextmanager
+def two_nodes() -> Iterator[tuple[str, dict[str, str]]]:
+    """A head and a worker node on this machine, one CPU each; yields (address, client env)."""
+    # a short folder: Ray's socket paths under it must stay within 107 characters
+    folder = Path(tempfile.mkdtemp(prefix="quench-ray-"))
+    env = cluster_env(folder)
+    address, marks = start_cluster(folder / "ray", [1, 1], env)
+    try:
         yield address, env
     finally:
         stop(marks)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import make_image
 from quench.cli import app
+from quench.errors import QuenchError
 from quench.model import Model
 from quench.ray.cluster import plan_pool
 from quench.ray.inputs import resolve
@@ -91,33 +92,40 @@ def test_resolve_folders_lists_globs_and_uris(photos: Path) -> None:
         (2.0, 1, (1, 2)),
         (1.0, None, (1, 1)),
         (8.0, 3, (3, 2)),
-        (0.4, None, (1, 1)),
     ],
 )
 def test_pool_never_reserves_every_cpu(free: float, actors: int | None, want: tuple) -> None:
     n, threads, reserve = plan_pool(free, actors)
     assert (n, threads) == want
     assert 0 < reserve < threads  # room is left on every node for the read and write tasks
+    assert n * reserve <= free
 
 
-def test_without_ray_one_line_says_how_to_install(tiny_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("free", "actors"), [(0.4, None), (2.0, 3)])
+def test_pool_that_cannot_start_is_refused(free: float, actors: int | None) -> None:
+    with pytest.raises(QuenchError, match="free"):
+        plan_pool(free, actors)
+
+
+@pytest.mark.parametrize("command", ["infer", "eval", "serve"])
+def test_without_ray_one_line_says_how_to_install(
+    command: str, tiny_artifact: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    truth = tmp_path / "gt.tsv"
+    truth.write_text("img0.jpg\t1\n")
+    args = {
+        "infer": [str(image_dir), "--output", str(tmp_path / "o")],
+        "eval": ["--images", str(image_dir), "--labels", str(truth)],
+        "serve": ["--replicas", "2"],
+    }[command]
     code = (
         "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
         "import quench, quench.ray\n"
         "from quench.cli import app\n"
-        "app([*sys.argv[1:4], '--ray', 'auto', '--output', sys.argv[4]], "
-        "prog_name='quench')\n"
+        "app(sys.argv[1:], prog_name='quench')\n"
     )
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "infer",
-            str(tiny_artifact),
-            str(tmp_path),
-            str(tmp_path / "o"),
-        ],
+        [sys.executable, "-c", code, command, str(tiny_artifact), *args, "--ray", "auto"],
         capture_output=True,
         text=True,
     )

@@ -407,7 +407,7 @@ RayAddress = Annotated[
     typer.Option(
         "--ray",
         help="Run on a Ray cluster: 'auto' (the one on this machine or $RAY_ADDRESS, else a "
-        'local instance) or its address (HOST:PORT). Needs pip install "quench[ray]".',
+        "local instance) or its address (HOST:PORT). Needs quench's 'ray' extra.",
     ),
 ]
 RayActors = Annotated[
@@ -937,16 +937,16 @@ def serve(
         raise fail("--name needs exactly one artifact", code=2)
     if ray is None and (replicas is not None or autoscale is not None):
         raise fail("--replicas and --autoscale go with --ray", code=2)
+    settings = dict(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        max_body_mb=max_body_mb,
+        name=name,
+        quiet=quiet,
+    )
     if ray is not None:
-        settings = dict(
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            max_queue=max_queue,
-            timeout_s=timeout_s,
-            max_body_mb=max_body_mb,
-            name=name,
-            quiet=quiet,
-        )
         _serve_ray(
             artifacts, host, port, ray, replicas, autoscale, threads, accept_host_mismatch, settings
         )
@@ -957,15 +957,7 @@ def serve(
 
         # the self-check always runs at start; its result is in each model's metadata
         models = [_load(a, threads, accept_host_mismatch, check="always") for a in artifacts]
-        config = ServeConfig(
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            max_queue=max_queue,
-            timeout_s=timeout_s,
-            max_body_mb=max_body_mb,
-            name=name,
-            quiet=quiet,
-        )
+        config = ServeConfig(**settings)
         try:
             serve_run(models, config, host=host, port=port)
         except ValueError as exc:

@@ -17,7 +17,14 @@ from typing import Any
 
 from quench.errors import QuenchError
 from quench.pipeline import Prediction
-from quench.ray.cluster import IO_CPUS, connect, load_shipped, plan_pool, put_artifact
+from quench.ray.cluster import (
+    IO_CPUS,
+    connect,
+    load_shipped,
+    plan_pool,
+    put_artifact,
+    require,
+)
 from quench.ray.inputs import Inputs, resolve, scheme_of
 
 FORMATS = {"parquet": ".parquet", "jsonl": ".json"}
@@ -156,9 +163,18 @@ def classify_dataset(
 def classify(
     artifact: str | Path, images: Iterable[str] | Inputs, **options: Any
 ) -> Iterator[Prediction]:
-    """Predictions for every image (in completion order), streamed from the cluster."""
-    for row in classify_dataset(artifact, images, **options).iter_rows():
-        yield from_row(row, sum(1 for c in row if c.startswith("class")))
+    """Predictions for every image (in completion order), streamed from the cluster; then one
+    with its error for each file that was not there."""
+    require()
+    inputs = images if isinstance(images, Inputs) else resolve([str(s) for s in images])
+    seen: set[str] = set()
+    if inputs.files:
+        for row in classify_dataset(artifact, inputs, **options).iter_rows():
+            seen.add(row["file"])
+            yield from_row(row, sum(1 for c in row if c.startswith("class")))
+    for f in [*inputs.files, *inputs.missing]:
+        if f not in seen:
+            yield Prediction(f, error=f"{f}: no such file")
 
 
 @dataclass

@@ -56,7 +56,13 @@ def plan_pool(free_cpus: float, actors: int | None = None) -> tuple[int, int, fl
     if n < 1:
         raise QuenchError(f"--actors must be >= 1, got {n}")
     threads = max(1, cpus // n)
-    return n, threads, threads - 2.5 * IO_CPUS
+    reserve = threads - 2.5 * IO_CPUS
+    if n * reserve > free_cpus + 1e-9:
+        raise QuenchError(
+            f"{n} actors need {n * reserve:g} CPUs and the Ray cluster has {free_cpus:g} free: "
+            "pass fewer --actors (or --replicas), or add nodes"
+        )
+    return n, threads, reserve
 
 
 IO_CPUS = 0.1  # a read or write task's CPU reservation: moving bytes; decoding is the actors'

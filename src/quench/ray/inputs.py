@@ -17,6 +17,7 @@ from typing import Any
 from quench.errors import QuenchError
 from quench.evaluate import list_entries
 from quench.imaging import IMAGE_SUFFIXES
+from quench.ray.cluster import INSTALL_HINT
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list", ".csv", ".tsv"})
 _GLOB = re.compile(r"[*?\[]")
@@ -38,7 +39,10 @@ class Inputs:
 
 def _fs(spec: str) -> tuple[Any, str, str]:
     """(fsspec filesystem, path within it, URI prefix) for a spec."""
-    import fsspec
+    try:
+        import fsspec
+    except ImportError:
+        raise QuenchError(INSTALL_HINT) from None
 
     try:
         fs, path = fsspec.core.url_to_fs(spec)

@@ -63,8 +63,9 @@ class Scale:
         return cls(lo, (lo, hi))
 
     @property
-    def most(self) -> int:
-        return self.autoscale[1] if self.autoscale else self.replicas
+    def first(self) -> int:
+        """Replicas started at once."""
+        return max(self.autoscale[0], 1) if self.autoscale else self.replicas
 
 
 def application(
@@ -78,7 +79,8 @@ def application(
     ray = connect(None)
     from ray import serve
 
-    _, per_replica, reserve = plan_pool(ray.available_resources().get("CPU", 0.0), scale.most)
+    # sized for the replicas started now: those that autoscaling adds wait for room if need be
+    _, per_replica, reserve = plan_pool(ray.available_resources().get("CPU", 0.0), scale.first)
     threads = threads or per_replica
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": reserve},
@@ -90,7 +92,7 @@ def application(
         lo, hi = scale.autoscale
         options["autoscaling_config"] = {
             "min_replicas": lo,
-            "initial_replicas": max(lo, 1),
+            "initial_replicas": scale.first,
             "max_replicas": hi,
             "target_ongoing_requests": config.max_batch,  # a full batch in flight per replica
         }
