@@ -20,6 +20,7 @@ from quench.pipeline import Prediction
 from quench.ray.cluster import (
     IO_CPUS,
     connect,
+    free_cpus,
     load_shipped,
     plan_pool,
     put_artifact,
@@ -131,7 +132,7 @@ def classify_dataset(
     if not inputs.files:
         raise QuenchError("no images found in the given paths")
     holder = put_artifact(artifact)
-    n, threads, reserve = plan_pool(ray.available_resources().get("CPU", 0.0), actors)
+    n, threads, reserve = plan_pool(free_cpus(ray), actors)
     groups: dict[str, list[str]] = {}
     for f in inputs.files:  # one read per filesystem (Ray reads one filesystem per call)
         groups.setdefault(scheme_of(f), []).append(f)
@@ -280,7 +281,7 @@ def infer(
     todo = Inputs([f for f in inputs.files if f not in done], inputs.missing)
     skipped = len(inputs.files) - len(todo.files)
     before = set(shards(output, fmt))
-    n, threads, _ = plan_pool(ray.available_resources().get("CPU", 0.0), actors)
+    n, threads, _ = plan_pool(free_cpus(ray), actors)
     t0 = time.perf_counter()
     if todo.files:
         ds = classify_dataset(
@@ -288,7 +289,7 @@ def infer(
             todo,
             topk,
             batch_size,
-            actors,
+            n,
             check=check,
             address=address,
             progress=progress,

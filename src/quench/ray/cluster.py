@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,21 @@ def connect(address: str | None = "auto") -> ModuleType:
     return ray
 
 
-def plan_pool(free_cpus: float, actors: int | None = None) -> tuple[int, int, float]:
+def free_cpus(ray: ModuleType, wait_s: float = 60.0) -> float:
+    """The cluster's free CPUs, once steady: actors of a job that just ended are released a
+    moment later, so this waits (up to ``wait_s``) for at least one actor's room and for two
+    readings half a second apart to agree."""
+    deadline = time.monotonic() + wait_s
+    last = -1.0
+    while True:
+        now = float(ray.available_resources().get("CPU", 0.0))
+        if (now >= 1 - 2.5 * IO_CPUS and now == last) or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(0.5)
+
+
+def plan_pool(free: float, actors: int | None = None) -> tuple[int, int, float]:
     """(actors, engine threads per actor, CPUs each actor reserves) for the inference pool.
 
     By default one single-threaded actor per free CPU. Each actor reserves its threads less
@@ -51,15 +66,15 @@ def plan_pool(free_cpus: float, actors: int | None = None) -> tuple[int, int, fl
     that reserved every CPU would leave Ray no room to schedule the reads that feed it, and the
     job would wait forever (an easy trap on a 2-core machine).
     """
-    cpus = max(1, math.floor(free_cpus))
+    cpus = max(1, math.floor(free))
     n = actors or cpus
     if n < 1:
         raise QuenchError(f"--actors must be >= 1, got {n}")
     threads = max(1, cpus // n)
     reserve = threads - 2.5 * IO_CPUS
-    if n * reserve > free_cpus + 1e-9:
+    if n * reserve > free + 1e-9:
         raise QuenchError(
-            f"{n} actors need {n * reserve:g} CPUs and the Ray cluster has {free_cpus:g} free: "
+            f"{n} actors need {n * reserve:g} CPUs and the Ray cluster has {free:g} free: "
             "pass fewer --actors (or --replicas), or add nodes"
         )
     return n, threads, reserve

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quench.errors import QuenchError
-from quench.ray.cluster import connect, load_shipped, plan_pool, put_artifact
+from quench.ray.cluster import connect, free_cpus, load_shipped, plan_pool, put_artifact
 from quench.serve import ServeConfig, create_app
 
 APP = "quench"
@@ -80,7 +80,7 @@ def application(
     from ray import serve
 
     # sized for the replicas started now: those that autoscaling adds wait for room if need be
-    _, per_replica, reserve = plan_pool(ray.available_resources().get("CPU", 0.0), scale.first)
+    _, per_replica, reserve = plan_pool(free_cpus(ray), scale.first)
     threads = threads or per_replica
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": reserve},
