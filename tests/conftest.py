@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,28 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty Quench cache for this test (``$QUENCH_CACHE``)."""
     monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """One local Ray instance for the whole test run (2 CPUs, token authentication); this
+    process is its driver. Skips where Ray is not installed."""
+    if find_spec("ray") is None:
+        pytest.skip('Ray is not installed: pip install "quench[ray]"')
+    from raycluster import cluster_env
+
+    env = cluster_env(tmp_path_factory.mktemp("ray-auth"))
+    mp = pytest.MonkeyPatch()
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED"):
+        mp.setenv(key, env[key])
+    import ray
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray read RAY_AUTH_MODE when first imported: read it again
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        mp.undo()

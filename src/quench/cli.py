@@ -26,6 +26,7 @@ from quench.evaluate import (
     expand_inputs,
     list_images,
     read_ground_truth,
+    score,
     write_result_dir,
 )
 from quench.hw import clock_source, cpu_info, one_blas_thread, parse_cpus, pinned
@@ -542,29 +543,127 @@ def _writer(path: Path | None, topk: int) -> tuple[Callable[[Any], None], Callab
     return write, fh.close
 
 
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Run on a Ray cluster: 'auto' (the one on this machine or $RAY_ADDRESS, else a "
+        "local instance) or its address (HOST:PORT). Needs quench's 'ray' extra.",
+    ),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option(min=1, help="With --ray: inference actors (default: one per free CPU)."),
+]
+
+
+def _infer_ray(
+    artifact: Path,
+    images: list[str],
+    output: str,
+    fmt: str,
+    topk: int,
+    batch: int | None,
+    address: str,
+    actors: int | None,
+    accept: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """``quench infer --ray``: quench.ray.infer, its summary, exit 1 when a file failed."""
+    with user_errors():
+        from quench.ray import infer as ray_infer
+
+        res = ray_infer(
+            artifact,
+            images,
+            output,
+            fmt=fmt,
+            topk=topk,
+            batch_size=batch,
+            actors=actors,
+            address=address,
+            check="warn" if accept else "auto",
+            progress=not quiet,
+            warn=info,
+        )
+    if as_json:
+        print(json.dumps(res.to_dict()))
+    elif not quiet:
+        info(
+            f"classified {res.ok} of {res.ok + res.failed} images on Ray "
+            f"({res.actors} actors, {res.images_per_s:.1f} images/s)"
+            + (f", {res.failed} failed" if res.failed else "")
+            + (f", {res.skipped} already in {output}" if res.skipped else "")
+            + f"; results in {output}"
+        )
+    if res.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def infer(
     artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files or folders (with --ray also list files, globs and URIs such as "
+            "s3://bucket/images/)."
+        ),
+    ],
     topk: Annotated[int, typer.Option(min=1, help="How many classes per image.")] = 5,
     batch: Annotated[int | None, typer.Option(min=1, help="Batch size (dynamic models).")] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write results: .jsonl or .csv/.tsv.")
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write results: .jsonl or .csv/.tsv; with --ray a folder (or URI) of shards.",
+        ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    ray: RayAddress = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="With --ray: parquet (default) or jsonl.")
+    ] = None,
+    actors: RayActors = None,
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress, no top-k print.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines to stdout.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print JSON lines to stdout (with --ray: the summary)."),
+    ] = False,
 ) -> None:
     """Classify images: top-k class names per image. Unreadable files are reported, skipped."""
+    if ray is None and (fmt is not None or actors is not None):
+        raise fail("--format and --actors go with --ray", code=2)
+    if ray is not None:
+        if output is None:
+            raise fail("--ray needs --output FOLDER (results are written as shards)", code=2)
+        if threads is not None:
+            raise fail("--threads does not go with --ray: each actor runs --actors' share", code=2)
+        _infer_ray(
+            artifact,
+            images,
+            output,
+            fmt or "parquet",
+            topk,
+            batch,
+            ray,
+            actors,
+            accept_host_mismatch,
+            quiet,
+            as_json,
+        )
+        return
     with user_errors():
         model = _load(artifact, threads, accept_host_mismatch)
         paths = expand_inputs(images)
         if not paths:
             raise QuenchError("no images found in the given paths")
-        write, close = _writer(output, topk)
+        write, close = _writer(Path(output) if output else None, topk)
         failed = 0
         show_bar = not quiet and len(paths) > 8
         try:
@@ -597,7 +696,9 @@ def infer(
 @app.command("eval")
 def eval_(
     artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
-    images: Annotated[Path, typer.Option(help="Folder of images or a list file.")],
+    images: Annotated[
+        str, typer.Option(help="Folder of images or a list file (with --ray also a glob or URI).")
+    ],
     labels: Annotated[
         Path, typer.Option(help="Ground truth: 'file<TAB>index' (TSV/CSV) or 'file index' lines.")
     ],
@@ -606,19 +707,43 @@ def eval_(
         Path | None, typer.Option(help="Write per-image labels/top1/top5 files and eval.json here.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
+    ray: RayAddress = None,
+    actors: RayActors = None,
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Top-1 / top-5 accuracy against ground-truth labels."""
+    if ray is None and actors is not None:
+        raise fail("--actors goes with --ray", code=2)
+    if ray is not None and threads is not None:
+        raise fail("--threads does not go with --ray: each actor runs --actors' share", code=2)
     with user_errors():
-        model = _load(artifact, threads, accept_host_mismatch)
         truth = read_ground_truth(labels)
-        paths = list_images(images)
-        if not paths:
-            raise QuenchError(f"{images}: no images")
-        with Bar("evaluating", len(paths), enabled=not quiet) as bar:
-            res = evaluate(model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance())
+        if ray is not None:
+            from quench.ray import classify as ray_classify
+
+            model = Model.load(artifact, check="off")  # its name; the actors load and check it
+            preds = ray_classify(
+                artifact,
+                [images],
+                topk=5,
+                batch_size=batch,
+                actors=actors,
+                address=ray,
+                check="warn" if accept_host_mismatch else "auto",
+                progress=not quiet,
+            )
+            res = score(preds, truth)
+        else:
+            model = _load(artifact, threads, accept_host_mismatch)
+            paths = list_images(images)
+            if not paths:
+                raise QuenchError(f"{images}: no images")
+            with Bar("evaluating", len(paths), enabled=not quiet) as bar:
+                res = evaluate(
+                    model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance()
+                )
         for reason in res.failed:
             err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
         meta = {
@@ -1039,6 +1164,37 @@ def _named_artifact(arg: str) -> tuple[str | None, Path]:
     return name, Path(path)
 
 
+def _serve_ray(
+    artifacts: list[Path],
+    host: str,
+    port: int,
+    address: str,
+    replicas: int | None,
+    autoscale: str | None,
+    threads: int | None,
+    accept: bool,
+    settings: dict[str, Any],
+) -> None:
+    """``quench serve --ray``: the same app as Ray Serve replicas, until SIGTERM / Ctrl-C."""
+    with user_errors():
+        from quench.ray.serve import Scale
+        from quench.ray.serve import run as serve_ray
+        from quench.serve import ServeConfig
+
+        scale = Scale.parse(replicas, autoscale)
+        serve_ray(
+            artifacts,
+            ServeConfig(**settings),
+            scale,
+            host,
+            port,
+            address,
+            threads,
+            check="warn" if accept else "always",
+            log=info,
+        )
+
+
 @app.command()
 def serve(
     artifacts: Annotated[
@@ -1061,6 +1217,14 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit (413).")] = 20.0,
     name: Annotated[str | None, typer.Option(help="Served model name (one artifact only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads per model.")] = None,
+    ray: RayAddress = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: replicas of the server (default 1).")
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(help="With --ray: MIN:MAX replicas, scaled on the requests in flight."),
+    ] = None,
     accept_host_mismatch: AcceptMismatch = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
@@ -1068,6 +1232,25 @@ def serve(
     if name and len(artifacts) > 1:
         raise fail("--name needs exactly one artifact (or give each one as NAME=PATH)", code=2)
     named = [_named_artifact(a) for a in artifacts]
+    if ray is None and (replicas is not None or autoscale is not None):
+        raise fail("--replicas and --autoscale go with --ray", code=2)
+    settings = dict(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        max_body_mb=max_body_mb,
+        name=name,
+        quiet=quiet,
+    )
+    if ray is not None:
+        if any(n for n, _ in named):
+            raise fail("NAME=PATH is not supported with --ray: give plain paths", code=2)
+        paths = [p for _, p in named]
+        _serve_ray(
+            paths, host, port, ray, replicas, autoscale, threads, accept_host_mismatch, settings
+        )
+        return
     with user_errors():
         from quench.serve import ServeConfig
         from quench.serve import run as serve_run
@@ -1076,15 +1259,7 @@ def serve(
         sock = listen(host, port)  # a busy port fails now, before the models load
         # the self-check always runs at start; its result is in each model's metadata
         models = [_load(p, threads, accept_host_mismatch, check="always") for _, p in named]
-        config = ServeConfig(
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            max_queue=max_queue,
-            timeout_s=timeout_s,
-            max_body_mb=max_body_mb,
-            name=name,
-            quiet=quiet,
-        )
+        config = ServeConfig(**settings)
         try:
             serve_run(models, config, host=host, port=port, names=[n for n, _ in named], sock=sock)
         except ValueError as exc:

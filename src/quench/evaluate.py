@@ -30,19 +30,22 @@ def list_images(spec: str | Path) -> list[Path]:
             p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise QuenchError(f"{path}: no such folder or list file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise QuenchError(f"{path}: cannot read image list ({exc})") from None
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, list_entries(text))]
+
+
+def list_entries(text: str) -> list[str]:
+    """The paths of an image list file: blank lines and ``#`` comments skipped; a tab- or
+    comma-separated line keeps its first field."""
     out = []
-    for line in lines:
+    for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        first = re.split(r"[\t,]", line, maxsplit=1)[0].strip()
-        p = Path(first)
-        out.append(p if p.is_absolute() else path.parent / p)
+        if line and not line.startswith("#"):
+            out.append(re.split(r"[\t,]", line, maxsplit=1)[0].strip())
     return out
 
 

@@ -1,0 +1,174 @@
+"""``quench serve --ray``: the same KServe v2 app (``quench.serve.create_app``) as Ray Serve
+replicas. Each replica loads the artifacts shipped through the object store and runs the app,
+with its own dynamic batcher; Ray Serve's proxy spreads requests over the replicas, and adds or
+removes replicas between ``--autoscale MIN:MAX`` on the requests in flight.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quench.errors import QuenchError
+from quench.ray.cluster import connect, free_cpus, load_shipped, plan_pool, put_artifact
+from quench.serve import ServeConfig, create_app
+
+APP = "quench"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class Replica:
+    """One Ray Serve replica: the artifacts, loaded once, behind ``quench.serve``'s app."""
+
+    def __init__(
+        self,
+        holders: list[list[Any]],
+        names: list[str],
+        config: ServeConfig,
+        threads: int,
+        check: str,
+    ) -> None:
+        self.models = [
+            load_shipped(h, n, threads, check) for h, n in zip(holders, names, strict=True)
+        ]
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.models, self.config)
+
+
+@dataclass
+class Scale:
+    """``replicas`` fixed, or ``autoscale`` (min, max) replicas."""
+
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, replicas: int | None, autoscale: str | None) -> Scale:
+        if replicas is not None and autoscale is not None:
+            raise QuenchError("--replicas and --autoscale exclude each other")
+        if autoscale is None:
+            return cls(replicas or 1)
+        try:
+            lo, hi = (int(v) for v in autoscale.split(":"))
+        except ValueError:
+            raise QuenchError(f"--autoscale takes MIN:MAX, e.g. 1:4, got {autoscale!r}") from None
+        if not 0 <= lo <= hi or hi < 1:
+            raise QuenchError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {autoscale!r}")
+        return cls(lo, (lo, hi))
+
+    @property
+    def first(self) -> int:
+        """Replicas started at once."""
+        return max(self.autoscale[0], 1) if self.autoscale else self.replicas
+
+
+def application(
+    artifacts: Sequence[str | Path],
+    config: ServeConfig,
+    scale: Scale,
+    threads: int | None = None,
+    check: str = "always",
+) -> Any:
+    """The Ray Serve application (bind it with ``serve.run``): every artifact in each replica."""
+    ray = connect(None)
+    from ray import serve
+
+    # sized for the replicas started now: those that autoscaling adds wait for room if need be
+    _, per_replica, reserve = plan_pool(free_cpus(ray), scale.first)
+    threads = threads or per_replica
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": reserve},
+        # every request reaches the app, whose own queue answers 503 when full
+        "max_ongoing_requests": config.max_queue,
+        "graceful_shutdown_timeout_s": config.timeout_s + 5,
+    }
+    if scale.autoscale:
+        lo, hi = scale.autoscale
+        options["autoscaling_config"] = {
+            "min_replicas": lo,
+            "initial_replicas": scale.first,
+            "max_replicas": hi,
+            "target_ongoing_requests": config.max_batch,  # a full batch in flight per replica
+        }
+    else:
+        options["num_replicas"] = scale.replicas
+    deployment = serve.deployment(serve.ingress()(Replica), name="quench", **options)
+    holders = [put_artifact(a) for a in artifacts]
+    return deployment.bind(holders, [str(a) for a in artifacts], config, threads, check)
+
+
+def start(
+    artifacts: Sequence[str | Path],
+    config: ServeConfig,
+    scale: Scale,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = "auto",
+    threads: int | None = None,
+    check: str = "always",
+) -> str:
+    """Deploy on the cluster at ``address`` and wait until every replica is ready; returns the
+    URL. A proxy bound to a loopback host runs on the head node only (one per machine);
+    otherwise Ray Serve runs one on every node."""
+    connect(address)
+    from ray import serve
+
+    serve.start(
+        http_options={"host": host, "port": port},
+        proxy_location="HeadOnly" if host in LOOPBACK else "EveryNode",
+    )
+    app = application(artifacts, config, scale, threads, check)
+    try:
+        serve.run(app, name=APP, route_prefix="/")
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise QuenchError(f"Ray Serve could not deploy {APP!r}: {reason}") from None
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the application: Ray Serve stops routing to its replicas, each answers what it
+    has accepted (its app drains its batcher), then exits."""
+    from ray import serve
+
+    serve.delete(APP)
+
+
+def run(
+    artifacts: Sequence[str | Path],
+    config: ServeConfig,
+    scale: Scale,
+    host: str,
+    port: int,
+    address: str | None,
+    threads: int | None = None,
+    check: str = "always",
+    log: Callable[[str], None] = print,
+) -> None:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully."""
+    connect(address)  # Ray sets its own SIGTERM handler (exit at once) as it connects
+    stopping = threading.Event()
+    previous = {
+        s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        url = start(artifacts, config, scale, host, port, address, threads, check)
+        how = (
+            f"autoscaling {scale.autoscale[0]}-{scale.autoscale[1]} replicas"
+            if scale.autoscale
+            else f"{scale.replicas} replica(s)"
+        )
+        log(f"quench: serving on {url} with Ray Serve, {how}")
+        while not stopping.wait(0.5):
+            pass
+        log("quench: stopping (answering accepted requests)")
+        stop()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
