@@ -101,6 +101,7 @@ def _refused(path: Path, *phrases: str) -> str:
 def test_round_trip(tmp_path: Path) -> None:
     art = _sample()
     original = json.loads(json.dumps(art.manifest))
+    (tmp_path / "sub").mkdir()  # save() creates no folders
     out = save(art, tmp_path / "sub" / "a.quench")
     assert out == tmp_path / "sub" / "a.quench"
     assert sorted(p.name for p in out.parent.iterdir()) == ["a.quench"]  # no temp file left
