@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from quench import __version__
-from quench.errors import ArtifactError, QuenchError
+from quench.destination import check_file
+from quench.errors import ArtifactError
 from quench.manifest import FORMAT, FORMAT_VERSION, VOLATILE
 
 MANIFEST = "manifest.json"
@@ -76,7 +77,7 @@ def save(artifact: Artifact, path: str | Path, sign: Callable[[str], Any] | None
     the path. ``sign`` (see :func:`quench.signing.signer`) maps the manifest's sha256 to the
     signature record stored as ``signature.json``."""
     path = Path(path)
-    check_destination(path)
+    check_file(path)
     manifest = artifact.manifest  # completed in place: a Model holding it sees the final form
     manifest["format"] = FORMAT
     manifest["format_version"] = FORMAT_VERSION
@@ -94,21 +95,6 @@ def save(artifact: Artifact, path: str | Path, sign: Callable[[str], Any] | None
             _write(zf, SIGNATURE, record, zipfile.ZIP_DEFLATED)
         for name, data in sorted(artifact.payloads.items()):
             _write(zf, PAYLOAD_DIR + name, data, zipfile.ZIP_STORED)
-    return path
-
-
-def check_destination(path: str | Path) -> Path:
-    """Refuse an output file path that cannot be written: its folder missing or not a folder,
-    or the path itself a folder (a one-line :class:`QuenchError`, before any work starts)."""
-    path = Path(path)
-    folder = path.parent
-    if path.is_dir():
-        raise QuenchError(f"{path}: is a folder; give a file name (e.g. {path / 'model.quench'})")
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise QuenchError(f"{path}: cannot write there: the folder {folder} {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise QuenchError(f"{path}: cannot write there: no write permission on {folder}")
     return path
 
 

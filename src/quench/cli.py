@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from quench import __version__, selfcheck
+from quench import __version__, selfcheck, signing
 from quench.builder import BuildOptions
 from quench.builder import build as do_build
+from quench.destination import check_file, check_folder
 from quench.errors import QuenchError
 from quench.evaluate import (
+    NoImagesError,
     evaluate,
     expand_inputs,
     list_images,
@@ -75,6 +78,25 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM -> SystemExit(143) while the block runs, so its cleanup runs (a build's
+    temporary file is removed) instead of the process vanishing."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (the CLI called from a library)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def info(msg: str) -> None:
@@ -300,6 +322,14 @@ def build(
             "calibration images held out of calibration is lower (random input without images).",
         ),
     ] = 0.8,
+    sign: Annotated[
+        Path | None,
+        typer.Option(
+            "--sign",
+            help="Sign the artifact with this Ed25519 private key (PEM, e.g. from "
+            "'quench keygen'); 'quench verify --key' and 'quench serve --trusted-keys' check it.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON.")
@@ -308,7 +338,9 @@ def build(
     """Check, optimise and convert an ONNX classifier into one .quench artifact."""
     if batch is not None and dynamic_batch:
         raise fail("--batch and --dynamic-batch exclude each other", code=2)  # usage error
-    with user_errors():
+    with user_errors(), sigterm_exits():
+        check_file(output)
+        key = signing.load_private_key(sign) if sign else None
         opts = BuildOptions(
             precision=precision,
             preset=preset,
@@ -337,7 +369,9 @@ def build(
             min_top1_agreement=min_top1_agreement,
             progress=not quiet,
         )
-        m = do_build(model, output, opts, log=None if quiet else info)
+        m = do_build(model, output, opts, log=None if quiet else info, sign_key=key)
+        if key is not None and not quiet:
+            info(f"signed with Ed25519 key {signing.key_id(key.public_key())[:16]}")
     if as_json:
         print(json.dumps(m.describe(), indent=2))
 
@@ -356,10 +390,20 @@ AcceptMismatch = Annotated[
 
 
 def _load(
-    artifact: Path, threads: int | None = None, accept: bool = False, check: str = "auto"
+    artifact: Path,
+    threads: int | None = None,
+    accept: bool = False,
+    check: str = "auto",
+    trusted_keys: dict[str, Any] | None = None,
 ) -> Any:
-    """Load an artifact; its self-check runs where this host differs from the build host."""
-    model = Model.load(artifact, threads=threads, check="warn" if accept else check)
+    """Load an artifact; its self-check runs where this host differs from the build host;
+    with ``trusted_keys``, one not signed by any of them is refused first."""
+    model = Model.load(
+        artifact,
+        threads=threads,
+        check="warn" if accept else check,
+        trusted_keys=trusted_keys,
+    )
     result = model.selfcheck
     if result is not None and result.ran:
         if result.passed:
@@ -371,6 +415,9 @@ def _load(
                 soft_wrap=True,
             )
     return model
+
+
+OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def _writer(path: Path | None, topk: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -419,6 +466,8 @@ def infer(
 ) -> None:
     """Classify images: top-k class names per image. Unreadable files are reported, skipped."""
     with user_errors():
+        if output is not None:
+            check_file(output, OUTPUT_SUFFIXES)
         model = _load(artifact, threads, accept_host_mismatch)
         paths = expand_inputs(images)
         if not paths:
@@ -471,15 +520,22 @@ def eval_(
 ) -> None:
     """Top-1 / top-5 accuracy against ground-truth labels."""
     with user_errors():
-        model = _load(artifact, threads, accept_host_mismatch)
+        if result_dir is not None:
+            check_folder(result_dir)
         truth = read_ground_truth(labels)
         paths = list_images(images)
         if not paths:
             raise QuenchError(f"{images}: no images")
-        with Bar("evaluating", len(paths), enabled=not quiet) as bar:
-            res = evaluate(model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance())
-        for reason in res.failed:
-            err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
+        model = _load(artifact, threads, accept_host_mismatch)
+        try:
+            with Bar("evaluating", len(paths), enabled=not quiet) as bar:
+                res = evaluate(
+                    model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance()
+                )
+        except NoImagesError as exc:
+            _skipped(exc.failed)
+            raise
+        _skipped(res.failed)
         meta = {
             "model": model.name,
             "precision": model.precision,
@@ -500,6 +556,11 @@ def eval_(
         )
     if res.failed:
         raise typer.Exit(1)
+
+
+def _skipped(reasons: list[str]) -> None:
+    for reason in reasons:
+        err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
 
 
 def _batches(text: str) -> list[int]:
@@ -542,6 +603,9 @@ def perf(
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
     sizes = _batches(batch)
+    if json_out is not None:
+        with user_errors():
+            check_file(json_out)
     if images is not None and model.suffix.lower() == ".onnx":
         raise fail("--images needs a .quench artifact (it carries the preprocessing)", code=2)
     if iterations is not None and duration is not None:
@@ -693,7 +757,7 @@ def run_(
         progress=not quiet,
         plots=not no_plots,
     )
-    with user_errors():
+    with user_errors(), sigterm_exits():
         res = run_job(opts, log=info, on_classified=_print_topk)
     model_step = next((s for s in res.steps if s.kind == "model"), None)
     if model_step is not None and model_step.status == "failed":
@@ -723,15 +787,39 @@ def info_(
 
 
 @app.command()
+def keygen(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Private key file to write (and OUTPUT.pub).")
+    ],
+) -> None:
+    """Make an Ed25519 key pair for signing artifacts: OUTPUT (private, mode 0600) and
+    OUTPUT.pub (public, for 'quench verify --key' and 'quench serve --trusted-keys')."""
+    with user_errors():
+        private, public = signing.generate(output)
+        kid = signing.key_id(signing.load_public_key(public))
+    info(f"wrote {private} (private: keep it secret) and {public} (public); key {kid[:16]}")
+
+
+@app.command()
 def verify(
     artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also check its signature: a public key file, or a folder of *.pub files "
+            "(any of them may have signed it)."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the artifact's self-check on this host: its fp32 reference inputs, against the bound
-    the build recorded. Exit 1 when it fails."""
+    the build recorded; with --key, check its signature first. Exit 1 when either fails."""
     with user_errors():
-        model = _load(artifact, threads, check="off")
+        keys = signing.trusted_keys(key) if key is not None else None
+        model = Model.load(artifact, threads, check="off", trusted_keys=keys)
+        if model.signature is not None and not as_json:
+            print(f"{artifact}: {model.signature.message}")
         if not isinstance(model.manifest.get("selfcheck"), dict):
             raise QuenchError(
                 f"{artifact}: carries no self-check (built by an older Quench); rebuild it"
@@ -740,8 +828,12 @@ def verify(
             result = selfcheck.check(model, always=True)
         section = model.manifest.get("selfcheck") or {}
     if as_json:
+        signed = {"signature": {"key_id": model.signature.key_id}} if model.signature else {}
         print(
-            json.dumps({"artifact": str(artifact), **result.to_dict(), "build": section}, indent=2)
+            json.dumps(
+                {"artifact": str(artifact), **signed, **result.to_dict(), "build": section},
+                indent=2,
+            )
         )
     else:
         print(f"{artifact}: {result.message}: {'passed' if result.passed else 'FAILED'}")
@@ -766,6 +858,13 @@ def serve(
     name: Annotated[str | None, typer.Option(help="Served model name (one artifact only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads per model.")] = None,
     accept_host_mismatch: AcceptMismatch = False,
+    trusted_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve only artifacts signed by one of these Ed25519 public keys: a folder of "
+            "*.pub files (or one key file). Unsigned or wrongly signed artifacts are refused."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
     """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
@@ -775,8 +874,15 @@ def serve(
         from quench.serve import ServeConfig
         from quench.serve import run as serve_run
 
+        keys = signing.trusted_keys(trusted_keys) if trusted_keys is not None else None
         # the self-check always runs at start; its result is in each model's metadata
-        models = [_load(a, threads, accept_host_mismatch, check="always") for a in artifacts]
+        models = [
+            _load(a, threads, accept_host_mismatch, check="always", trusted_keys=keys)
+            for a in artifacts
+        ]
+        if keys is not None:
+            for m in models:
+                info(f"{m.path}: {m.signature.message}")
         config = ServeConfig(
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from quench import __version__, artifact
+from quench import __version__, artifact, signing
 from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
+from quench.destination import check_file
 from quench.errors import ModelError, QuenchError
 from quench.graph import (
     SourceModel,
@@ -36,6 +37,8 @@ from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
 from quench.selfcheck import record as record_selfcheck
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from quench.builder.calibration import CalibrationSet
     from quench.model import Model
 
@@ -168,10 +171,13 @@ def build(
     output: str | Path,
     options: BuildOptions | None = None,
     log: Log | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
     **kwargs: Any,
 ) -> Model:
-    """Build ``model`` into the artifact ``output`` and return it loaded."""
+    """Build ``model`` into the artifact ``output`` and return it loaded; ``sign_key``
+    (:func:`quench.signing.load_private_key`) signs it."""
     opts = options or BuildOptions(**kwargs)
+    check_file(output)  # before any work: a folder, or a folder that does not exist
     say: Log = log or (lambda msg: None)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -364,7 +370,8 @@ def build(
     manifest.timings = timings
     manifest.build_seconds = round(time.perf_counter() - started, 3)
     art.manifest.update(manifest.to_dict())  # the dict the built Model holds
-    artifact.save(art, output)  # completes it in place (format, payload digests)
+    # completes it in place (format, payload digests)
+    artifact.save(art, output, sign=signing.signer(sign_key) if sign_key else None)
     built.spec = Manifest.from_dict(art.manifest)
     say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
     return built
