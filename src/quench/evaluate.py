@@ -52,7 +52,7 @@ def read_lines(path: Path, what: str) -> list[str]:
             raise QuenchError(f"{path}: cannot read {what}: not a regular file")
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise QuenchError(f"{path}: no such {what} file") from None
+        raise QuenchError(f"{path}: cannot read {what}: no such file") from None
     except UnicodeDecodeError as exc:
         raise QuenchError(
             f"{path}: cannot read {what}: not UTF-8 text (byte {exc.start}: {exc.reason})"
