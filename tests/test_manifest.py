@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,27 +15,13 @@ import pytest
 from onnx.external_data_helper import set_external_data
 
 from conftest import SIZE
+from conftest import edited_manifest as _edited
 from quench import artifact, precision
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine
 from quench.errors import ArtifactError, QuenchError
 from quench.manifest import VOLATILE, Manifest
 from quench.model import Model
 from quench.precision import Precision
-
-
-def _edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], Any]) -> Path:
-    """``src`` with its manifest edited and the checksums recomputed (a consistent file)."""
-    with zipfile.ZipFile(src) as zin:
-        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
-    manifest = json.loads(members["manifest.json"])
-    edit(manifest)
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    members["manifest.json"] = body
-    members["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
-    with zipfile.ZipFile(dst, "w") as zout:
-        for name, data in members.items():
-            zout.writestr(name, data)
-    return dst
 
 
 def test_round_trip_of_a_built_manifest(tiny_artifact: Path) -> None:

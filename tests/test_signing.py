@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import socket
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from typer.testing import CliRunner, Result
 
-from conftest import TINY_BUILD
+from conftest import TINY_BUILD, edited_manifest
 from quench import artifact, signing
 from quench.builder import build
 from quench.errors import QuenchError, SignatureError
@@ -82,17 +81,7 @@ def signed(
 def _tampered(src: Path, dst: Path) -> Path:
     """The label of class 0 edited and every checksum recomputed: consistent, but not what
     was signed (the signature member kept as it was)."""
-    with zipfile.ZipFile(src) as zin:
-        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
-    manifest = json.loads(members["manifest.json"])
-    manifest["labels"][0] = "something else"
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    members["manifest.json"] = body
-    members["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
-    with zipfile.ZipFile(dst, "w") as zout:
-        for name, data in members.items():
-            zout.writestr(name, data)
-    return dst
+    return edited_manifest(src, dst, lambda m: m["labels"].__setitem__(0, "something else"))
 
 
 def test_keygen_files(keys: dict[str, Path]) -> None:
