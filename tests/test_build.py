@@ -126,6 +126,7 @@ def test_build_returns_the_loaded_model(
     opts = BuildOptions(labels=str(tiny_labels), name="my-net", **TINY_BUILD)
     logs: list[str] = []
     out = tmp_path / "deep" / "er" / "x.quench"
+    out.parent.mkdir(parents=True)  # a build creates no folders (test_cli: refused)
     model = build(tiny_model, out, opts, log=logs.append)
     assert model.path == out and out.is_file()
     assert model.name == "my-net"
