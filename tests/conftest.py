@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -87,6 +92,21 @@ def make_image(
         im = im.convert(mode)
     im.save(path, format=fmt)
     return path
+
+
+def edited_manifest(src: Path, dst: Path, edit: Callable[[dict[str, Any]], Any]) -> Path:
+    """``src`` with its manifest edited and the checksums recomputed (a consistent file)."""
+    with zipfile.ZipFile(src) as zin:
+        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
+    manifest = json.loads(members["manifest.json"])
+    edit(manifest)
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    members["manifest.json"] = body
+    members["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    return dst
 
 
 @pytest.fixture(scope="session")

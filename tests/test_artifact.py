@@ -6,10 +6,14 @@ import ast
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import struct
 import tokenize
+import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from conftest import TINY_BUILD
 from quench import artifact
 from quench.artifact import Artifact, load, read_manifest, save
 from quench.builder import build
-from quench.errors import ArtifactError
+from quench.errors import ArtifactError, QuenchError
 
 PAYLOAD = "payload/model.onnx"
 SRC = Path(quench.__file__).parent
@@ -101,6 +105,7 @@ def _refused(path: Path, *phrases: str) -> str:
 def test_round_trip(tmp_path: Path) -> None:
     art = _sample()
     original = json.loads(json.dumps(art.manifest))
+    (tmp_path / "sub").mkdir()  # save() creates no folders
     out = save(art, tmp_path / "sub" / "a.quench")
     assert out == tmp_path / "sub" / "a.quench"
     assert sorted(p.name for p in out.parent.iterdir()) == ["a.quench"]  # no temp file left
@@ -271,7 +276,9 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path: Path, tiny_artifact:
 @pytest.mark.parametrize(
     ("edit", "phrase"),
     [
-        (lambda m: m.update(format_version="1"), "artifact format 1 was written"),
+        (lambda m: m.update(format_version="1"), "field 'format_version': expected an integer"),
+        (lambda m: m.pop("format_version"), "manifest field 'format_version': missing"),
+        (lambda m: m.update(format_version=0), "field 'format_version': expected an integer"),
         (lambda m: m.update(format="something-else"), "format field missing or wrong"),
         (lambda m: m.pop("format"), "format field missing or wrong"),
         (lambda m: b"{not json", "manifest is not valid JSON"),
@@ -280,6 +287,17 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path: Path, tiny_artifact:
 )
 def test_consistent_but_foreign_manifest(tmp_path: Path, tiny_artifact: Path, edit, phrase) -> None:
     _refused(_with_manifest(tiny_artifact, tmp_path / "x.quench", edit), phrase)
+
+
+def test_format_version_messages_make_sense(tmp_path: Path, tiny_artifact: Path) -> None:
+    bad = _with_manifest(
+        tiny_artifact, tmp_path / "s.quench", lambda m: m.update(format_version="1")
+    )
+    msg = _refused(bad, "manifest field 'format_version': expected an integer >= 1, got \"1\"")
+    assert "reads format" not in msg and "Upgrade" not in msg
+    bad = _with_manifest(tiny_artifact, tmp_path / "n.quench", lambda m: m.pop("format_version"))
+    msg = _refused(bad, "manifest field 'format_version': missing")
+    assert "None" not in msg
 
 
 def test_extra_payload_member(tmp_path: Path, tiny_artifact: Path) -> None:
@@ -303,6 +321,155 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     _refused(tmp_path, "is a directory")
     with pytest.raises(ArtifactError, match="no such artifact file"):
         read_manifest(tmp_path / "nope.quench")
+
+
+# -- zip bombs -------------------------------------------------------------------------------
+
+_GIB = 1 << 30
+
+
+def _deflated_spaces(size: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``size`` spaces (1 MiB blocks, each made once) and its CRC."""
+    chunk = b" " * (1 << 20)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = z.compress(chunk) + z.flush(zlib.Z_FULL_FLUSH)  # byte-aligned, no history
+    crc = 0
+    for _ in range(size // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    return block * (size // len(chunk)) + z.flush(), crc
+
+
+def _handmade_zip(path: Path, members: list[tuple[str, int, bytes, int, int]]) -> Path:
+    """A zip of (name, method, stored bytes, crc, uncompressed size) members, written by hand
+    (zipfile would compress the gigabyte itself)."""
+    out = bytearray()
+    central = bytearray()
+    for name, method, data, crc, size in members:
+        offset = len(out)
+        fields = (20, 0, method, 0, 0x21, crc, len(data), size, len(name))
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name.encode() + data
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, offset)
+        central += name.encode()
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central),
+                      len(out), 0)  # fmt: skip
+    path.write_bytes(bytes(out + central + end))
+    return path
+
+
+def test_manifest_zip_bomb_is_refused_before_reading(tmp_path: Path) -> None:
+    """A 1 MB artifact whose manifest inflates to 1 GiB: refused from its declared size, in
+    bounded memory, without inflating it."""
+    data, crc = _deflated_spaces(_GIB)
+    digest = b"0" * 64
+    bomb = _handmade_zip(
+        tmp_path / "bomb.quench",
+        [
+            ("manifest.json", zipfile.ZIP_DEFLATED, data, crc, _GIB),
+            ("manifest.sha256", zipfile.ZIP_STORED, digest, zlib.crc32(digest), len(digest)),
+        ],
+    )
+    assert bomb.stat().st_size < 2_000_000
+    with zipfile.ZipFile(bomb) as zf:
+        assert zf.getinfo("manifest.json").file_size == _GIB
+    tracemalloc.start()
+    try:
+        msg = _refused(bomb, "manifest.json is 1,073,741,824 bytes uncompressed, over the")
+        with pytest.raises(ArtifactError, match="over the 16,777,216 byte limit"):
+            read_manifest(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
+    assert "zip bomb" in msg
+
+
+def test_compressed_payload_is_refused(tmp_path: Path, tiny_artifact: Path) -> None:
+    """Payloads are stored: a deflated one (which could inflate past the file) is refused
+    before it is read."""
+    members = _members(tiny_artifact)
+    bad = tmp_path / "deflated.quench"
+    with zipfile.ZipFile(bad, "w") as zout:
+        for name, data in members.items():
+            method = zipfile.ZIP_DEFLATED if name == PAYLOAD else zipfile.ZIP_STORED
+            zout.writestr(name, data, compress_type=method)
+    _refused(bad, "payload model.onnx is compressed or larger than the file")
+
+
+def test_signature_member_is_bounded(tmp_path: Path, tiny_artifact: Path) -> None:
+    bad = _rewrite(tiny_artifact, tmp_path / "s.quench", add={"signature.json": b" " * 70_000})
+    _refused(bad, "signature.json is 70,000 bytes uncompressed, over the 65,536 byte limit")
+
+
+def test_deeply_nested_manifest_is_one_line(tmp_path: Path, tiny_artifact: Path) -> None:
+    bad = _with_manifest(tiny_artifact, tmp_path / "deep.quench", lambda m: b"[" * 200_000)
+    _refused(bad, "manifest is not valid JSON")
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_artifact_mode_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        out = save(_sample(), tmp_path / "a.quench")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+
+
+def test_save_fsyncs_the_file_then_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[tuple[str, bool]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append(("dir" if stat.S_ISDIR(mode) else "file", (tmp_path / "a.quench").exists()))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        synced.append(("rename", True))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save(_sample(), tmp_path / "a.quench")
+    # the data reaches the disk before the rename makes it visible; then the rename itself
+    assert synced == [("file", False), ("rename", True), ("dir", True)]
+
+
+def test_interrupted_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = save(_sample(), tmp_path / "a.quench")
+    before = target.read_bytes()
+    calls = 0
+    real = artifact._write
+
+    def write(*args: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(artifact, "_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        save(_sample(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.quench"]
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_save_creates_no_folders(tmp_path: Path, where: str) -> None:
+    parent = tmp_path / "sub"
+    if where == "file":
+        parent.write_text("x")
+    with pytest.raises(QuenchError, match="cannot write there: the folder"):
+        save(_sample(), parent / "deeper" / "a.quench")
+    assert not (parent / "deeper").exists()
+    with pytest.raises(QuenchError, match="is a folder"):
+        save(_sample(), tmp_path)
 
 
 # -- nothing executable ----------------------------------------------------------------------

@@ -15,8 +15,10 @@ from onnx import TensorProto, helper
 
 import quench
 from conftest import NUM_CLASSES, SIZE, TINY_BUILD, make_classifier, make_image
+from quench import artifact
 from quench.builder import BuildOptions, build
 from quench.errors import ModelError, QuenchError
+from quench.external_data import external_data
 from quench.imaging import load_pixels
 from quench.labels import load_labels
 from quench.model import Model
@@ -124,6 +126,7 @@ def test_build_returns_the_loaded_model(
     opts = BuildOptions(labels=str(tiny_labels), name="my-net", **TINY_BUILD)
     logs: list[str] = []
     out = tmp_path / "deep" / "er" / "x.quench"
+    out.parent.mkdir(parents=True)  # a build creates no folders (test_cli: refused)
     model = build(tiny_model, out, opts, log=logs.append)
     assert model.path == out and out.is_file()
     assert model.name == "my-net"
@@ -568,3 +571,62 @@ def test_the_source_model_is_copied_once_per_batch_setting(
     )
     assert len(m.manifest["engine_selection"]["candidates"]) >= 2  # both engines compiled it
     assert sorted(copies, key=str) == ([None] if batch is None else [4, None])
+
+
+# -- external data ---------------------------------------------------------------------------
+
+
+def _with_external_data(src: Path, dst: Path, location: str) -> Path:
+    model = onnx.load(src)
+    onnx.save_model(
+        model,
+        dst,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+    return dst
+
+
+def test_external_data_is_inlined_at_build(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source model whose weights live beside it: the artifact carries them (self-contained),
+    and runs like the build of the same model in one file."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    split = _with_external_data(tiny_model, src_dir / "split.onnx", "split.weights")
+    assert external_data(onnx.load(split, load_external_data=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # external data resolves against the model's folder
+    out = tmp_path / "split.quench"
+    build(split, out, labels=str(tiny_labels), **TINY_BUILD)
+    (src_dir / "split.weights").unlink()
+    payload = artifact.load(out).payloads["model.onnx"]
+    assert external_data(onnx.load_from_string(payload)) == []
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with Model.load(out) as m:
+        got = m.predict(x)
+    want = _session(tiny_model).run(None, {"images": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("location", "phrase"), [("gone.bin", "gone.bin"), ("../up.bin", "")])
+def test_unreadable_external_data_is_one_line(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path, location: str, phrase: str
+) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    split = _with_external_data(tiny_model, d / "split.onnx", "w.bin")
+    model = onnx.load(split, load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    (tmp_path / "up.bin").write_bytes((d / "w.bin").read_bytes())  # outside the model's folder
+    onnx.save(model, split)
+    msg = _fails(tmp_path, split, ModelError, "cannot read its external data", phrase,
+                 labels=str(tiny_labels), **TINY_BUILD)  # fmt: skip
+    assert msg.startswith(f"{split}: ") and "\n" not in msg

@@ -396,3 +396,131 @@ def test_numpy_blas_on_one_thread_in_the_command_not_on_import() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[1] [1]", out
+
+
+# -- hardening: output paths and labels, checked before the work -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("", "is a folder; give a file name"), ("missing/dir/x.quench", "the folder")],
+)
+def test_build_output_checked_first(tmp_path: Path, where: str, reason: str) -> None:
+    out = tmp_path / where if where else tmp_path
+    # the model does not exist either: the output path is checked before anything else
+    line = _one_error_line(invoke("build", tmp_path / "none.onnx", "-o", out))
+    assert str(out) in line and reason in line, line
+    assert not (tmp_path / "missing").exists()  # no folders created
+
+
+def test_build_into_a_missing_folder_creates_nothing(tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "a" / "b" / "x.quench"
+    line = _one_error_line(invoke("build", tiny_model, "-o", out, *FLAGS, "-q"))
+    assert f"{out}: cannot write there: the folder {out.parent} does not exist" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_eval_result_dir_that_is_a_file(
+    tmp_path: Path, cli_artifact: tuple[Path, Result], image_dir: Path
+) -> None:
+    f = tmp_path / "results"
+    f.write_text("not a folder")
+    gt = _truth(tmp_path / "gt.tsv", {image_dir / "img0.jpg": 1})
+    line = _one_error_line(
+        invoke("eval", cli_artifact[0], "--images", image_dir, "--labels", gt, "--result-dir", f)
+    )
+    assert line == f"error: {f}: exists and is not a folder"
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        (b"img0.jpg\t1\nimg1.jpg\t\xff2\n", "cannot read labels: not UTF-8 text"),
+        (b"img0.jpg\t1\nimg1.jpg\t10\n", ":2: class index 10 is out of range for a model with 10"),
+        (b"img0.jpg\t-3\n", ":1: class index -3 is negative"),
+    ],
+)
+def test_eval_bad_labels_are_one_line(
+    tmp_path: Path, cli_artifact: tuple[Path, Result], image_dir: Path, content: bytes, phrase: str
+) -> None:
+    gt = tmp_path / "gt.tsv"
+    gt.write_bytes(content)
+    line = _one_error_line(invoke("eval", cli_artifact[0], "--images", image_dir, "--labels", gt))
+    assert str(gt) in line and phrase in line, line
+
+
+def test_eval_with_no_readable_image_lists_them(
+    tmp_path: Path, cli_artifact: tuple[Path, Result]
+) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"not an image")
+    (d / "b.png").write_bytes(b"")
+    gt = _truth(tmp_path / "gt.tsv", {d / "a.jpg": 1, d / "b.png": 2})
+    res = invoke("eval", cli_artifact[0], "--images", d, "--labels", gt, "-q")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines == [
+        f"skipped: {d / 'a.jpg'}: not an image (unrecognised format)",
+        f"skipped: {d / 'b.png'}: empty file",
+        "error: no image could be evaluated: none was both readable and labelled "
+        "(2 unreadable, 0 without label)",
+    ]
+
+
+def test_eval_a_corrupt_image_loses_nothing_else(
+    tmp_path: Path, cli_artifact: tuple[Path, Result], own_predictions: dict[Path, list[int]]
+) -> None:
+    d = tmp_path / "mixed"
+    d.mkdir()
+    rows = {}
+    for p, classes in own_predictions.items():
+        (d / p.name).write_bytes(p.read_bytes())
+        rows[d / p.name] = classes[0]
+    (d / "corrupt.jpg").write_bytes(next(iter(own_predictions)).read_bytes()[:200])
+    gt = _truth(tmp_path / "gt.tsv", {**rows, d / "corrupt.jpg": 0})
+    res = invoke("eval", cli_artifact[0], "--images", d, "--labels", gt, "--json", "-q")
+    assert res.exit_code == 1
+    out = json.loads(res.stdout)
+    assert (out["images"], out["top1"], out["failed"]) == (len(rows), 1.0, 1)
+    assert f"skipped: {d / 'corrupt.jpg'}: " in res.stderr
+
+
+def test_perf_json_output_checked_first(tmp_path: Path) -> None:
+    line = _one_error_line(
+        invoke("perf", tmp_path / "none.quench", "--json", tmp_path / "no" / "p.json")
+    )
+    assert "cannot write there" in line
+
+
+def test_sigterm_during_build_leaves_no_temporary_file(
+    tmp_path: Path, tiny_model: Path, tiny_labels: Path
+) -> None:
+    """SIGTERM while the artifact is being written: exit 143, no .tmp file, no artifact."""
+    import signal
+    import time
+
+    out = tmp_path / "x.quench"
+    script = (
+        "import sys, time\n"
+        "from quench import artifact\n"
+        "from quench.cli import app\n"
+        "real = artifact._write\n"
+        "def slow(zf, name, data, method):\n"
+        "    real(zf, name, data, method)\n"
+        "    if name.startswith('payload/'):\n"
+        "        time.sleep(60)\n"
+        "artifact._write = slow\n"
+        "app(sys.argv[1:], prog_name='quench')\n"
+    )
+    args = ["build", str(tiny_model), "-o", str(out), *FLAGS, "--labels", str(tiny_labels), "-q"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".x.quench.*.tmp")):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the build never started writing"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -247,3 +247,48 @@ def test_ctrl_c_keeps_partial_results(tmp_path: Path, tiny_artifact: Path) -> No
     lines = out.read_text().splitlines()
     assert len(lines) >= printed - 1  # written before printed, file flushed on the way out
     assert all("top" in json.loads(line) for line in lines)
+
+
+def test_fifo_and_device_among_inputs_do_not_hang(tiny_artifact: Path, tmp_path: Path) -> None:
+    """`mkfifo d/x.jpg; quench infer ART d/ /dev/zero`: both are reported (not opened), the
+    rest classified. Run as a process with a timeout: opening the FIFO would block forever."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path / "d"
+    good = good_images(d, 2)
+    os.mkfifo(d / "x.jpg")
+    (d / "corrupt.jpg").write_bytes(good[0].read_bytes()[:300])
+    cmd = [sys.executable, "-m", "quench", "infer", str(tiny_artifact), str(d), "/dev/zero"]
+    try:
+        res = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(os.open(d / "x.jpg", os.O_RDWR))  # release a blocked reader, if any
+    assert res.returncode == 1, res.stderr
+    assert f"skipped: {d / 'x.jpg'}: not a regular file (a FIFO)" in res.stderr
+    assert "skipped: /dev/zero: not a regular file (a character device)" in res.stderr
+    assert f"skipped: {d / 'corrupt.jpg'}: " in res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert sorted(r["file"] for r in rows) == sorted(map(str, good))
+    assert "classified 2 of 5 images, 3 failed" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("missing/x.jsonl", "cannot write there: the folder"),
+        (".", "is a folder"),
+        ("out.xlsx", "unknown output format '.xlsx'; use .csv, .json, .jsonl, .tsv"),
+        ("noformat", "unknown output format '(no suffix)'"),
+    ],
+)
+def test_bad_output_path_is_refused_before_any_work(
+    tmp_path: Path, where: str, reason: str
+) -> None:
+    (img,) = good_images(tmp_path / "imgs", 1)
+    out = tmp_path / where
+    # the artifact does not even exist: the output is checked first
+    res = runner.invoke(app, ["infer", str(tmp_path / "none.quench"), str(img), "-o", str(out)])
+    _one_line_error(res, out, reason)
+    assert not (tmp_path / "missing").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from quench.errors import QuenchError
 from quench.evaluate import (
     EvalResult,
+    GroundTruth,
+    NoImagesError,
     expand_inputs,
     list_images,
     read_ground_truth,
@@ -258,3 +261,60 @@ def test_write_result_dir_overwrites(tmp_path: Path) -> None:
     write_result_dir(first, tmp_path, {})
     assert (tmp_path / "labels.txt").read_text() == ""
     assert json.loads((tmp_path / "eval.json").read_text())["images"] == 1
+
+
+# -- hardening -------------------------------------------------------------------------------
+
+
+def test_ground_truth_not_utf8_is_one_line(tmp_path: Path) -> None:
+    gt = tmp_path / "gt.tsv"
+    gt.write_bytes(b"a.jpg\t1\nb\xff\xfe.jpg\t2\n")
+    with pytest.raises(QuenchError) as exc:
+        read_ground_truth(gt)
+    msg = str(exc.value)
+    assert msg.startswith(f"{gt}: cannot read labels: not UTF-8 text") and "\n" not in msg
+
+
+def test_ground_truth_and_image_list_that_are_fifos_are_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "gt.tsv"
+    os.mkfifo(fifo)
+    with pytest.raises(QuenchError, match="not a regular file"):
+        read_ground_truth(fifo)
+    with pytest.raises(QuenchError, match="not a regular file"):
+        list_images(fifo)
+
+
+def test_negative_class_index_is_refused(tmp_path: Path) -> None:
+    gt = tmp_path / "gt.tsv"
+    gt.write_text("file\tlabel\na.jpg\t3\nb.jpg\t-1\n")
+    with pytest.raises(QuenchError, match=rf"^{gt}:3: class index -1 is negative$"):
+        read_ground_truth(gt)
+
+
+def test_class_index_out_of_the_models_range(tmp_path: Path) -> None:
+    gt = tmp_path / "gt.tsv"
+    gt.write_text("a.jpg\t3\nb.jpg\t1000\nc.jpg\t1000\nd.jpg\t7\n")
+    truth = read_ground_truth(gt)
+    truth.check_classes(1001)
+    with pytest.raises(QuenchError) as exc:
+        truth.check_classes(1000)
+    assert str(exc.value) == (
+        f"{gt}:2: class index 1000 is out of range for a model with 1000 classes (0..999)"
+    )
+
+
+def test_no_readable_image_lists_the_reasons() -> None:
+    preds = [Prediction("a.jpg", error="a.jpg: empty file"), Prediction("b.jpg", error="b: x")]
+    truth = GroundTruth({}, {"a.jpg": 1, "b.jpg": 2})
+    with pytest.raises(NoImagesError) as exc:
+        score(preds, truth)
+    assert exc.value.failed == ["a.jpg: empty file", "b: x"]
+    assert "2 unreadable" in str(exc.value)
+
+
+def test_write_result_dir_over_a_file_is_one_line(tmp_path: Path) -> None:
+    res = EvalResult(1.0, 1.0, 1, 1, 1, rows=[])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "labels.txt").mkdir()  # cannot be opened for writing
+    with pytest.raises(QuenchError, match="cannot write results"):
+        write_result_dir(res, tmp_path / "out", {})

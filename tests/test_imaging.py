@@ -585,3 +585,35 @@ def test_large_jpeg_with_exif_rotation(tmp_path: Path) -> None:
     assert_close(
         load_pixels(path, DATA), ref_pixels(rotated, 36, 32), DRAFT_MAX_TOL, DRAFT_MEAN_TOL
     )
+
+
+def test_over_twice_the_limit_cites_quenchs_limit(tmp_path: Path) -> None:
+    """Pillow refuses these itself, citing its own (2x) limit: the message gives Quench's."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png_header(100_000, 100_000))
+    msg = _error(huge)
+    assert f"over the {imaging.MAX_PIXELS:,} pixel limit" in msg
+    assert "10,000,000,000 pixels" in msg
+    assert "178956970" not in msg and "178,956,970" not in msg
+
+
+def test_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    """open() on a FIFO blocks until a writer comes: it must never be opened."""
+    import os
+    import threading
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    result: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(_error(fifo)), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("decoding a FIFO blocked")
+    assert result == [f"{fifo}: not a regular file (a FIFO)"]
+
+
+def test_device_is_not_an_empty_file() -> None:
+    assert _error(Path("/dev/zero")) == "/dev/zero: not a regular file (a character device)"
+    assert _error(Path("/dev/null")) == "/dev/null: not a regular file (a character device)"

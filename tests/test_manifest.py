@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx.external_data_helper import set_external_data
 
 from conftest import SIZE
+from conftest import edited_manifest as _edited
 from quench import artifact, precision
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine
 from quench.errors import ArtifactError, QuenchError
 from quench.manifest import VOLATILE, Manifest
 from quench.model import Model
 from quench.precision import Precision
-
-
-def _edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], Any]) -> Path:
-    """``src`` with its manifest edited and the checksums recomputed (a consistent file)."""
-    with zipfile.ZipFile(src) as zin:
-        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
-    manifest = json.loads(members["manifest.json"])
-    edit(manifest)
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    members["manifest.json"] = body
-    members["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
-    with zipfile.ZipFile(dst, "w") as zout:
-        for name, data in members.items():
-            zout.writestr(name, data)
-    return dst
 
 
 def test_round_trip_of_a_built_manifest(tiny_artifact: Path) -> None:
@@ -134,3 +122,131 @@ def test_precision_is_defined_once() -> None:
         "qint8_mixed_float32",
     ]
     assert not engine.supports("int4")
+
+
+def _with_payload(src: Path, dst: Path, name: str, data: bytes) -> Path:
+    """``src`` with one payload replaced and every checksum recomputed (a consistent file)."""
+
+    def edit(m: dict[str, Any]) -> None:
+        m["payloads"][name] = hashlib.sha256(data).hexdigest()
+
+    _edited(src, dst, edit)
+    with zipfile.ZipFile(dst) as zin:
+        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
+    members[f"payload/{name}"] = data
+    with zipfile.ZipFile(dst, "w") as zout:
+        for member, body in members.items():
+            zout.writestr(member, body)
+    return dst
+
+
+def _one_line(exc: pytest.ExceptionInfo[BaseException], path: Path, *phrases: str) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    for phrase in phrases:
+        assert phrase in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "phrase"),
+    [
+        (lambda m: m["selfcheck"].update(build_host=[1]), "selfcheck.build_host", "object"),
+        (lambda m: m["selfcheck"].update(build_figures=[]), "selfcheck.build_figures", "object"),
+        (
+            lambda m: m["selfcheck"]["bound"].update(top1_agreement="x"),
+            "selfcheck.bound.top1_agreement",
+            "expected a number",
+        ),
+        (lambda m: m.update(payloads=[]), "payloads", "expected name -> sha256"),
+    ],
+)
+def test_selfcheck_section_is_checked(
+    tmp_path: Path, tiny_artifact: Path, edit, field: str, phrase: str
+) -> None:
+    bad = _edited(tiny_artifact, tmp_path / "sc.quench", edit)
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad, check="always")
+    _one_line(exc, bad, f"manifest field '{field}'", phrase)
+
+
+def test_output_classes_must_match_the_payload(tmp_path: Path, tiny_artifact: Path) -> None:
+    """Fewer classes in the manifest than the engine outputs: an IndexError on labels before."""
+
+    def edit(m: dict[str, Any]) -> None:
+        m["io"]["output"]["shape"] = ["N", 5]
+        m["labels"] = m["labels"][:5]
+
+    bad = _edited(tiny_artifact, tmp_path / "classes.quench", edit)
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    with Model.load(bad, check="off") as m, pytest.raises(ArtifactError) as exc:
+        m.predict(x)
+    _one_line(exc, bad, "manifest field 'io.output.shape': ['N', 5] does not match", "['N', 10]")
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        ({"graph_optimization_level": "bogus"}, "KeyError: 'bogus'"),
+        ({"zzz": 1}, "unexpected keyword argument 'zzz'"),
+    ],
+)
+def test_engine_options_that_do_not_load(
+    tmp_path: Path, tiny_artifact: Path, options: dict[str, Any], phrase: str
+) -> None:
+    bad = _edited(
+        tiny_artifact, tmp_path / "o.quench", lambda m: m["engine"].update(options=options)
+    )
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad, check="always")
+    _one_line(exc, bad, "onnxruntime payload does not load", "'engine.options'", phrase)
+
+
+def test_unloadable_onnxruntime_payload(tmp_path: Path, tiny_artifact: Path) -> None:
+    bad = _with_payload(tiny_artifact, tmp_path / "garbage.quench", "model.onnx", b"garbage")
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad, check="always")
+    _one_line(exc, bad, "payload model.onnx: not an ONNX model")
+    # valid protobuf, not a model ONNX Runtime can run
+    empty = onnx.ModelProto(ir_version=8).SerializeToString()
+    bad = _with_payload(tiny_artifact, tmp_path / "empty.quench", "model.onnx", empty)
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad, check="always")
+    _one_line(exc, bad, "the onnxruntime payload does not load")
+
+
+def test_selfcheck_reference_of_the_wrong_shape(tmp_path: Path, tiny_artifact: Path) -> None:
+    ref = io.BytesIO()
+    np.save(ref, np.zeros((3, 4), np.float32))
+    bad = _with_payload(
+        tiny_artifact, tmp_path / "ref.quench", "selfcheck/reference.npy", ref.getvalue()
+    )
+    with pytest.raises(QuenchError) as exc:
+        Model.load(bad, check="always")
+    _one_line(exc, bad, "reference.npy has shape (3, 4), expected (8, 10)")
+
+
+@pytest.mark.parametrize("location", ["secret.bin", "sub/../secret.bin"])
+def test_payload_with_external_data_is_refused(
+    tmp_path: Path, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch, location: str
+) -> None:
+    """An initializer pointing to a file beside the working directory: loading it would read
+    that file as weights (and a served model could leak it)."""
+    payload = artifact.load(tiny_artifact).payloads["model.onnx"]
+    model = onnx.load_from_string(payload)
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    secret = tensor.raw_data
+    set_external_data(tensor, location=location)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "secret.bin").write_bytes(secret)  # the weights, so it would load and run
+    bad = _with_payload(
+        tiny_artifact, tmp_path / "ext.quench", "model.onnx", model.SerializeToString()
+    )
+    with pytest.raises(ArtifactError) as exc:
+        Model.load(bad, check="always")
+    _one_line(
+        exc, bad, f"tensor '{tensor.name}' refers to external data '{location}'", "self-contained"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from quench import __version__, selfcheck
+from quench import __version__, selfcheck, signing
 from quench.builder import BuildOptions
 from quench.builder import build as do_build
+from quench.destination import check_file, check_folder
 from quench.errors import QuenchError
 from quench.evaluate import (
+    NoImagesError,
     evaluate,
     expand_inputs,
     list_images,
@@ -85,6 +88,25 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM -> SystemExit(143) while the block runs, so its cleanup runs (a build's
+    temporary file is removed) instead of the process vanishing."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (the CLI called from a library)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def info(msg: str) -> None:
@@ -346,6 +368,14 @@ def build(
             "most sensitive layers in float (the fewest that pass) instead of failing.",
         ),
     ] = True,
+    sign: Annotated[
+        Path | None,
+        typer.Option(
+            "--sign",
+            help="Sign the artifact with this Ed25519 private key (PEM, e.g. from "
+            "'quench keygen'); 'quench verify --key' and 'quench serve --trusted-keys' check it.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON.")
@@ -354,7 +384,9 @@ def build(
     """Check, optimise and convert an ONNX classifier into one .quench artifact."""
     if batch is not None and dynamic_batch:
         raise fail("--batch and --dynamic-batch exclude each other", code=2)  # usage error
-    with user_errors():
+    with user_errors(), sigterm_exits():
+        check_file(output)
+        key = signing.load_private_key(sign) if sign else None
         opts = BuildOptions(
             precision=precision,
             preset=preset,
@@ -387,7 +419,9 @@ def build(
             select_budget=select_budget,
             progress=not quiet,
         )
-        m = do_build(model, output, opts, log=None if quiet else info)
+        m = do_build(model, output, opts, log=None if quiet else info, sign_key=key)
+        if key is not None and not quiet:
+            info(f"signed with Ed25519 key {signing.key_id(key.public_key())[:16]}")
     if as_json:
         print(json.dumps(m.describe(), indent=2))
 
@@ -498,10 +532,20 @@ AcceptMismatch = Annotated[
 
 
 def _load(
-    artifact: Path, threads: int | None = None, accept: bool = False, check: str = "auto"
+    artifact: Path,
+    threads: int | None = None,
+    accept: bool = False,
+    check: str = "auto",
+    trusted_keys: dict[str, Any] | None = None,
 ) -> Any:
-    """Load an artifact; its self-check runs where this host differs from the build host."""
-    model = Model.load(artifact, threads=threads, check="warn" if accept else check)
+    """Load an artifact; its self-check runs where this host differs from the build host;
+    with ``trusted_keys``, one not signed by any of them is refused first."""
+    model = Model.load(
+        artifact,
+        threads=threads,
+        check="warn" if accept else check,
+        trusted_keys=trusted_keys,
+    )
     result = model.selfcheck
     if result is not None and result.ran:
         if result.passed:
@@ -513,6 +557,9 @@ def _load(
                 soft_wrap=True,
             )
     return model
+
+
+OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def _writer(path: Path | None, topk: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -659,6 +706,8 @@ def infer(
         )
         return
     with user_errors():
+        if output is not None:
+            check_file(output, OUTPUT_SUFFIXES)
         model = _load(artifact, threads, accept_host_mismatch)
         paths = expand_inputs(images)
         if not paths:
@@ -719,6 +768,8 @@ def eval_(
     if ray is not None and threads is not None:
         raise fail("--threads does not go with --ray: each actor runs --actors' share", code=2)
     with user_errors():
+        if result_dir is not None:
+            check_folder(result_dir)
         truth = read_ground_truth(labels)
         if ray is not None:
             from quench.ray import classify as ray_classify
@@ -734,18 +785,25 @@ def eval_(
                 check="warn" if accept_host_mismatch else "auto",
                 progress=not quiet,
             )
-            res = score(preds, truth)
+            try:
+                res = score(preds, truth)
+            except NoImagesError as exc:
+                _skipped(exc.failed)
+                raise
         else:
-            model = _load(artifact, threads, accept_host_mismatch)
             paths = list_images(images)
             if not paths:
                 raise QuenchError(f"{images}: no images")
-            with Bar("evaluating", len(paths), enabled=not quiet) as bar:
-                res = evaluate(
-                    model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance()
-                )
-        for reason in res.failed:
-            err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
+            model = _load(artifact, threads, accept_host_mismatch)
+            try:
+                with Bar("evaluating", len(paths), enabled=not quiet) as bar:
+                    res = evaluate(
+                        model, paths, truth, batch_size=batch, on_done=lambda p: bar.advance()
+                    )
+            except NoImagesError as exc:
+                _skipped(exc.failed)
+                raise
+        _skipped(res.failed)
         meta = {
             "model": model.name,
             "precision": model.precision,
@@ -766,6 +824,11 @@ def eval_(
         )
     if res.failed:
         raise typer.Exit(1)
+
+
+def _skipped(reasons: list[str]) -> None:
+    for reason in reasons:
+        err.print(f"[yellow]skipped:[/yellow] {escape(reason)}", soft_wrap=True)
 
 
 def _batches(text: str) -> list[int]:
@@ -848,6 +911,9 @@ def perf(
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
     sizes = _batches(batch)
+    if json_out is not None:
+        with user_errors():
+            check_file(json_out)
     pcts = _percentiles(percentile)
     onnx_file = model.suffix.lower() == ".onnx"
     for flag, given in (("--input-images", input_images), ("--profile", profile or None)):
@@ -1098,7 +1164,7 @@ def run_(
         progress=not quiet,
         plots=not no_plots,
     )
-    with user_errors():
+    with user_errors(), sigterm_exits():
         res = run_job(opts, log=info, on_classified=_print_topk)
     model_step = next((s for s in res.steps if s.kind == "model"), None)
     if model_step is not None and model_step.status == "failed":
@@ -1128,15 +1194,39 @@ def info_(
 
 
 @app.command()
+def keygen(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Private key file to write (and OUTPUT.pub).")
+    ],
+) -> None:
+    """Make an Ed25519 key pair for signing artifacts: OUTPUT (private, mode 0600) and
+    OUTPUT.pub (public, for 'quench verify --key' and 'quench serve --trusted-keys')."""
+    with user_errors():
+        private, public = signing.generate(output)
+        kid = signing.key_id(signing.load_public_key(public))
+    info(f"wrote {private} (private: keep it secret) and {public} (public); key {kid[:16]}")
+
+
+@app.command()
 def verify(
     artifact: Annotated[Path, typer.Argument(help="The .quench artifact.")],
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also check its signature: a public key file, or a folder of *.pub files "
+            "(any of them may have signed it)."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="Engine threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the artifact's self-check on this host: its fp32 reference inputs, against the bound
-    the build recorded. Exit 1 when it fails."""
+    the build recorded; with --key, check its signature first. Exit 1 when either fails."""
     with user_errors():
-        model = _load(artifact, threads, check="off")
+        keys = signing.trusted_keys(key) if key is not None else None
+        model = Model.load(artifact, threads, check="off", trusted_keys=keys)
+        if model.signature is not None and not as_json:
+            print(f"{artifact}: {model.signature.message}")
         if not isinstance(model.manifest.get("selfcheck"), dict):
             raise QuenchError(
                 f"{artifact}: carries no self-check (built by an older Quench); rebuild it"
@@ -1145,8 +1235,12 @@ def verify(
             result = selfcheck.check(model, always=True)
         section = model.manifest.get("selfcheck") or {}
     if as_json:
+        signed = {"signature": {"key_id": model.signature.key_id}} if model.signature else {}
         print(
-            json.dumps({"artifact": str(artifact), **result.to_dict(), "build": section}, indent=2)
+            json.dumps(
+                {"artifact": str(artifact), **signed, **result.to_dict(), "build": section},
+                indent=2,
+            )
         )
     else:
         print(f"{artifact}: {result.message}: {'passed' if result.passed else 'FAILED'}")
@@ -1226,6 +1320,13 @@ def serve(
         typer.Option(help="With --ray: MIN:MAX replicas, scaled on the requests in flight."),
     ] = None,
     accept_host_mismatch: AcceptMismatch = False,
+    trusted_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve only artifacts signed by one of these Ed25519 public keys: a folder of "
+            "*.pub files (or one key file). Unsigned or wrongly signed artifacts are refused."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
     """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
@@ -1246,6 +1347,8 @@ def serve(
     if ray is not None:
         if any(n for n, _ in named):
             raise fail("NAME=PATH is not supported with --ray: give plain paths", code=2)
+        if trusted_keys is not None:
+            raise fail("--trusted-keys is not supported with --ray yet", code=2)
         paths = [p for _, p in named]
         _serve_ray(
             paths, host, port, ray, replicas, autoscale, threads, accept_host_mismatch, settings
@@ -1257,8 +1360,15 @@ def serve(
         from quench.serve.server import listen
 
         sock = listen(host, port)  # a busy port fails now, before the models load
+        keys = signing.trusted_keys(trusted_keys) if trusted_keys is not None else None
         # the self-check always runs at start; its result is in each model's metadata
-        models = [_load(p, threads, accept_host_mismatch, check="always") for _, p in named]
+        models = [
+            _load(p, threads, accept_host_mismatch, check="always", trusted_keys=keys)
+            for _, p in named
+        ]
+        if keys is not None:
+            for m in models:
+                info(f"{m.path}: {m.signature.message}")
         config = ServeConfig(**settings)
         try:
             serve_run(models, config, host=host, port=port, names=[n for n, _ in named], sock=sock)

@@ -21,3 +21,7 @@ class ImageError(QuenchError):
 
 class FetchError(QuenchError):
     """A model download failed or produced a file that is not the expected model."""
+
+
+class SignatureError(ArtifactError):
+    """An artifact is unsigned, signed by an untrusted key, or its signature does not verify."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,9 @@ def list_images(spec: str | Path) -> list[Path]:
         return sorted(
             p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QuenchError(f"{path}: no such folder or list file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QuenchError(f"{path}: cannot read image list ({exc})") from None
+    if not path.exists():
+        raise QuenchError(f"{path}: no such folder or list file")
+    text = "\n".join(read_lines(path, "image list"))
     return [p if p.is_absolute() else path.parent / p for p in map(Path, list_entries(text))]
 
 
@@ -47,6 +45,23 @@ def list_entries(text: str) -> list[str]:
         if line and not line.startswith("#"):
             out.append(re.split(r"[\t,]", line, maxsplit=1)[0].strip())
     return out
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a one-line QuenchError naming the file otherwise (a
+    FIFO or device is refused unopened: reading it could block forever)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise QuenchError(f"{path}: cannot read {what}: not a regular file")
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise QuenchError(f"{path}: cannot read {what}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise QuenchError(
+            f"{path}: cannot read {what}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise QuenchError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
 
 
 def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
@@ -66,10 +81,21 @@ def _key(p: Path) -> str:
 class GroundTruth:
     by_path: dict[str, int]
     by_name: dict[str, int]
+    source: str = "labels"
+    highest: tuple[int, int] = (0, 0)  # the largest class index and its line
 
     def get(self, image: Path) -> int | None:
         hit = self.by_path.get(_key(image))
         return hit if hit is not None else self.by_name.get(image.name)
+
+    def check_classes(self, classes: int) -> None:
+        """Refuse class indices a model with ``classes`` outputs cannot predict."""
+        label, line = self.highest
+        if label >= classes:
+            raise QuenchError(
+                f"{self.source}:{line}: class index {label} is out of range for a model with "
+                f"{classes} classes (0..{classes - 1})"
+            )
 
 
 def read_ground_truth(path: str | Path) -> GroundTruth:
@@ -79,10 +105,8 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
     by bare file name when that is unique.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise QuenchError(f"{path}: cannot read labels ({exc.strerror or exc})") from None
+    lines = read_lines(path, "labels")
+    highest = (0, 0)
     by_path: dict[str, int] = {}
     names: dict[str, list[int]] = {}
     for n, line in enumerate(lines, 1):
@@ -95,13 +119,25 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
                 continue  # a header line
             raise QuenchError(f"{path}:{n}: expected 'file<TAB>class_index', got {line!r}")
         file, label = Path(parts[0].strip()), int(parts[-1])
+        if label < 0:
+            raise QuenchError(f"{path}:{n}: class index {label} is negative")
+        if label > highest[0] or not highest[1]:
+            highest = (label, n)
         full = file if file.is_absolute() else path.parent / file
         by_path[_key(full)] = label
         names.setdefault(file.name, []).append(label)
     if not by_path:
         raise QuenchError(f"{path}: no labels found")
     unique = {k: v[0] for k, v in names.items() if len(v) == 1}
-    return GroundTruth(by_path, unique)
+    return GroundTruth(by_path, unique, str(path), highest)
+
+
+class NoImagesError(QuenchError):
+    """No image was both readable and labelled; ``failed`` says why each unreadable one was."""
+
+    def __init__(self, message: str, failed: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 @dataclass
@@ -155,7 +191,11 @@ def score(preds: Iterable[Prediction], truth: GroundTruth) -> EvalResult:
             }
         )
     if n == 0:
-        raise QuenchError("no image could be evaluated: none was both readable and labelled")
+        raise NoImagesError(
+            "no image could be evaluated: none was both readable and labelled "
+            f"({len(failed)} unreadable, {len(unlabeled)} without label)",
+            failed,
+        )
     return EvalResult(c1 / n, c5 / n, n, c1, c5, failed, unlabeled, rows)
 
 
@@ -166,6 +206,7 @@ def evaluate(
     batch_size: int | None = None,
     on_done: Callable[[Prediction], None] | None = None,
 ) -> EvalResult:
+    truth.check_classes(len(model.labels))
     preds = model.iter_classify(images, topk=5, batch_size=batch_size, on_done=on_done)
     return score(preds, truth)
 
@@ -173,6 +214,14 @@ def evaluate(
 def write_result_dir(result: EvalResult, out: str | Path, meta: dict[str, Any]) -> Path:
     """MagicMind-style result files: per-image labels, top-1, top-5, plus a JSON summary."""
     out = Path(out)
+    try:
+        _write_result_dir(result, out, meta)
+    except OSError as exc:
+        raise QuenchError(f"{out}: cannot write results ({exc.strerror or exc})") from None
+    return out
+
+
+def _write_result_dir(result: EvalResult, out: Path, meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (
         (out / "labels.txt").open("w") as fl,
@@ -184,4 +233,3 @@ def write_result_dir(result: EvalResult, out: str | Path, meta: dict[str, Any]) 
             f1.write(f"{r['file']}\t{r['top5'][0]}\t{int(r['top1_correct'])}\n")
             f5.write(f"{r['file']}\t{' '.join(map(str, r['top5']))}\t{int(r['top5_correct'])}\n")
     (out / "eval.json").write_text(json.dumps({**meta, **result.summary()}, indent=2) + "\n")
-    return out

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
+from onnx.external_data_helper import load_external_data_for_model
 
 from quench.backend.onnxruntime.session import session
 from quench.errors import ModelError
+from quench.external_data import external_data
 from quench.presets import Preset
 
 
@@ -49,6 +51,12 @@ def load_model(path: str | Path) -> SourceModel:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+    if external_data(model):  # inline it: an artifact is one self-contained file
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # missing file, a location outside the folder, bad offsets
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{path}: cannot read its external data ({first})") from None
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +72,11 @@ def _decode(
     (after EXIF orientation) it stands for."""
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else open(source, "rb")  # noqa: SIM115
+        if isinstance(source, bytes | bytearray):
+            fp: io.IOBase = io.BytesIO(source)
+        else:
+            _regular_file(source, name)  # a FIFO would block open() forever; /dev/zero never ends
+            fp = open(source, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -101,8 +108,13 @@ def _decode(
             return _to_rgb(turned), full
         except ImageError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: refused, too many pixels ({exc})") from None
+        except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(found.group(1)):,} pixels " if found else ""
+            raise ImageError(
+                f"{name}: refused, too many pixels: {size}is over the {MAX_PIXELS:,} pixel limit "
+                "(decompression bomb?)"
+            ) from None
         except UnidentifiedImageError:
             if fp.seek(0, io.SEEK_END) == 0:
                 raise ImageError(f"{name}: empty file") from None
@@ -112,6 +124,22 @@ def _decode(
             if "truncated" in reason or "broken data stream" in reason:
                 reason = f"truncated or corrupt image data ({reason})"
             raise ImageError(f"{name}: {reason}") from None
+
+
+def _regular_file(path: str | Path, name: str) -> None:
+    """Refuse anything but a regular file (FIFO, socket, device) before opening it."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(name)
+    if not stat.S_ISREG(mode):
+        kinds = (
+            (stat.S_ISFIFO, "a FIFO"),
+            (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"),
+        )
+        kind = next((k for test, k in kinds if test(mode)), "a special file")
+        raise ImageError(f"{name}: not a regular file ({kind})")
 
 
 def _draft(im: Image.Image, shorter: int) -> None:

@@ -205,6 +205,21 @@ class EngineInfo:
         return {"name": self.name, "version": self.version, "options": self.options}
 
 
+def _selfcheck(d: dict[str, Any]) -> dict[str, Any] | None:
+    """The self-check section: the objects and numbers :mod:`quench.selfcheck` reads."""
+    section = _opt_obj(d, "selfcheck")
+    if section is None:
+        return None
+    _obj(section.get("build_host", {}), "selfcheck.build_host")
+    for key in ("bound", "build_figures"):
+        values = _obj(section.get(key, {}), f"selfcheck.{key}")
+        for name in ("top1_agreement", "sqnr_db"):
+            v = values.get(name, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise _Invalid(f"selfcheck.{key}.{name}", f"expected a number, got {_show(v)}")
+    return section
+
+
 def _preprocess(d: Any) -> DataConfig:
     d = _obj(d, "preprocess")
     unknown = sorted(set(d) - {f.name for f in fields(DataConfig)})
@@ -343,7 +358,7 @@ class Manifest:
             engine_selection=_opt_obj(d, "engine_selection"),
             quantization=_opt_obj(d, "quantization"),
             fidelity=_opt_obj(d, "fidelity"),
-            selfcheck=_opt_obj(d, "selfcheck"),
+            selfcheck=_selfcheck(d),
             accuracy=_opt_obj(d, "accuracy"),
             timings=_opt_obj(d, "timings"),
             build_seconds=d.get("build_seconds"),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quench import artifact, pipeline, selfcheck
+from quench import artifact, pipeline, selfcheck, signing
 from quench.backend import ENGINES, Runner, get_engine
 from quench.errors import ArtifactError, QuenchError
 from quench.manifest import Manifest
@@ -36,10 +36,20 @@ class Model:
         self.threads = threads
         self._runner: Runner | None = None
         self.selfcheck: Any = None  # quench.selfcheck.Result once a load has checked it
+        self.signature: Any = None  # quench.signing.Verified when loaded with trusted keys
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, check: str = "auto") -> Model:
+    def load(
+        cls,
+        path: str | Path,
+        threads: int | None = None,
+        check: str = "auto",
+        trusted_keys: Mapping[str, Any] | None = None,
+    ) -> Model:
         """Load an artifact and prove it on this host (see :mod:`quench.selfcheck`).
+
+        ``trusted_keys`` (:func:`quench.signing.trusted_keys`): refuse, before anything of it
+        is used, an artifact not signed by one of these keys (:class:`SignatureError`).
 
         ``check``: ``auto`` runs the artifact's self-check when this host's CPU features,
         ``$ONEDNN_MAX_CPU_ISA`` or engine version differ from the build host's, and raises
@@ -49,12 +59,21 @@ class Model:
         """
         if check not in ("auto", "always", "warn", "off"):
             raise QuenchError(f"check must be auto, always, warn or off, got {check!r}")
-        model = cls(artifact.load(path), Path(path), threads=threads)
+        art = artifact.load(path)
+        verified = None
+        if trusted_keys is not None:
+            verified = signing.verify(art, dict(trusted_keys), str(path))
+        model = cls(art, Path(path), threads=threads)
+        model.signature = verified
         if check != "off":
             try:
                 model.selfcheck = selfcheck.check(model, always=check == "always")
                 if check != "warn":
                     selfcheck.enforce(model, model.selfcheck, str(path))
+            except QuenchError as exc:
+                model.close()
+                msg = str(exc)
+                raise type(exc)(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from None
             except BaseException:
                 model.close()
                 raise
@@ -86,28 +105,54 @@ class Model:
     @property
     def runner(self) -> Runner:
         if self._runner is None:
-            eng = get_engine(self.engine)
-            runner = eng.runner(
-                self.artifact.payloads, self.spec.engine.options, threads=self.threads
-            ).activate()
-            self._check_names(runner)
+            where = f"{self.path}: " if self.path else ""
+            try:
+                runner = get_engine(self.engine).runner(
+                    self.artifact.payloads, self.spec.engine.options, threads=self.threads
+                )
+                runner.activate()
+            except QuenchError as exc:
+                msg = str(exc)
+                raise type(exc)(msg if msg.startswith(where) else where + msg) from None
+            except Exception as exc:  # whatever the engine raises on a payload it cannot load
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise ArtifactError(
+                    f"{where}the {self.engine} payload does not load with manifest field "
+                    f"'engine.options' {self.spec.engine.options} ({type(exc).__name__}: {first})"
+                ) from None
+            self._check_io(runner)
             self._runner = runner
         return self._runner
 
-    def _check_names(self, runner: Runner) -> None:
-        """The manifest's tensor names must be the engine payload's (else a one-line error)."""
-        for field, name, metas in (
-            ("io.input.name", self.input_name, runner.inputs()),
-            ("io.output.name", self.output_name, runner.outputs()),
+    def _check_io(self, runner: Runner) -> None:
+        """The manifest's tensor names and class count must be the engine payload's (else a
+        one-line error naming the field)."""
+        where = f"{self.path}: " if self.path else ""
+        for field, tensor, metas in (
+            ("io.input", self.spec.io.input, runner.inputs()),
+            ("io.output", self.spec.io.output, runner.outputs()),
         ):
             names = [t.name for t in metas]
-            if name not in names:
-                runner.deactivate()
-                where = f"{self.path}: " if self.path else ""
-                raise ArtifactError(
-                    f"{where}manifest field {field!r}: {name!r} is not a tensor of the "
-                    f"{self.engine} payload (it has {', '.join(names)})"
+            got = next((t for t in metas if t.name == tensor.name), None)
+            problem = None
+            if got is None:
+                problem = (
+                    f"{field}.name",
+                    f"{tensor.name!r} is not a tensor of the {self.engine} "
+                    f"payload (it has {', '.join(names)})",
                 )
+            elif (got.shape and len(got.shape) != len(tensor.shape)) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b
+                for a, b in zip(got.shape[1:], tensor.shape[1:], strict=False)
+            ):
+                problem = (
+                    f"{field}.shape",
+                    f"{list(tensor.shape)} does not match the "
+                    f"{self.engine} payload's {list(got.shape)}",
+                )
+            if problem:
+                runner.deactivate()
+                raise ArtifactError(f"{where}manifest field {problem[0]!r}: {problem[1]}")
 
     def close(self) -> None:
         if self._runner is not None:

@@ -351,6 +351,7 @@ class _Job:
             if int8 and not calib:
                 raise QuenchError(f"{precision} needs calibration images: {calib_why}")
             t = time.perf_counter()
+            out.parent.mkdir(parents=True, exist_ok=True)  # builds create no folders
             m = do_build(src, out, bo, log=lambda s: self.say(f"  {s}"))
             wall = time.perf_counter() - t
             man = m.spec

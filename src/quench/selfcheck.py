@@ -176,6 +176,11 @@ def check(model: Any, always: bool = False) -> Result:
         raise QuenchError("artifact self-check payloads are missing")
     x = _read_npy(payloads[INPUTS], INPUTS).astype(np.float32)
     ref = _read_npy(payloads[REFERENCE], REFERENCE)
+    if ref.shape != (len(x), len(model.labels)):
+        raise QuenchError(
+            f"artifact self-check payload {REFERENCE} has shape {ref.shape}, expected "
+            f"({len(x)}, {len(model.labels)}): one output row per input image"
+        )
     t = time.perf_counter()
     figures = fidelity(model.predict(x), ref)
     seconds = round(time.perf_counter() - t, 3)

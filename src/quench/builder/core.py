@@ -10,12 +10,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from quench import __version__, artifact
+from quench import __version__, artifact, signing
 from quench.backend import CompileSpec, Engine
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
@@ -34,6 +34,7 @@ from quench.builder.quantize import cache as ranges_cache
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
 from quench.builder.quantize.qdq import quantized_counts
 from quench.builder.select import choose
+from quench.destination import check_file
 from quench.errors import ModelError, QuenchError
 from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
 from quench.graph import (
@@ -58,6 +59,9 @@ from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
 from quench.selfcheck import record as record_selfcheck
 from quench.zoo.fetch import cache_dir
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PRECISIONS = NAMES  # the --precision names, from quench.precision
 TARGETS = ("portable", "native")
@@ -150,10 +154,13 @@ def build(
     output: str | Path,
     options: BuildOptions | None = None,
     log: Log | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
     **kwargs: Any,
 ) -> Model:
-    """Build ``model`` into the artifact ``output`` and return it loaded."""
+    """Build ``model`` into the artifact ``output`` and return it loaded; ``sign_key``
+    (:func:`quench.signing.load_private_key`) signs it."""
     started = time.perf_counter()
+    check_file(output)  # before any work: a folder, or a folder that does not exist
     say: Log = log or (lambda msg: None)
     plan = _plan(model, options or BuildOptions(**kwargs), say)
     opts = plan.opts
@@ -181,7 +188,7 @@ def build(
             raise _not_written(again, opts) from None
     manifest.timings = timings
     manifest.build_seconds = round(time.perf_counter() - started, 3)
-    return _write(manifest, art, built, output, say)
+    return _write(manifest, art, built, output, say, sign_key)
 
 
 @contextmanager
@@ -810,11 +817,18 @@ def _accuracy_check(
 
 
 def _write(
-    manifest: Manifest, art: artifact.Artifact, built: Model, output: str | Path, say: Log
+    manifest: Manifest,
+    art: artifact.Artifact,
+    built: Model,
+    output: str | Path,
+    say: Log,
+    sign_key: Ed25519PrivateKey | None = None,
 ) -> Model:
-    """Save the accepted artifact to ``output``; the loaded model holds the final manifest."""
+    """Save the accepted artifact to ``output`` (signed with ``sign_key``); the loaded model
+    holds the final manifest."""
     art.manifest.update(manifest.to_dict())  # the dict the built Model holds
-    artifact.save(art, output)  # completes it in place (format, payload digests)
+    # completes it in place (format, payload digests)
+    artifact.save(art, output, sign=signing.signer(sign_key) if sign_key else None)
     built.spec = Manifest.from_dict(art.manifest)
     say(f"wrote {output} ({Path(output).stat().st_size / 1e6:.1f} MB)")
     return built

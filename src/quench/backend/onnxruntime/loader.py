@@ -13,6 +13,7 @@ from quench.backend.base import Compiled, CompileSpec, Engine, Runner
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
 from quench.backend.onnxruntime.session import session
 from quench.errors import ModelError, QuenchError
+from quench.external_data import refuse_external_data
 from quench.precision import Precision
 
 PAYLOAD = "model.onnx"
@@ -69,4 +70,5 @@ class OnnxRuntimeEngine(Engine):
     def runner(
         self, payloads: dict[str, bytes], options: dict[str, Any], threads: int | None = None
     ) -> Runner:
+        refuse_external_data(payloads[PAYLOAD], f"payload {PAYLOAD}")
         return OnnxRuntimeRunner(payloads[PAYLOAD], threads=threads, **options)
