@@ -413,7 +413,7 @@ def _fidelity_inputs(
     x, kind = None, "random input"
     if calib is not None:
         x = calib.held_out if int8 else calib.tensor
-        kind = "held-out calibration images" if int8 else "calibration images"
+        kind = f"held-out {calib.kind}" if int8 else calib.kind
     if x is None or not len(x):
         rng = np.random.default_rng(0)
         x, kind = (
