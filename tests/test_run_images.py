@@ -14,7 +14,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SIZE, make_classifier, make_image
+from conftest import make_classifier, make_image
 from quench import presets
 from quench.builder.calibration import load_calibration
 from quench.cli import app
@@ -29,6 +29,7 @@ from quench.zoo.fetch import cache_dir
 from quench.zoo.sample import SampleSpec
 from quench.zoo.synth_images import is_synthetic, synthetic_image, synthetic_images
 from test_fetch import Server, _env  # noqa: F401  (_env: an isolated cache and no proxy)
+from test_run import _tiny_options
 from test_sample import _archive, _digest, _jpeg
 
 FP32, INT8 = "force_float32", "qint8_mixed_float32"
@@ -36,20 +37,7 @@ FP32, INT8 = "force_float32", "qint8_mixed_float32"
 
 def _options(model: Path, tiny_labels: Path, out: Path, **kw: Any) -> RunOptions:
     """The tiny model through the whole job, quickly; no data flags unless ``kw`` has them."""
-    return RunOptions(
-        model=model,
-        preset="imagenet",
-        class_labels=str(tiny_labels),
-        out=out,
-        engine="onnxruntime",
-        batches=[1],
-        iterations=2,
-        warmup=0,
-        build_extra={"resize": 36, "crop": SIZE, "mean": (120.0, 115.0, 100.0), "std": (60.0,) * 3},
-        progress=False,
-        plots=False,
-        **kw,
-    )
+    return _tiny_options({"model": model}, tiny_labels, out, **kw)
 
 
 def _md(out: Path) -> str:

@@ -12,8 +12,9 @@ How they are made (version 1): image ``i`` comes from ``numpy.random.default_rng
 - clipped, rounded and saved as 320x256 JPEG files (quality 90, decoded like any photo):
   ``synthetic-0000.jpg``, ``synthetic-0001.jpg``, ...
 
-An INT8 build calibrated on them runs exactly as fast as one calibrated on photos (speed does
-not depend on the ranges); its accuracy on real images is unknown and never reported. The folder
+An INT8 build calibrated on them runs the same kernels as one calibrated on photos (the ranges
+change values, not work), so its speed stands; its accuracy on photos is unknown and never
+reported. The folder
 holds ``SYNTHETIC.txt`` (this text), by which :mod:`quench.builder.calibration` labels them as
 synthetic wherever they are used. They are written once into
 ``<cache>/data/synthetic-calibration-v1/`` (each file atomically) and reused.
