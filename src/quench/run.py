@@ -598,7 +598,7 @@ class _Job:
         why, how = [], []
         if synthetic and labels is None:
             why.append(
-                "the model has synthetic weights (quench zoo synth), so they would mean nothing"
+                "the model has synthetic weights (quench zoo synth): its accuracy means nothing"
             )
             how.append(
                 "use the real model (`quench run` online without --model fetches it and the "
@@ -608,7 +608,7 @@ class _Job:
             why.append("no --images and no ImageNet sample found")
             how.append(GET_ACCURACY)
         elif labels is None and not synthetic:
-            why.append("no --labels for --images")
+            why.append("no labels for the evaluation images")
             how.append("pass --labels gt.tsv")
         line = (
             f"Accuracy not measured: {'; '.join(why)}. For real top-1/top-5: {', and '.join(how)}."
