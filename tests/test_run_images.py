@@ -153,7 +153,7 @@ def test_no_sample_anywhere_int8_calibrates_on_synthetic_images(
     assert doc["accuracy"] == [] and "sample" not in {s["kind"] for s in doc["steps"]}
     note = doc["data"]["accuracy_note"]
     assert note.startswith("Accuracy not measured: the model has synthetic weights")
-    assert "no ImageNet sample" in note and "quench fetch imagenet-sample" in note
+    assert "--model REAL.onnx with `quench fetch imagenet-sample`" in note
     assert doc["data"]["calibration"] == "synthetic"
     md = _md(out)
     assert f"{int8[0]} (synthetic calibration)" in md and SYNTHETIC_LINE in md

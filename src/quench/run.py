@@ -584,37 +584,30 @@ class _Job:
         images, labels = opts.images, opts.labels
         if images is None:
             images = self.look_up("val.txt", "images", "no --images and no ImageNet sample val.txt")
-        if labels is None and synthetic:
-            self.note(
-                "the model has synthetic weights (quench zoo synth): accuracy skipped "
-                "(pass --labels to measure it anyway)"
-            )
-        elif labels is None and opts.images is None and images is not None:
+        if labels is None and opts.images is None and images is not None and not synthetic:
             labels = self.look_up(
                 "ground_truth.tsv", "ground truth", "no --labels and no sample ground_truth.tsv"
             )
         if images is not None and labels is not None:
             return images, labels, "", ""
-        why, how = [], []
         if synthetic and labels is None:
-            why.append(
-                "the model has synthetic weights (quench zoo synth): its accuracy means nothing"
+            why = (
+                "the model has synthetic weights (quench zoo synth), its accuracy means nothing "
+                "(--labels measures it anyway)"
             )
-            how.append(
-                "use the real model (`quench run` online without --model fetches it and the "
-                "ImageNet sample; or --model REAL.onnx)"
+            how = (
+                "`quench run` online without --model (downloads the real model and the ImageNet "
+                "sample), or --model REAL.onnx"
             )
-        if images is None:
-            why.append("no --images and no ImageNet sample found")
-            how.append(GET_ACCURACY)
-        elif labels is None and not synthetic:
-            why.append("no labels for the evaluation images")
-            how.append("pass --labels gt.tsv")
-        line = (
-            f"Accuracy not measured: {'; '.join(why)}. For real top-1/top-5: {', and '.join(how)}."
-        )
+            if images is None:
+                how += " with `quench fetch imagenet-sample` or --images/--labels"
+        elif images is None:
+            why, how = "no --images and no ImageNet sample found", GET_ACCURACY
+        else:
+            why, how = "no labels for the evaluation images", "pass --labels gt.tsv"
+        line = f"Accuracy not measured: {why}. For real top-1/top-5: {how}."
         self.note(line)
-        return images, labels, "; ".join(why), line
+        return images, labels, why, line
 
     def run(self) -> RunResult:
         opts = self.opts
