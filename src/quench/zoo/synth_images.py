@@ -4,10 +4,9 @@ How they are made (version 1): image ``i`` comes from ``numpy.random.default_rng
 (PCG64, the same stream on every platform), so image ``i`` is the same whatever count is asked:
 
 - R, G and B are each 1/f^s noise: random phases, amplitude falling as frequency^-s, with the
-  slope ``s`` drawn from 0..1.5 (0: white noise, fine texture; 1.5: smooth regions with edges at
-  every scale, like photos), so the images span fine to coarse textures; then mixed through a
-  random 3x3 matrix (0.3 on the diagonal plus 0.2..0.6 everywhere, rows summing to 1) so the
-  channels correlate as in photos;
+  slope ``s`` drawn from 0.75..1.5 (photos are near 1: edges at every scale; lower is finer
+  texture, higher smoother), then mixed through a random 3x3 matrix (0.3 on the diagonal plus
+  0.2..0.6 everywhere, rows summing to 1) so the channels correlate as in photos;
 - rescaled to a random brightness (mean 90..160) and contrast (std 40..70) in 0..255 units;
 - clipped, rounded and saved as 320x256 JPEG files (quality 90, decoded like any photo):
   ``synthetic-0000.jpg``, ``synthetic-0001.jpg``, ...
@@ -35,7 +34,7 @@ from quench.zoo.fetch import _one_line, cache_dir
 VERSION = 1
 SEED = 20261202
 WIDTH, HEIGHT = 320, 256
-SLOPES = (0.0, 1.5)  # amplitude ~ frequency ** -slope, slope drawn from this range
+SLOPES = (0.75, 1.5)  # amplitude ~ frequency ** -slope, slope drawn from this range
 MARKER = "SYNTHETIC.txt"
 _NAME = "synthetic-{:04d}.jpg"
 
