@@ -245,6 +245,8 @@ def _tiny_options(data: dict[str, Path], tiny_labels: Path, out: Path, **kw: Any
 def test_int8_without_calibration(
     data: dict[str, Path], tiny_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """No --calib-images, no sample, and no synthetic images either (the cache is a file)."""
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
     monkeypatch.setenv("QUENCH_CACHE", str(tmp_path / "cache"))
     lines: list[str] = []
     nowhere = tmp_path / "no-sample"
@@ -262,6 +264,7 @@ def test_int8_without_calibration(
     assert not res.ok
     assert [s.id for s in res.failed] == ["build:qint8_mixed_float32"]
     assert "calibration" in res.failed[0].message and str(nowhere) in res.failed[0].message
+    assert "cannot write synthetic calibration images" in res.failed[0].message
     doc = _report(tmp_path / "a")
     assert doc["failed"][0]["step"] == "build:qint8_mixed_float32"
     assert [r["precision"] for r in doc["perf"]] == ["force_float32"]

@@ -1089,20 +1089,27 @@ def run_(
         str | None, typer.Option(help="Model preset (default: detected; fetch: resnet50-v1-7).")
     ] = None,
     images: Annotated[
-        Path | None, typer.Option(help="Images (folder or list) to classify and evaluate.")
+        Path | None,
+        typer.Option(
+            help="Images (folder or list) to classify and evaluate (default: the sample's)."
+        ),
     ] = None,
     labels: Annotated[
         Path | None, typer.Option(help="Ground truth for --images ('file<TAB>index').")
     ] = None,
     calib_images: Annotated[
-        str | None, typer.Option(help="INT8 calibration images (folder or list file).")
+        str | None,
+        typer.Option(
+            help="INT8 calibration images, folder or list file (default: the sample's calib.txt, "
+            "else synthetic images)."
+        ),
     ] = None,
     sample_dir: Annotated[
         list[Path] | None,
         typer.Option(
             help="Where to look for the ImageNet sample (val.txt, ground_truth.tsv, calib.txt) "
-            "when --images, --labels or --calib-images is not given; repeatable (default: "
-            "../shared/data/imagenet-sample)."
+            "when --images, --labels or --calib-images is not given; repeatable (default: the "
+            "cache's, from `quench fetch imagenet-sample`)."
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
@@ -1130,7 +1137,16 @@ def run_(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """The one-click job: fetch, build each precision, classify, eval, perf, write a report."""
+    """The one-click job: fetch, build each precision, classify, eval, perf, write a report.
+
+    Where images come from, first that applies:
+    INT8 calibration: --calib-images > --sample-dir's calib.txt > the cached ImageNet sample's
+    (quench fetch imagenet-sample) > deterministic synthetic images (speed only; report says so).
+    Accuracy: --images/--labels > --sample-dir's val.txt/ground_truth.tsv > the cached sample's
+    > none (the report says why and how to get it).
+    Without --model, the model and (if not cached) the sample are downloaded; offline, the
+    sample is skipped.
+    """
     extra = {
         k: v
         for k, v in {

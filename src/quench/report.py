@@ -29,7 +29,9 @@ class JobRecord:
 
     ``steps``: one dict per step (``id``, ``kind``, ``precision``, ``status`` ok | reused |
     failed | skipped, ``seconds``, ``message``, ``result``); ``builds``: precision -> the
-    build step's result.
+    build step's result; ``data``: where calibration and evaluation images came from
+    (``calibration``: --calib-images | ImageNet sample | synthetic) and ``accuracy_note``, the
+    line saying why accuracy was not measured and how to get it.
     """
 
     options: dict[str, Any]
@@ -37,12 +39,21 @@ class JobRecord:
     notes: list[str] = field(default_factory=list)
     builds: dict[str, dict[str, Any]] = field(default_factory=dict)
     precisions: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
-ACC_COLUMNS = ("Model", "Quant_Mode", "Batch_Size", "TOP1", "TOP5")
+REFERENCE = FP32  # the "vs fp32" columns compare with this precision
+ACC_COLUMNS = ("Model", "Quant_Mode", "Batch_Size", "TOP1", "TOP5", "TOP1 vs fp32", "TOP5 vs fp32")
+REPORT_PERF_COLUMNS = (*PERF_COLUMNS, "vs fp32")
 VERSUS_COLUMNS = ("Quant_Mode", "speedup over fp32 by batch", "top-1 change vs fp32")
+SYNTHETIC_LINE = (
+    "INT8 rows marked (synthetic calibration) were calibrated on deterministic synthetic images "
+    "(no photos found): their speed is real; for INT8 accuracy, calibrate on photos "
+    "(`quench fetch imagenet-sample`, or --calib-images)."
+)
 BUILD_COLUMNS = (
     "Quant_Mode",
+    "calibrated on",
     "engine",
     "computes",
     "fidelity vs fp32 (checked at build)",
@@ -105,6 +116,7 @@ def collect(job: JobRecord) -> dict[str, Any]:
             for s in done
             if s["kind"] == "classify"
         },
+        "data": dict(job.data),
         "notes": list(job.notes),
         "steps": [{k: v for k, v in s.items() if k != "result"} for s in steps],
         "failed": [
@@ -241,13 +253,46 @@ def verdict_lines(doc: dict[str, Any]) -> list[str]:
 # -- tables ------------------------------------------------------------------------------------
 
 
+def synthetic_calibration(doc: dict[str, Any]) -> set[str]:
+    """The precisions whose build calibrated on synthetic images."""
+    return {b["precision"] for b in doc["builds"] if b.get("calibration") == "synthetic"}
+
+
+def _mode(precision: str, synthetic: set[str]) -> str:
+    return f"{precision} (synthetic calibration)" if precision in synthetic else precision
+
+
 def perf_rows(doc: dict[str, Any]) -> list[list[str]]:
-    return [perf_row(r) for r in doc["perf"]]
+    """The perf table, with throughput relative to fp32 at the same batch size."""
+    synthetic = synthetic_calibration(doc)
+    ref = {r["batch"]: r["qps"] for r in doc["perf"] if r["precision"] == REFERENCE}
+    rows = []
+    for r in doc["perf"]:
+        row = perf_row(r)
+        row[1] = _mode(r["precision"], synthetic)
+        base = ref.get(r["batch"])
+        rows.append([*row, f"{r['qps'] / base:.2f}x" if base else "-"])
+    return rows
+
+
+def _points(value: float, ref: float | None) -> str:
+    return "-" if ref is None else f"{(value - ref) * 100:+.2f} pt"
 
 
 def acc_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The accuracy table, with the change in top-1/top-5 against fp32 in percentage points."""
+    ref = next((a for a in doc["accuracy"] if a["precision"] == REFERENCE), None)
+    synthetic = synthetic_calibration(doc)
     return [
-        [a["model"], a["precision"], str(a["batch"]), f"{a['top1']:.4f}", f"{a['top5']:.4f}"]
+        [
+            a["model"],
+            _mode(a["precision"], synthetic),
+            str(a["batch"]),
+            f"{a['top1']:.4f}",
+            f"{a['top5']:.4f}",
+            _points(a["top1"], ref and ref["top1"]),
+            _points(a["top5"], ref and ref["top5"]),
+        ]
         for a in doc["accuracy"]
     ]
 
@@ -283,6 +328,7 @@ def build_rows(doc: dict[str, Any]) -> list[list[str]]:
     return [
         [
             b["precision"] + (f" (same artifact as {b['same_as']})" if b.get("same_as") else ""),
+            _calibrated_on(b.get("calibration")),
             f"{b['engine']} {b.get('engine_version', '')}".strip(),
             str(b.get("computes") or "-"),
             fidelity_text(b.get("fidelity")),
@@ -291,6 +337,12 @@ def build_rows(doc: dict[str, Any]) -> list[list[str]]:
         ]
         for b in doc["builds"]
     ]
+
+
+def _calibrated_on(source: str | None) -> str:
+    if source == "synthetic":
+        return "synthetic images (speed only)"
+    return source or "-"
 
 
 def step_rows(doc: dict[str, Any]) -> list[list[str]]:
@@ -481,13 +533,23 @@ def _md_table(cols: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _sections(doc: dict[str, Any]) -> list[tuple[str, tuple[str, ...] | list[str], list[list]]]:
+Section = tuple[str, tuple[str, ...] | list[str], list[list[str]], str]
+
+
+def _sections(doc: dict[str, Any]) -> list[Section]:
+    """(title, columns, rows, a line under the table)."""
+    data = doc.get("data") or {}
     return [
-        ("Against fp32", VERSUS_COLUMNS, versus_rows(doc)),
-        ("Performance", PERF_COLUMNS, perf_rows(doc)),
-        ("Accuracy", ACC_COLUMNS, acc_rows(doc)),
-        ("Builds", BUILD_COLUMNS, build_rows(doc)),
-        ("Steps", ("step", "status", "seconds", "message"), step_rows(doc)),
+        ("Against fp32", VERSUS_COLUMNS, versus_rows(doc), ""),
+        (
+            "Performance",
+            REPORT_PERF_COLUMNS,
+            perf_rows(doc),
+            SYNTHETIC_LINE if synthetic_calibration(doc) else "",
+        ),
+        ("Accuracy", ACC_COLUMNS, acc_rows(doc), data.get("accuracy_note") or ""),
+        ("Builds", BUILD_COLUMNS, build_rows(doc), ""),
+        ("Steps", ("step", "status", "seconds", "message"), step_rows(doc), ""),
     ]
 
 
@@ -513,8 +575,9 @@ def markdown(
             + "\n".join(f"- **{f['step']}**: {f['error']}" for f in doc["failed"])
             + "\n"
         )
-    for title, cols, rows in _sections(doc):
-        parts.append(f"## {title}\n\n" + (_md_table(cols, rows) if rows else "_none_") + "\n")
+    for title, cols, rows, line in _sections(doc):
+        table = _md_table(cols, rows) if rows else "_none_"
+        parts.append(f"## {title}\n\n{table}\n" + (f"\n{line}\n" if line else ""))
     precs, samples = sample_rows(doc)
     if samples:
         rows = []
@@ -606,9 +669,11 @@ def html_report(
             f"<li class='failed'><b>{e(f['step'])}</b>: {e(f['error'])}</li>" for f in doc["failed"]
         ]
         parts.append("</ul>")
-    for title, cols, rows in _sections(doc):
+    for title, cols, rows, line in _sections(doc):
         parts.append(f"<h2>{e(title)}</h2>")
         parts.append(_html_table(cols, rows) if rows else "<p><i>none</i></p>")
+        if line:
+            parts.append(f"<p>{e(line)}</p>")
     precs, samples = sample_rows(doc)
     if samples:
         parts.append("<h2>Sample top-5</h2><table><thead><tr><th>image</th>")

@@ -1,6 +1,16 @@
 """``quench run``: the one-click job (fetch, build every precision, classify, eval, perf, report).
 
-Like MagicMind's ``run.sh`` + ``perf.sh`` + ``eval.sh``. Every step is keyed by the sha256 of its
+Like MagicMind's ``run.sh`` + ``perf.sh`` + ``eval.sh``. Where the images come from, first that
+applies:
+
+- INT8 calibration: ``--calib-images`` > ``calib.txt`` of a ``--sample-dir`` > ``calib.txt`` of the
+  ImageNet sample in the cache (``quench fetch imagenet-sample``; fetched by ``quench run``
+  itself when it fetches the model) > deterministic synthetic images
+  (:mod:`quench.zoo.synth_images`: INT8 speed only, labelled so in the report);
+- accuracy: ``--images``/``--labels`` > ``val.txt``/``ground_truth.tsv`` of a ``--sample-dir`` > of
+  the cached sample > none (the report says why and how to get it).
+
+Every step is keyed by the sha256 of its
 inputs (source model, precision, options, Quench version, and for later steps the artifact's
 ``content_digest``); ``<out>/state.json`` keeps each key with its result, so a step whose inputs
 did not change is reused. A failed step is reported and the job goes on with what it can.
@@ -21,6 +31,7 @@ from typing import Any
 import onnx
 
 from quench import __version__, report
+from quench.builder.calibration import HOLDOUT_EVERY
 from quench.builder.core import BuildOptions, candidate_engines
 from quench.builder.core import build as do_build
 from quench.errors import FetchError, QuenchError
@@ -33,9 +44,12 @@ from quench.precision import NAMES, Precision, is_int8
 from quench.progress import Bar
 from quench.stats import load_changed, other_work_now
 from quench.zoo.fetch import fetch_model, sha256_file
+from quench.zoo.sample import fetch_sample
+from quench.zoo.sample import find_sample as cached_sample
+from quench.zoo.sample import sample_dir as cached_sample_dir
+from quench.zoo.synth_images import synthetic_images
 
 DEFAULT_PRESET = "resnet50-v1-7"
-SAMPLE_REL = Path("..") / "shared" / "data" / "imagenet-sample"
 STATE_VERSION = 1
 SAMPLE_COUNT = 4  # images classified in the "classify" step
 TOPK = 5  # classes per image in the "classify" step
@@ -56,7 +70,7 @@ class RunOptions:
     preset: str | None = None  # None: detected from the model (fetch: resnet50-v1-7)
     images: str | Path | None = None  # folder or list file; None: the ImageNet sample's val.txt
     labels: str | Path | None = None  # ground truth; None: the sample's ground_truth.tsv
-    calib_images: str | Path | None = None  # None: the sample's calib.txt, if found
+    calib_images: str | Path | None = None  # None: the sample's calib.txt, else synthetic images
     out: str | Path = "report"
     precisions: list[str] | None = None  # None: every precision an engine runs here
     batches: list[int] = field(default_factory=lambda: [1, 4, 8])
@@ -69,7 +83,8 @@ class RunOptions:
     calib_count: int = 200
     force: bool = False
     fetch_timeout: float = 10.0
-    # where to look for the ImageNet sample; None: ../shared/data/imagenet-sample of the cwd
+    # where to look for the ImageNet sample; None: the cache (<cache>/data/imagenet-sample),
+    # downloaded there when the model is fetched too (no ``model``)
     sample_dirs: list[Path] | None = None
     build_extra: dict[str, Any] = field(default_factory=dict)  # more BuildOptions fields
     progress: bool = True
@@ -132,13 +147,13 @@ def _images_sig(paths: list[Path]) -> str:
 
 
 def sample_dirs(opts: RunOptions) -> list[Path]:
-    """Where the ImageNet sample is looked for (in order)."""
+    """Where the ImageNet sample is looked for (in order): ``--sample-dir``, else the cache."""
     if opts.sample_dirs is not None:
         return [Path(p) for p in opts.sample_dirs]
-    return [(Path.cwd() / SAMPLE_REL).resolve()]
+    return [cached_sample_dir()]
 
 
-def find_sample(name: str, opts: RunOptions) -> tuple[Path | None, list[Path]]:
+def sample_file(name: str, opts: RunOptions) -> tuple[Path | None, list[Path]]:
     """The first ``<sample dir>/name`` that exists, and every place looked."""
     looked = [d / name for d in sample_dirs(opts)]
     return next((p for p in looked if p.is_file()), None), looked
@@ -146,6 +161,49 @@ def find_sample(name: str, opts: RunOptions) -> tuple[Path | None, list[Path]]:
 
 def _where(looked: list[Path]) -> str:
     return ", ".join(str(p) for p in looked) or "nowhere (no sample folders)"
+
+
+@dataclass
+class Calibration:
+    """The INT8 calibration images chosen and where they come from."""
+
+    images: str
+    source: str  # --calib-images | ImageNet sample | synthetic
+    note: str  # one line for the log and the report
+
+
+def choose_calibration(opts: RunOptions) -> Calibration:
+    """``--calib-images`` > the sample's ``calib.txt`` > deterministic synthetic images (made in
+    the cache on first use: ``calib_count`` to calibrate on plus the held-out share)."""
+    if opts.calib_images is not None:
+        path = str(opts.calib_images)
+        return Calibration(path, "--calib-images", f"INT8 calibration images: {path}")
+    found, looked = sample_file("calib.txt", opts)
+    if found:
+        return Calibration(
+            str(found), "ImageNet sample", f"INT8 calibration images: {found} (ImageNet sample)"
+        )
+    count = opts.calib_count + opts.calib_count // (HOLDOUT_EVERY - 1)
+    try:
+        folder = synthetic_images(count, progress=opts.progress)
+    except QuenchError as exc:
+        raise QuenchError(
+            f"no --calib-images, no ImageNet sample calib.txt (looked in {_where(looked)}) "
+            f"and {exc}"
+        ) from None
+    return Calibration(
+        str(folder),
+        "synthetic",
+        f"INT8 calibration: no --calib-images and no ImageNet sample calib.txt (looked in "
+        f"{_where(looked)}), so INT8 is calibrated on deterministic synthetic images ({folder}, "
+        "made as its SYNTHETIC.txt says): its speed is real, its accuracy unknown",
+    )
+
+
+GET_ACCURACY = (
+    "`quench fetch imagenet-sample` then run again, or pass --images DIR_OR_LIST "
+    "--labels gt.tsv (and --calib-images LIST)"
+)
 
 
 # -- state --------------------------------------------------------------------------------------
@@ -303,20 +361,46 @@ class _Job:
                 self.note(f"precision {p} skipped: {exc}")
         return chosen
 
-    def calibration(self) -> tuple[str | None, str]:
-        if self.opts.calib_images is not None:
-            return str(self.opts.calib_images), "--calib-images"
-        found, looked = find_sample("calib.txt", self.opts)
-        if found:
-            self.note(f"calibration images: {found} (ImageNet sample)")
-            return str(found), "sample"
-        return (
-            None,
-            f"no --calib-images and no ImageNet sample calib.txt (looked in {_where(looked)})",
-        )
+    # -- (1b) the ImageNet sample ---------------------------------------------------------------
+    def sample(self, int8: bool) -> None:
+        """Fetch the ImageNet sample into the cache when the job fetched its model, looks in the
+        cache, lacks the sample and needs it (for calibration or accuracy). Offline or on a bad
+        download the job goes on without it (the step is skipped, saying why)."""
+        opts = self.opts
+        wanted = (int8 and opts.calib_images is None) or opts.images is None
+        if opts.model is not None or opts.sample_dirs is not None or not wanted:
+            return
+        if cached_sample() is not None:
+            return
+        self.say("[sample] running ...")
+        t = time.perf_counter()
+        try:
+            got = fetch_sample(timeout=opts.fetch_timeout, progress=opts.progress)
+        except FetchError as exc:
+            self.skip("sample", None, f"ImageNet sample not available: {exc}")
+            return
+        step = Step("sample", "sample", None, "ok", round(time.perf_counter() - t, 3))
+        step.result = {"path": str(got.root), "images": got.images}
+        self.steps.append(step)
+        self.say(f"[sample] done in {step.seconds:.1f} s: {got.images} images in {got.root}")
+
+    def calibration(self) -> tuple[str | None, str, str]:
+        """(images, where they come from, why there are none)."""
+        try:
+            chosen = choose_calibration(self.opts)
+        except QuenchError as exc:
+            return None, "", str(exc)
+        self.note(chosen.note)
+        return chosen.images, chosen.source, ""
 
     def build(
-        self, src: Path, src_sha: str, precision: str, calib: str | None, calib_why: str
+        self,
+        src: Path,
+        src_sha: str,
+        precision: str,
+        calib: str | None,
+        calib_why: str,
+        calib_source: str = "",
     ) -> Step:
         opts = self.opts
         int8 = Precision.parse(precision).is_int8
@@ -385,6 +469,8 @@ class _Job:
         )
         if step.status == "reused":  # the folder may have moved since
             step.result = {**step.result, "artifact": str(out)}
+        if int8 and step.status in ("ok", "reused"):
+            step.result = {**step.result, "calibration": calib_source}
         return step
 
     # -- (3) classify ---------------------------------------------------------------------------
@@ -506,14 +592,46 @@ class _Job:
         return load_changed(results[0].get("machine_load"), self._other_now)
 
     # -- everything -----------------------------------------------------------------------------
-    def sample_file(self, name: str, what: str, missing: str) -> Path | None:
+    def look_up(self, name: str, what: str, missing: str) -> Path | None:
         """A file of the ImageNet sample, noting where it was found or where we looked."""
-        found, looked = find_sample(name, self.opts)
+        found, looked = sample_file(name, self.opts)
         if found:
             self.note(f"{what}: {found} (ImageNet sample)")
         else:
             self.note(f"{missing} (looked in {_where(looked)})")
         return found
+
+    def eval_data(self, synthetic: bool) -> tuple[str | Path | None, str | Path | None, str, str]:
+        """(images, labels, why accuracy is not measured, that and how to get it in one line);
+        the last two are "" when it is measured."""
+        opts = self.opts
+        images, labels = opts.images, opts.labels
+        if images is None:
+            images = self.look_up("val.txt", "images", "no --images and no ImageNet sample val.txt")
+        if labels is None and opts.images is None and images is not None and not synthetic:
+            labels = self.look_up(
+                "ground_truth.tsv", "ground truth", "no --labels and no sample ground_truth.tsv"
+            )
+        if images is not None and labels is not None:
+            return images, labels, "", ""
+        if synthetic and labels is None:
+            why = (
+                "the model has synthetic weights (quench zoo synth), its accuracy means nothing "
+                "(--labels measures it anyway)"
+            )
+            how = (
+                "`quench run` online without --model (downloads the real model and the ImageNet "
+                "sample), or --model REAL.onnx"
+            )
+            if images is None:
+                how += " with `quench fetch imagenet-sample` or --images/--labels"
+        elif images is None:
+            why, how = "no --images and no ImageNet sample found", GET_ACCURACY
+        else:
+            why, how = "no labels for the evaluation images", "pass --labels gt.tsv"
+        line = f"Accuracy not measured: {why}. For real top-1/top-5: {how}."
+        self.note(line)
+        return images, labels, why, line
 
     def run(self) -> RunResult:
         opts = self.opts
@@ -523,6 +641,7 @@ class _Job:
             self.say("--force: every step is redone")
         precisions: list[str] = []
         builds: dict[str, dict[str, Any]] = {}
+        data: dict[str, Any] = {}
         got = self.model()
         if got is not None:
             try:
@@ -531,9 +650,11 @@ class _Job:
                 self.steps.append(Step("precisions", "build", None, "failed", 0.0, str(exc)))
                 self.say(f"[build] FAILED: {exc}")
             src, src_sha = got
-            calib, calib_why = (None, "")
-            if any(is_int8(p) for p in precisions):
-                calib, calib_why = self.calibration()
+            calib, calib_source, calib_why = None, "", ""
+            int8 = any(is_int8(p) for p in precisions)
+            self.sample(int8)
+            if int8:
+                calib, calib_source, calib_why = self.calibration()
                 if calib is None:
                     if opts.precisions:  # asked for explicitly: those builds fail
                         self.note(f"INT8 builds will fail: {calib_why}")
@@ -543,26 +664,19 @@ class _Job:
                             self.skip("build", p, calib_why)
                         precisions = [p for p in precisions if not is_int8(p)]
             for p in precisions:
-                step = self.build(src, src_sha, p, calib, calib_why)
+                step = self.build(src, src_sha, p, calib, calib_why, calib_source)
                 if step.status in ("ok", "reused"):
                     builds[p] = step.result
 
             # inputs for classify / eval
-            images, labels = opts.images, opts.labels
-            if images is None:
-                images = self.sample_file(
-                    "val.txt", "images", "no --images and no ImageNet sample val.txt"
-                )
-            synthetic = _is_synthetic(src)
-            if labels is None and synthetic:
-                self.note(
-                    "the model has synthetic weights (quench zoo synth): accuracy skipped "
-                    "(pass --labels to measure it anyway)"
-                )
-            elif labels is None and opts.images is None and images is not None:
-                labels = self.sample_file(
-                    "ground_truth.tsv", "ground truth", "no --labels and no sample ground_truth.tsv"
-                )
+            images, labels, no_accuracy, accuracy_note = self.eval_data(_is_synthetic(src))
+            data = {
+                "calibration": calib_source or None,
+                "calibration_images": calib,
+                "evaluation_images": str(images) if images is not None else None,
+                "labels": str(labels) if labels is not None else None,
+                "accuracy_note": accuracy_note or None,
+            }
             sample: list[Path] = []
             if images is not None:
                 try:
@@ -588,7 +702,7 @@ class _Job:
                 if images is not None and labels is not None:
                     self.evaluate(p, builds[p], images, labels)
                 else:
-                    self.skip("eval", p, "accuracy needs --images and --labels")
+                    self.skip("eval", p, f"accuracy not measured: {no_accuracy}")
                 self.perf(p, builds[p])
 
         t = time.perf_counter()
@@ -598,6 +712,7 @@ class _Job:
             notes=self.notes,
             builds=builds,
             precisions=precisions,
+            data=data,
         )
         doc = report.collect(record)
         doc["total_seconds"] = round(time.perf_counter() - started, 3)

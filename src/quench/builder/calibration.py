@@ -14,6 +14,7 @@ from quench.evaluate import list_images
 from quench.imaging import Normalizer, load_pixels
 from quench.presets import DataConfig
 from quench.progress import Bar
+from quench.zoo.synth_images import is_synthetic
 
 HOLDOUT_EVERY = 5  # one readable image in five is held out of calibration
 
@@ -27,6 +28,12 @@ class CalibrationSet:
     # images read from the same list but never calibrated on: the build's fidelity check
     held_out: np.ndarray | None = None
     held_out_files: list[str] = field(default_factory=list)
+    synthetic: bool = False  # made by quench.zoo.synth_images, not photos
+
+    @property
+    def kind(self) -> str:
+        """What the images are, for messages and the manifest."""
+        return "synthetic calibration images" if self.synthetic else "calibration images"
 
     def describe(self) -> dict[str, object]:
         return {
@@ -34,6 +41,7 @@ class CalibrationSet:
             "held_out": len(self.held_out_files),
             "skipped": len(self.skipped),
             "sha256": self.digest,
+            **({"synthetic": True} if self.synthetic else {}),
         }
 
 
@@ -97,6 +105,6 @@ def load_calibration(
         )
     tensor = norm.batch(pixels)
     digest = hashlib.sha256(tensor.tobytes()).hexdigest()
-    return CalibrationSet(
-        tensor, files, skipped, digest, norm.batch(held) if held else None, held_files
-    )
+    held_out = norm.batch(held) if held else None
+    synthetic = isinstance(spec, str | Path) and is_synthetic(spec)
+    return CalibrationSet(tensor, files, skipped, digest, held_out, held_files, synthetic)

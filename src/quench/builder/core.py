@@ -685,7 +685,7 @@ def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
     x, kind = None, "random input"
     if calib is not None:
         x = calib.held_out if int8 else calib.tensor
-        kind = "held-out calibration images" if int8 else "calibration images"
+        kind = f"held-out {calib.kind}" if int8 else calib.kind
     if x is None or not len(x):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((max(8, plan.opts.batch or 0), *plan.preset.data.input_shape))
