@@ -111,13 +111,6 @@ def fragile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def labels10(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("labels") / "labels.txt"
-    p.write_text("".join(f"class-{i}\n" for i in range(10)))
-    return p
-
-
-@pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_calib_images(tmp_path_factory.mktemp("calib"), 40, seed=100)
 
@@ -206,37 +199,26 @@ def _build(src: Path, out: Path, labels: Path, calib: Path, **kw) -> Model:
     return build(src, out, labels=str(labels), calib_images=str(calib), **{**FRAGILE_BUILD, **kw})
 
 
+def _checked(src: Path, out: Path, labels: Path, calib: Path, check: Path, **kw) -> Model:
+    """A build with an accuracy bound on the check images: a top-1 drop of 5 points (2 of 40)."""
+    return _build(src, out, labels, calib, check_images=str(check), max_top1_drop=5.0, **kw)
+
+
 def test_build_fails_its_bound_without_repair(
-    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     out = tmp_path / "f.quench"
     with pytest.raises(FidelityError, match="artifact not written"):
-        _build(
-            fragile,
-            out,
-            labels10,
-            calib_dir,
-            repair=False,
-            check_images=str(check_dir),
-            max_top1_drop=5.0,
-        )
+        _checked(fragile, out, tiny_labels, calib_dir, check_dir, repair=False)
     assert not out.exists()
 
 
 def test_repair_keeps_exactly_the_fragile_layer_in_float(
-    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     out = tmp_path / "f.quench"
     lines: list[str] = []
-    m = _build(
-        fragile,
-        out,
-        labels10,
-        calib_dir,
-        check_images=str(check_dir),
-        max_top1_drop=5.0,
-        log=lines.append,
-    )
+    m = _checked(fragile, out, tiny_labels, calib_dir, check_dir, log=lines.append)
     q = m.manifest["quantization"]
     assert q["layers"] == {"conv_a": "float", "conv_b": "int8", "fragile": "float", "fc": "int8"}
     assert q["repair"]["float_layers"] == ["fragile"]
@@ -249,17 +231,16 @@ def test_repair_keeps_exactly_the_fragile_layer_in_float(
 
 
 def test_impossible_bound_fails_with_the_best_mix_and_writes_nothing(
-    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     out = tmp_path / "f.quench"
     with pytest.raises(FidelityError, match="no mix of float layers meets the bound") as e:
-        _build(
+        _checked(
             fragile,
             out,
-            labels10,
+            tiny_labels,
             calib_dir,
-            check_images=str(check_dir),
-            max_top1_drop=5.0,
+            check_dir,
             int8_layers=("fragile",),
         )
     assert re.search(
@@ -270,25 +251,30 @@ def test_impossible_bound_fails_with_the_best_mix_and_writes_nothing(
 
 
 def test_float_layers_by_name(
-    fragile: Path, labels10: Path, calib_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     m = _build(
-        fragile, tmp_path / "f.quench", labels10, calib_dir, float_layers=("fragile",), repair=False
+        fragile,
+        tmp_path / "f.quench",
+        tiny_labels,
+        calib_dir,
+        float_layers=("fragile",),
+        repair=False,
     )
     q = m.manifest["quantization"]
     assert q["layers"] == {"conv_a": "float", "conv_b": "int8", "fragile": "float", "fc": "int8"}
     assert q["float_layers"] == ["fragile"] and "repair" not in q
     # asked-for float layers stay float; the repair adds what the bound still needs
-    m = _build(fragile, tmp_path / "g.quench", labels10, calib_dir, float_layers=("fc",))
+    m = _build(fragile, tmp_path / "g.quench", tiny_labels, calib_dir, float_layers=("fc",))
     q = m.manifest["quantization"]
     assert q["float_layers"] == ["fc", "fragile"] and q["repair"]["float_layers"] == ["fragile"]
     with pytest.raises(QuenchError, match=r"unknown layer 'conv-b'; closest: conv_b"):
-        _build(fragile, tmp_path / "h.quench", labels10, calib_dir, float_layers=("conv-b",))
+        _build(fragile, tmp_path / "h.quench", tiny_labels, calib_dir, float_layers=("conv-b",))
     with pytest.raises(QuenchError, match=r"asked both in float and in INT8: fc"):
         _build(
             fragile,
             tmp_path / "i.quench",
-            labels10,
+            tiny_labels,
             calib_dir,
             float_layers=("fc",),
             int8_layers=("fc",),
@@ -302,10 +288,17 @@ FLAGS += ["--mean", "120,115,100", "--std", "60,60,60"]
 
 
 def test_diagnose_a_model_ranks_the_fragile_layer_first(
-    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     page = tmp_path / "diag.html"
-    args = ["diagnose", str(fragile), "--calib-images", str(calib_dir), "--labels", str(labels10)]
+    args = [
+        "diagnose",
+        str(fragile),
+        "--calib-images",
+        str(calib_dir),
+        "--labels",
+        str(tiny_labels),
+    ]
     args += [*FLAGS, "--check-images", str(check_dir), "--html", str(page), "--json", "-q"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -323,16 +316,15 @@ def test_diagnose_a_model_ranks_the_fragile_layer_first(
 
 
 def test_diagnose_an_artifact_shows_its_float_layers(
-    fragile: Path, labels10: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
 ) -> None:
     out = tmp_path / "f.quench"
-    _build(
+    _checked(
         fragile,
         out,
-        labels10,
+        tiny_labels,
         calib_dir,
-        check_images=str(check_dir),
-        max_top1_drop=5.0,
+        check_dir,
         engine="openvino",
     )
     args = ["diagnose", str(out), "--source", str(fragile), "--json", "-q"]
