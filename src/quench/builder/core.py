@@ -147,6 +147,8 @@ class Probe:
     x: np.ndarray
     reference: np.ndarray
     source: str  # what the images are, for messages and the manifest
+    # the fp32 source model's predictions on the check images, once computed (one per build)
+    fp32_check: list[Prediction] | None = None
 
 
 def build(
@@ -426,7 +428,6 @@ def _accept(
     so does the build, saying what to try."""
     opts, ranked = plan.opts, selection.ranked
     base = _manifest(plan)
-    fp32_preds: list[Prediction] | None = None
     for rank, candidate in enumerate(ranked):
         if len(ranked) > 1:
             say(f"{'chose' if rank == 0 else 'next'}: {candidate.describe()}")
@@ -440,8 +441,8 @@ def _accept(
         art = artifact.Artifact(manifest.to_dict(), payloads)
         built = Model(art, path=output, threads=opts.threads)
         try:
-            fp32_preds = _check(
-                built, manifest, art, candidate, plan, probe, fp32_preds, timings, say
+            probe.fp32_check = _check(
+                built, manifest, art, candidate, plan, probe, probe.fp32_check, timings, say
             )
         except (FidelityError, AccuracyGateError) as exc:
             built.close()
@@ -526,7 +527,7 @@ def _judge(plan: Plan, selection: Selection, probe: Probe) -> repair.Judge:
     opts, chosen, spec = plan.opts, selection.ranked[0], plan.spec
     prepared = chosen.prepared
     assert prepared.float_model is not None
-    check = _check_set(plan) if opts.check_images else None
+    check = _check_set(plan, probe) if opts.check_images else None
     base = _manifest(plan)
 
     def judge(names: Sequence[str]) -> repair.Verdict:
@@ -552,16 +553,20 @@ def _judge(plan: Plan, selection: Selection, probe: Probe) -> repair.Judge:
     return judge
 
 
-def _check_set(plan: Plan) -> repair.CheckSet:
-    """The check images, preprocessed once, with the fp32 source model's outputs."""
+def _check_set(plan: Plan, probe: Probe) -> repair.CheckSet:
+    """The check images, preprocessed once, with the fp32 source model's top-1 (from the
+    accuracy check's predictions when it made them)."""
     opts, spec = plan.opts, plan.spec
     assert opts.check_images is not None
     truth = read_ground_truth(opts.check_labels) if opts.check_labels else None
-    x, labels = repair.read_check_images(
+    x, labels, kept = repair.read_check_images(
         list_images(opts.check_images), plan.preset.data, truth, opts.progress
     )
-    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
-    return repair.CheckSet(x, ref, labels)
+    known = {str(Path(p.source).resolve()): p.classes[0] for p in probe.fp32_check or [] if p.ok}
+    top1 = [known.get(str(p.resolve()), -1) for p in kept]
+    if min(top1, default=-1) < 0:  # not all predicted by the accuracy check: run fp32 here
+        top1 = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name].argmax(1)
+    return repair.CheckSet(x, np.asarray(top1), labels)
 
 
 def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:

@@ -177,12 +177,12 @@ def _check(plan: Any, qdq: Any, engine_model: Model, opts: BuildOptions) -> dict
     engine's model (the artifact's mix, or all INT8)."""
     assert opts.check_images is not None
     truth = read_ground_truth(opts.check_labels) if opts.check_labels else None
-    x, labels = repair.read_check_images(
+    x, labels, _ = repair.read_check_images(
         list_images(opts.check_images), plan.preset.data, truth, opts.progress
     )
     spec = plan.spec
     ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
-    check = repair.CheckSet(x, ref, labels)
+    check = repair.CheckSet(x, ref.argmax(1), labels)
     all_int8 = sensitivity.run(qdq, spec.input_name, x)[spec.output_name]
     return {
         "images": len(x),

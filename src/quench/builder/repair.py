@@ -125,16 +125,16 @@ def search(ranking: Sequence[str], judge: Judge, say: Callable[[str], None] | No
 
 @dataclass
 class CheckSet:
-    """Check images read once: the preprocessed tensor, fp32's outputs, and the labels (None:
+    """Check images read once: the preprocessed tensor, fp32's top-1, and the labels (None:
     the measure is agreement with fp32's top-1, as in the build's accuracy check)."""
 
     x: np.ndarray
-    reference: np.ndarray
+    reference: np.ndarray  # fp32's top-1 class of each image
     labels: np.ndarray | None = None  # class index per image, -1 where the truth has none
 
     def drop(self, logits: np.ndarray) -> float:
         """Top-1 drop against fp32, in percentage points."""
-        got, ref = logits.argmax(1), self.reference.argmax(1)
+        got, ref = logits.argmax(1), self.reference
         if self.labels is None:
             return float(100 * (1 - np.mean(got == ref)))
         known = self.labels >= 0
@@ -146,12 +146,13 @@ class CheckSet:
 
 def read_check_images(
     paths: Sequence[Path], data: DataConfig, truth: GroundTruth | None, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The readable images of ``paths`` preprocessed as ``data`` says, and their labels from
-    ``truth`` (-1 where it has none); unreadable files are left out, as the accuracy check
-    leaves them out."""
+) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
+    """The readable images of ``paths`` preprocessed as ``data`` says, their labels from
+    ``truth`` (-1 where it has none), and their paths; unreadable files are left out, as the
+    accuracy check leaves them out."""
     images: list[np.ndarray] = []
     labels: list[int] = []
+    kept: list[Path] = []
     with Bar("reading check images", len(paths), enabled=progress) as bar:
         for p in paths:
             try:
@@ -160,10 +161,11 @@ def read_check_images(
                 continue
             finally:
                 bar.advance()
+            kept.append(p)
             if truth is not None:
                 label = truth.get(p)
                 labels.append(-1 if label is None else label)
     if not images:
         raise QuenchError("none of the check images could be read")
     x = Normalizer(data).batch(images)
-    return x, (np.array(labels) if truth is not None else None)
+    return x, (np.array(labels) if truth is not None else None), kept
