@@ -482,14 +482,8 @@ def _repair(
     names = [x.name for x in layers(qdq) if x.precision == "int8" and x.name not in pinned]
     say(f"{failure}; ranking {len(names)} quantized layers by sensitivity")
     x = calib.tensor[:SENSITIVITY_IMAGES]
-    spec = plan.spec
     t = time.perf_counter()
-    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
-    with Bar("ranking layers by sensitivity", len(names), enabled=opts.progress) as bar:
-        base, each = sensitivity.sensitivity(
-            qdq, float_model, spec.input_name, spec.output_name, x, ref, names, bar.advance
-        )
-    ranking = sensitivity.rank(base, each)
+    base, each, ranking = _rank_layers(plan, qdq, float_model, x, names)
     rank_seconds = time.perf_counter() - t
     judge = _judge(plan, selection, probe)
     t = time.perf_counter()
@@ -518,6 +512,24 @@ def _repair(
     assert repaired.quantization is not None
     repaired.quantization["repair"] = {**record, "float_layers": plan_.float_layers}
     return repaired
+
+
+def _rank_layers(
+    plan: Plan,
+    qdq: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    x: np.ndarray,
+    names: Sequence[str],
+) -> tuple[sensitivity.Effect, dict[str, sensitivity.Effect], list[str]]:
+    """The all-INT8 model's effect on ``x``, each layer's effect in float alone, and the layers
+    most sensitive first (the repair's ranking and ``quench diagnose``'s)."""
+    spec = plan.spec
+    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
+    with Bar("ranking layers by sensitivity", len(names), enabled=plan.opts.progress) as bar:
+        base, each = sensitivity.sensitivity(
+            qdq, float_model, spec.input_name, spec.output_name, x, ref, names, bar.advance
+        )
+    return base, each, sensitivity.rank(base, each)
 
 
 def _judge(plan: Plan, selection: Selection, probe: Probe) -> repair.Judge:

@@ -27,6 +27,7 @@ from quench.builder.core import (
     _manifest,
     _plan,
     _prepare,
+    _rank_layers,
     _with_candidate,
 )
 from quench.builder.engines import Candidate, Reference, Selection, compile_candidates
@@ -36,7 +37,6 @@ from quench.evaluate import list_images, read_ground_truth
 from quench.graph import set_batch
 from quench.model import Model
 from quench.profile import profile_model
-from quench.progress import Bar
 from quench.zoo.fetch import sha256_file
 
 PROFILE_RUNS = 10
@@ -114,12 +114,7 @@ def diagnose(
     probe = calib.held_out if calib.held_out is not None and len(calib.held_out) else x
     say(f"output SQNR of {len(all_layers)} layers on {len(probe)} held-out calibration images")
     sqnr = sensitivity.layer_sqnr(qdq, float_model, spec.input_name, probe)
-    ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
-    with Bar("sensitivity of each layer", len(names), enabled=opts.progress) as bar:
-        base, each = sensitivity.sensitivity(
-            qdq, float_model, spec.input_name, spec.output_name, x, ref, names, bar.advance
-        )
-    ranking = sensitivity.rank(base, each)
+    base, each, ranking = _rank_layers(plan, qdq, float_model, x, names)
     in_artifact = ((manifest or {}).get("quantization") or {}).get("layers") or {}
 
     if built is not None:
