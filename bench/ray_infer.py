@@ -71,8 +71,10 @@ def artifact(path: Path | None, work: Path, env: dict[str, str]) -> Path:
 def ray_run(art: Path, images: Path, batch: int, address: str, out: Path, env: dict[str, str]):
     args = ["infer", str(art), str(images), "--batch", str(batch), "--ray", address]
     seconds, done = quench([*args, "-o", str(out), "--json", "-q"], env)
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    return seconds, summary
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise SystemExit(f"quench infer --ray printed no summary:\n{done.stderr[-3000:]}")
+    return seconds, json.loads(lines[-1])
 
 
 def compare(local: Path, out: Path) -> tuple[int, float]:
@@ -127,7 +129,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="quench-ray-bench-"))
     env = cluster_env(work)
     art = artifact(a.artifact, work, env)
-    files = [str(p) for p in list_images(a.images)]
+    files = [str(Path(p).resolve()) for p in list_images(a.images)]
     n, k = len(files), min(a.small, len(files) - 1)
     short = work / "short.txt"
     short.write_text("\n".join(files[:k]) + "\n")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import make_calib_images
 from quench.builder import build, repair, sensitivity
+from quench.builder.core import AccuracyGateError
 from quench.builder.quantize import QuantConfig, quantize
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
 from quench.cli import app
@@ -342,3 +343,37 @@ def test_diagnose_an_artifact_shows_its_float_layers(
     other.write_bytes(fragile.read_bytes()[:-1] + b"\0")
     r = CliRunner().invoke(app, ["diagnose", str(out), "--source", str(other), "-q"])
     assert r.exit_code == 1 and "not the model" in r.output
+
+
+def test_fp32_runs_once_when_every_candidate_misses_the_check(
+    fragile: Path,
+    tiny_labels: Path,
+    calib_dir: Path,
+    check_dir: Path,
+    tmp_path: Path,
+    cache_env,
+    monkeypatch,
+) -> None:
+    """Each candidate that misses the accuracy check hands over to the next; fp32's
+    predictions on the check images are made once per build, not once per candidate."""
+    from quench.builder import core
+
+    made: list[int] = []
+    real = core._reference_model
+    monkeypatch.setattr(core, "_reference_model", lambda *a: made.append(1) or real(*a))
+    lines: list[str] = []
+    with pytest.raises(AccuracyGateError, match="artifact not written"):
+        _build(
+            fragile,
+            tmp_path / "f.quench",
+            tiny_labels,
+            calib_dir,
+            check_images=str(check_dir),
+            max_top1_drop=-100.0,  # no build can gain 100 points: every candidate misses
+            min_top1_agreement=0.0,
+            engine="auto",
+            repair=False,
+            log=lines.append,
+        )
+    assert sum(line.startswith("accuracy on") for line in lines) >= 2
+    assert made == [1]

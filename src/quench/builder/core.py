@@ -441,9 +441,7 @@ def _accept(
         art = artifact.Artifact(manifest.to_dict(), payloads)
         built = Model(art, path=output, threads=opts.threads)
         try:
-            probe.fp32_check = _check(
-                built, manifest, art, candidate, plan, probe, probe.fp32_check, timings, say
-            )
+            _check(built, manifest, art, candidate, plan, probe, timings, say)
         except (FidelityError, AccuracyGateError) as exc:
             built.close()
             if rank + 1 < len(ranked):
@@ -665,13 +663,12 @@ def _check(
     candidate: Candidate,
     plan: Plan,
     probe: Probe,
-    fp32_preds: list[Prediction] | None,
     timings: dict[str, float],
     say: Log,
-) -> list[Prediction] | None:
+) -> None:
     """The fidelity gate, the self-check record and the accuracy check of one candidate, written
-    into its manifest and artifact; returns the fp32 model's predictions on the check images
-    (computed once per build)."""
+    into its manifest and artifact (the fp32 model's predictions on the check images are
+    computed once per build and kept on ``probe``, whether the candidate passes or not)."""
     opts, n = plan.opts, SELFCHECK_IMAGES
     manifest.fidelity, out = _fidelity_gate(built, probe, opts, say)
     section, payloads = record_selfcheck(
@@ -687,10 +684,7 @@ def _check(
     art.payloads.update(payloads)
     if opts.check_images:
         with _timed(timings, "accuracy_check"):
-            manifest.accuracy, fp32_preds = _accuracy_check(
-                built, plan.dynamic, opts, say, fp32_preds
-            )
-    return fp32_preds
+            manifest.accuracy = _accuracy_check(built, plan.dynamic, opts, say, probe)
 
 
 def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
@@ -777,22 +771,22 @@ def _accuracy_check(
     source: onnx.ModelProto,
     opts: BuildOptions,
     say: Log,
-    reference_preds: list[Prediction] | None = None,
-) -> tuple[dict[str, Any], list[Prediction]]:
+    probe: Probe,
+) -> dict[str, Any]:
     """Top-1/top-5 of the built model and of fp32 (``source``, dynamic batch) on the check
-    images; gate on the drop."""
+    images; gate on the drop. fp32 runs once per build: its predictions stay on ``probe``."""
     assert opts.check_images is not None
     paths = list_images(opts.check_images)
     if not paths:
         raise QuenchError(f"{opts.check_images}: no check images")
-    if reference_preds is None:
+    if probe.fp32_check is None:
         reference = _reference_model(source, built)
         with Bar("checking accuracy (fp32)", len(paths), enabled=opts.progress) as bar:
-            reference_preds = list(
+            probe.fp32_check = list(
                 reference.iter_classify(paths, topk=5, on_done=lambda p: bar.advance())
             )
         reference.close()
-    ref_preds = reference_preds
+    ref_preds = probe.fp32_check
     with Bar(f"checking accuracy ({opts.precision})", len(paths), enabled=opts.progress) as bar:
         preds = list(built.iter_classify(paths, topk=5, on_done=lambda p: bar.advance()))
     if opts.check_labels:
@@ -827,7 +821,7 @@ def _accuracy_check(
             f"{got.top1:.4f} on {got.evaluated} images), more than --max-top1-drop "
             f"{opts.max_top1_drop}"
         )
-    return result, ref_preds
+    return result
 
 
 # -- write -----------------------------------------------------------------------------------
