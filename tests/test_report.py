@@ -145,6 +145,17 @@ def test_versus_fp32_and_identical_builds(tmp_path: Path) -> None:
     assert rows["qint8_mixed_float32"][1] == "b1: 2.03x, b8: 3.00x"
     assert rows["qint8_mixed_float32"][2] == "-0.25 points"
     assert rows["qint8_mixed_float16"][1] == "same artifact as qint8_mixed_float32"
+    assert rows["force_float32"][1] == "the reference"
+    # the perf table's "vs fp32" column is the same noise-aware figure
+    perf = {(r[1], r[2]): r[-1] for r in report.perf_rows(doc)}
+    assert perf[("qint8_mixed_float32", "8")] == "3.00x" and perf[("force_float32", "1")] == "1.00x"
+    int8_b8 = next(
+        r for r in doc["perf"] if (r["precision"], r["batch"]) == ("qint8_mixed_float32", 8)
+    )
+    int8_b8["rounds"] = [{"qps": q, "seconds": 0.2} for q in (180, 40, 400, 100)]  # noisy
+    doc["versus_fp32"] = report.versus_fp32(doc)
+    perf = {(r[1], r[2]): r[-1] for r in report.perf_rows(doc)}
+    assert perf[("qint8_mixed_float32", "8")].endswith("(tie)")
 
 
 def test_report_text_verdict_thumbnails_and_axes(

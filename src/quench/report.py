@@ -262,16 +262,27 @@ def _mode(precision: str, synthetic: set[str]) -> str:
     return f"{precision} (synthetic calibration)" if precision in synthetic else precision
 
 
+def _speedup_text(s: dict[str, Any]) -> str:
+    """One speedup over fp32, as the "Against fp32" table and the perf table both show it."""
+    return f"{s['ratio']:.2f}x" + ("" if s["beyond_noise"] else " (tie)")
+
+
 def perf_rows(doc: dict[str, Any]) -> list[list[str]]:
-    """The perf table, with throughput relative to fp32 at the same batch size."""
+    """The perf table, with throughput relative to fp32 at the same batch size (the same
+    noise-aware figure as the "Against fp32" table)."""
     synthetic = synthetic_calibration(doc)
-    ref = {r["batch"]: r["qps"] for r in doc["perf"] if r["precision"] == REFERENCE}
+    speedup = {
+        (v["precision"], b): s
+        for v in doc.get("versus_fp32") or versus_fp32(doc)
+        for b, s in v["speedup"].items()
+    }
     rows = []
     for r in doc["perf"]:
         row = perf_row(r)
         row[1] = _mode(r["precision"], synthetic)
-        base = ref.get(r["batch"])
-        rows.append([*row, f"{r['qps'] / base:.2f}x" if base else "-"])
+        s = speedup.get((r["precision"], str(r["batch"])))
+        cell = "1.00x" if r["precision"] == REFERENCE else _speedup_text(s) if s else "-"
+        rows.append([*row, cell])
     return rows
 
 
@@ -315,10 +326,9 @@ def versus_rows(doc: dict[str, Any]) -> list[list[str]]:
         if v.get("same_as"):
             rows.append([v["precision"], f"same artifact as {v['same_as']}", ""])
             continue
-        speed = ", ".join(
-            f"b{b}: {s['ratio']:.2f}x" + ("" if s["beyond_noise"] else " (tie)")
-            for b, s in v["speedup"].items()
-        )
+        speed = ", ".join(f"b{b}: {_speedup_text(s)}" for b, s in v["speedup"].items())
+        if v["precision"] == REFERENCE:
+            speed = "the reference"
         top1 = v.get("top1_change_points")
         rows.append([v["precision"], speed or "-", "-" if top1 is None else f"{top1:+.2f} points"])
     return rows
