@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quench import __version__, selfcheck, signing
+from quench.artifact import load as artifact_load
 from quench.builder import BuildOptions
 from quench.builder import build as do_build
 from quench.destination import check_file, check_folder
@@ -1284,6 +1285,8 @@ def _serve_ray(
     threads: int | None,
     accept: bool,
     settings: dict[str, Any],
+    names: list[str | None],
+    trusted: Path | None,
 ) -> None:
     """``quench serve --ray``: the same app as Ray Serve replicas, until SIGTERM / Ctrl-C."""
     with user_errors():
@@ -1292,6 +1295,11 @@ def _serve_ray(
         from quench.serve import ServeConfig
 
         scale = Scale.parse(replicas, autoscale)
+        keys = signing.trusted_keys(trusted) if trusted is not None else None
+        if keys is not None:  # before connecting to Ray: a refusal costs nothing
+            for path in artifacts:
+                verified = signing.verify(artifact_load(path), keys, str(path))
+                info(f"{path}: {verified.message}")
         serve_ray(
             artifacts,
             ServeConfig(**settings),
@@ -1302,6 +1310,8 @@ def _serve_ray(
             threads,
             check="warn" if accept else "always",
             log=info,
+            names=names,
+            trusted_keys=keys,
         )
 
 
@@ -1361,13 +1371,18 @@ def serve(
         quiet=quiet,
     )
     if ray is not None:
-        if any(n for n, _ in named):
-            raise fail("NAME=PATH is not supported with --ray: give plain paths", code=2)
-        if trusted_keys is not None:
-            raise fail("--trusted-keys is not supported with --ray yet", code=2)
-        paths = [p for _, p in named]
         _serve_ray(
-            paths, host, port, ray, replicas, autoscale, threads, accept_host_mismatch, settings
+            [p for _, p in named],
+            host,
+            port,
+            ray,
+            replicas,
+            autoscale,
+            threads,
+            accept_host_mismatch,
+            settings,
+            [n for n, _ in named],
+            trusted_keys,
         )
         return
     with user_errors():

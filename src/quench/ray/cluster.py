@@ -83,6 +83,15 @@ def plan_pool(free: float, actors: int | None = None) -> tuple[int, int, float]:
 IO_CPUS = 0.1  # a read or write task's CPU reservation: moving bytes; decoding is the actors'
 
 
+def raw_keys(keys: dict[str, Any]) -> dict[str, bytes]:
+    """Ed25519 public keys (:func:`quench.signing.trusted_keys`) as raw bytes, to ship to
+    actors (key objects do not pickle)."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return {k: v.public_bytes(*raw) for k, v in keys.items()}
+
+
 def put_artifact(path: str | Path) -> Any:
     """Check an artifact here (one-line error if it is not one) and put its bytes in Ray's
     object store; returns ``[ObjectRef]`` (a list, so Ray hands the reference itself to actor
@@ -94,15 +103,28 @@ def put_artifact(path: str | Path) -> Any:
     return [ray.put(Path(path).read_bytes())]
 
 
-def load_shipped(holder: list[Any], name: str, threads: int, check: str) -> Model:
-    """In an actor: the artifact from the object store, loaded (and self-checked) like a file."""
+def load_shipped(
+    holder: list[Any],
+    name: str,
+    threads: int,
+    check: str,
+    trusted_keys: dict[str, bytes] | None = None,
+) -> Model:
+    """In an actor: the artifact from the object store, loaded (and self-checked) like a file;
+    with ``trusted_keys`` (raw Ed25519 public keys by key id, :func:`raw_keys`) it must be
+    signed by one of them, checked here again (:class:`~quench.signing.SignatureError`)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from quench.model import Model
 
     ray = require()
     data = ray.get(holder[0])
+    keys = None
+    if trusted_keys is not None:
+        keys = {k: Ed25519PublicKey.from_public_bytes(v) for k, v in trusted_keys.items()}
     with tempfile.TemporaryDirectory(prefix="quench-") as tmp:
         local = Path(tmp) / Path(name).name  # error messages name the artifact
         local.write_bytes(data)
-        model = Model.load(local, threads=threads, check=check)
+        model = Model.load(local, threads=threads, check=check, trusted_keys=keys)
     model.path = Path(name)
     return model

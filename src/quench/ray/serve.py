@@ -13,8 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quench import signing
+from quench.artifact import load as load_artifact
 from quench.errors import QuenchError
-from quench.ray.cluster import connect, free_cpus, load_shipped, plan_pool, put_artifact
+from quench.ray.cluster import (
+    connect,
+    free_cpus,
+    load_shipped,
+    plan_pool,
+    put_artifact,
+    raw_keys,
+)
 from quench.serve import ServeConfig, create_app
 
 APP = "quench"
@@ -31,14 +40,17 @@ class Replica:
         config: ServeConfig,
         threads: int,
         check: str,
+        served: list[str | None] | None = None,
+        trusted_keys: dict[str, bytes] | None = None,
     ) -> None:
         self.models = [
-            load_shipped(h, n, threads, check) for h, n in zip(holders, names, strict=True)
+            load_shipped(h, n, threads, check, trusted_keys)
+            for h, n in zip(holders, names, strict=True)
         ]
-        self.config = config
+        self.config, self.served = config, served
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.models, self.config)
+        return create_app(self.models, self.config, self.served)
 
 
 @dataclass
@@ -74,8 +86,13 @@ def application(
     scale: Scale,
     threads: int | None = None,
     check: str = "always",
+    names: Sequence[str | None] | None = None,
+    trusted_keys: dict[str, Any] | None = None,
 ) -> Any:
-    """The Ray Serve application (bind it with ``serve.run``): every artifact in each replica."""
+    """The Ray Serve application (bind it with ``serve.run``): every artifact in each replica,
+    served under ``names`` (None: as ``quench serve`` names them). With ``trusted_keys``
+    (:func:`quench.signing.trusted_keys`) each artifact must be signed by one of them: checked
+    here before anything is deployed, and again in every replica."""
     ray = connect(None)
     from ray import serve
 
@@ -98,9 +115,17 @@ def application(
         }
     else:
         options["num_replicas"] = scale.replicas
+    keys = None
+    if trusted_keys is not None:
+        for a in artifacts:
+            signing.verify(load_artifact(a), dict(trusted_keys), str(a))
+        keys = raw_keys(trusted_keys)
     deployment = serve.deployment(serve.ingress()(Replica), name="quench", **options)
     holders = [put_artifact(a) for a in artifacts]
-    return deployment.bind(holders, [str(a) for a in artifacts], config, threads, check)
+    served = list(names) if names is not None else None
+    return deployment.bind(
+        holders, [str(a) for a in artifacts], config, threads, check, served, keys
+    )
 
 
 def start(
@@ -112,6 +137,8 @@ def start(
     address: str | None = "auto",
     threads: int | None = None,
     check: str = "always",
+    names: Sequence[str | None] | None = None,
+    trusted_keys: dict[str, Any] | None = None,
 ) -> str:
     """Deploy on the cluster at ``address`` and wait until every replica is ready; returns the
     URL. A proxy bound to a loopback host runs on the head node only (one per machine);
@@ -123,7 +150,7 @@ def start(
         http_options={"host": host, "port": port},
         proxy_location="HeadOnly" if host in LOOPBACK else "EveryNode",
     )
-    app = application(artifacts, config, scale, threads, check)
+    app = application(artifacts, config, scale, threads, check, names, trusted_keys)
     try:
         serve.run(app, name=APP, route_prefix="/")
     except Exception as exc:
@@ -150,6 +177,8 @@ def run(
     threads: int | None = None,
     check: str = "always",
     log: Callable[[str], None] = print,
+    names: Sequence[str | None] | None = None,
+    trusted_keys: dict[str, Any] | None = None,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C, then shut down gracefully."""
     connect(address)  # Ray sets its own SIGTERM handler (exit at once) as it connects
@@ -158,7 +187,9 @@ def run(
         s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        url = start(artifacts, config, scale, host, port, address, threads, check)
+        url = start(
+            artifacts, config, scale, host, port, address, threads, check, names, trusted_keys
+        )
         how = (
             f"autoscaling {scale.autoscale[0]}-{scale.autoscale[1]} replicas"
             if scale.autoscale
