@@ -15,9 +15,9 @@ if find_spec("ray") is None:
 
 from quench import signing
 from quench.builder import build
+from quench.errors import SignatureError
 from quench.ray.serve import Scale, start, stop
 from quench.serve import ServeConfig
-from quench.errors import SignatureError
 from test_serve import free_port, wait_ready
 
 
@@ -66,3 +66,18 @@ def test_unsigned_refused_before_deploying(
     with pytest.raises(SignatureError, match=f"{tiny_artifact}.*not signed"):
         start([tiny_artifact], ServeConfig(quiet=True), Scale(1), port=free_port(),
               address=None, trusted_keys=keys)  # fmt: skip
+
+
+def test_cli_refuses_unsigned_before_connecting(
+    tiny_artifact: Path, alice: tuple[Path, Path]
+) -> None:
+    from typer.testing import CliRunner
+
+    from quench.cli import app
+
+    res = CliRunner().invoke(
+        app, ["serve", str(tiny_artifact), "--ray", "127.0.0.1:1", "--trusted-keys", str(alice[1])]
+    )
+    assert res.exit_code != 0
+    line = res.stderr.strip().splitlines()[-1]
+    assert str(tiny_artifact) in line and "not signed" in line and "Ray" not in line
