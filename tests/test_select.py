@@ -69,10 +69,30 @@ def test_a_tie_runs_to_the_budget_and_keeps_the_preferred_candidate() -> None:
         clock=ticking(1.0),
     )
     assert summary["decision"] == "tie" and order[0] == 0 and order[-1] == 2
+    assert summary["stopped"] == "budget"
     # went on past the minimum, stopped by the budget (the fake clock ticks 1 s per look)
     assert 3 < len(summary["rounds"]) == 10 < select.MAX_ROUNDS
     assert summary["margin"]["winner"] == "tie" and select.TIE_RULE in summary["rule"]
     assert all(len(r) == 3 for r in summary["rounds"])
+
+
+def test_equivalent_candidates_stop_before_the_budget() -> None:
+    """Equal speeds inside +-2% noise: a tie, but known to within 3% after a few rounds; the
+    rest of the budget would not change the choice."""
+    logs: list[str] = []
+    order, _, summary = select.rank(
+        candidates("onnxruntime", "openvino"),
+        SPEC,
+        (3, 8, 8),
+        0.1,
+        budget=100.0,
+        say=logs.append,
+        timer=fake_timer([100.0, 100.0], 0.02),
+        clock=ticking(1.0),
+    )
+    assert summary["decision"] == "tie" and summary["stopped"] == "equivalent"
+    assert order[0] == 0 and len(summary["rounds"]) < 10
+    assert "within 3%: stopped" in logs[-1] and select.STOP_RULE in summary["rule"]
 
 
 def test_a_fixed_batch_is_timed_at_that_batch_only() -> None:

@@ -3,7 +3,9 @@
 Every round times each candidate at each batch size it will serve, in a rotating order, so a
 slow spell of the machine hits all of them alike; a candidate's round score is the geometric
 mean of its images/s over the batch sizes. Rounds go on until the leader beats every other
-candidate beyond the noise (``quench.stats.compare``, paired by round) or the time budget ends.
+candidate beyond the noise (``quench.stats.compare``, paired by round), or each one it does not
+beat is known to be within ``EQUIVALENT`` of it (more rounds could not matter), or the time
+budget ends.
 When the leader is not clearly faster, the tie goes to the candidate first in preference order
 (the order the builder lists them: engine preference, default options, float first layer).
 """
@@ -24,7 +26,12 @@ from quench.progress import Bar
 from quench.stats import MIN_ROUNDS, RULE, compare, geomean, spread
 
 MAX_ROUNDS = 50
+EQUIVALENT = 0.03  # a ratio known (95% CI) to lie within +-3% of 1: no point timing on
 TIE_RULE = "tie: kept the candidate first in preference order"
+STOP_RULE = (
+    f"rounds stop once every other candidate is clearly slower or known to be within "
+    f"{EQUIVALENT:.0%} of the leader (its ratio's 95% confidence interval), else at the budget"
+)
 
 Log = Callable[[str], None]
 Timer = Callable[[Any, int], float]  # (runner or index, batch) -> images/s of one timing
@@ -106,7 +113,7 @@ def rank(
                         x=inputs[b],
                     )
         start = clock()
-        decision = "budget"
+        decision, stop = "budget", "budget"
         with Bar("choosing the engine (rounds)", None, enabled=progress) as bar:
             while True:
                 k = len(rounds)
@@ -120,7 +127,10 @@ def rank(
                 if len(rounds) >= MIN_ROUNDS:
                     leader, vs = _leader(rounds)
                     if all(c.winner == "a" for c in vs.values()):
-                        decision = "clear"
+                        decision = stop = "clear"
+                        break
+                    if all(c.winner == "a" or _equivalent(c) for c in vs.values()):
+                        stop = "equivalent"
                         break
                     if clock() - start >= budget or len(rounds) >= MAX_ROUNDS:
                         break
@@ -155,15 +165,23 @@ def rank(
         "budget_seconds": budget,
         "seconds": round(clock() - start, 3),
         "decision": decision,
+        "stopped": stop,
         "margin": {"over_candidate": runner_up, **margin.to_dict()},
-        "rule": RULE + ("; " + TIE_RULE if decision == "tie" else ""),
+        "rule": RULE + "; " + STOP_RULE + ("; " + TIE_RULE if decision == "tie" else ""),
     }
     how = "clear" if decision == "clear" else TIE_RULE
+    if stop == "equivalent":
+        how += f"; the others within {EQUIVALENT:.0%}: stopped"
     say(
         f"  {len(rounds)} rounds in {summary['seconds']:.1f} s: candidate {winner + 1} "
         f"({candidates[winner][0].name}) vs next {runner_up + 1}: {margin.text()} [{how}]"
     )
     return order, timed, summary
+
+
+def _equivalent(c: Any) -> bool:
+    """The ratio's confidence interval lies within ``EQUIVALENT`` of 1 (either way)."""
+    return c.low >= 1 / (1 + EQUIVALENT) and c.high <= 1 + EQUIVALENT
 
 
 def _leader(rounds: list[list[dict[str, Any]]]) -> tuple[int, dict[int, Any]]:
