@@ -375,7 +375,10 @@ def _serve(model: Model, requests: list[tuple[str, str, Any, dict[str, str]]]) -
 
     async def go() -> list[Any]:
         transport = httpx.ASGITransport(app=app_)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+        async with (
+            app_.app.router.lifespan_context(app_.app),  # start, then stop batcher and decoders
+            httpx.AsyncClient(transport=transport, base_url="http://test") as ac,
+        ):
             return [
                 await (
                     ac.get(path)
