@@ -377,3 +377,20 @@ def test_fp32_runs_once_when_every_candidate_misses_the_check(
         )
     assert sum(line.startswith("accuracy on") for line in lines) >= 2
     assert made == [1]
+
+
+def test_repair_and_diagnose_with_uint8_input(
+    fragile: Path, tiny_labels: Path, calib_dir: Path, check_dir: Path, tmp_path: Path, cache_env
+) -> None:
+    """--input uint8: the repair judges its mixes on pixels, and diagnose feeds the artifact
+    pixels; both find what the float-input build finds."""
+    out = tmp_path / "u8.quench"
+    m = _checked(fragile, out, tiny_labels, calib_dir, check_dir, input="uint8")
+    assert m.manifest["io"]["input"]["dtype"] == "uint8"
+    q = m.manifest["quantization"]
+    assert q["repair"]["float_layers"] == ["fragile"] and m.manifest["accuracy"]["passed"]
+    args = ["diagnose", str(out), "--source", str(fragile), "--json", "-q"]
+    r = CliRunner().invoke(app, [*args, "--check-images", str(check_dir)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["ranking"][0] == "fragile" and d["check"]["engine_top1_drop_points"] <= 5.0

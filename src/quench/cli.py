@@ -299,6 +299,15 @@ def build(
     ] = None,
     channel_order: Annotated[str | None, typer.Option(help="RGB or BGR.")] = None,
     layout: Annotated[str | None, typer.Option(help="NCHW or NHWC.")] = None,
+    input_kind: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="The engine's input: float32 (normalised tensors, the default) or uint8 "
+            "(N,H,W,3 RGB pixels; channel order, mean/std and layout folded into the engine "
+            "graph: the pipeline skips its normalise step).",
+        ),
+    ] = "float32",
     calib_images: Annotated[
         str | None, typer.Option(help="INT8: calibration images (folder or list file).")
     ] = None,
@@ -403,6 +412,7 @@ def build(
             interpolation=interpolation,
             channel_order=channel_order.upper() if channel_order else None,
             layout=layout.upper() if layout else None,
+            input=input_kind.lower(),
             calib_images=calib_images,
             calib_count=calib_count,
             calib_method=calib_method,
@@ -990,8 +1000,12 @@ def perf(
             assert loaded is not None  # .onnx files were refused above
             for r in results:
                 e2e = perf_images(loaded, files, r.batch, progress=not quiet)
-                end_to_end.append(e2e)
                 ratio = e2e["pipeline"]["images_per_s"] / r.qps
+                # the same command's engine-only figure at this batch, and the ratio
+                e2e["engine_only"] = {"images_per_s": r.qps, "inputs": r.inputs}
+                e2e["pipeline_vs_engine_only"] = round(ratio, 4)
+                e2e["input"] = loaded.data.input
+                end_to_end.append(e2e)
                 print(
                     f"end-to-end batch {r.batch}: {e2e['pipeline']['images_per_s']:.1f} images/s "
                     f"({ratio:.2f}x engine-only {r.qps:.1f} qps); naive decode-then-infer loop "
@@ -1135,6 +1149,10 @@ def run_(
     crop: Annotated[int | None, typer.Option(help="Centre crop size.")] = None,
     force: Annotated[bool, typer.Option(help="Redo every step (ignore state.json).")] = False,
     fetch_timeout: Annotated[float, typer.Option(help="Network timeout, seconds.")] = 10.0,
+    input_kind: Annotated[
+        str,
+        typer.Option("--input", help="Each build's engine input: float32 or uint8 (quench build)."),
+    ] = "float32",
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -1155,6 +1173,7 @@ def run_(
             "std": _floats3(std, "std"),
             "resize": resize,
             "crop": crop,
+            "input": None if input_kind.lower() == "float32" else input_kind.lower(),
         }.items()
         if v is not None
     }

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,9 @@ def load_pixels(
 
 
 class Normalizer:
-    """uint8 HWC RGB pixels -> float32 model input, written straight into a batch buffer."""
+    """uint8 HWC RGB pixels -> the engine's input, written straight into a batch buffer:
+    float32, normalised, in the model's channel order and layout; or, for an engine that takes
+    uint8 pixels (``data.input``), the pixels as they are (no float buffer at all)."""
 
     def __init__(self, data: DataConfig) -> None:
         self.data = data
@@ -240,10 +243,13 @@ class Normalizer:
         self._bias = -mean / std
 
     def new_batch(self, n: int) -> np.ndarray:
-        return np.empty((n, *self.data.input_shape), np.float32)
+        return np.empty((n, *self.data.input_shape), self.data.input_dtype)
 
     def __call__(self, pixels: np.ndarray, out: np.ndarray) -> None:
         """Normalise one HWC uint8 image into ``out`` (one image of the batch buffer)."""
+        if self.data.pixels:
+            out[...] = pixels  # the engine's graph normalises
+            return
         if self._order is not None:
             pixels = pixels[..., self._order]
         if self.data.layout == "NCHW":
@@ -254,7 +260,8 @@ class Normalizer:
             np.multiply(pixels, self._scale, out=out, casting="unsafe")
             out += self._bias
 
-    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+    def batch(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """A new batch of ``images`` (HWC uint8 each, or one (N, H, W, 3) uint8 array)."""
         out = self.new_batch(len(images))
         for i, px in enumerate(images):
             self(px, out[i])

@@ -15,7 +15,7 @@ from typing import Any
 
 from quench.errors import ArtifactError, QuenchError
 from quench.precision import FLOAT_TYPES, Precision
-from quench.presets import INTERPOLATIONS, DataConfig
+from quench.presets import INPUTS, INTERPOLATIONS, DataConfig
 
 FORMAT = "quench-artifact"
 FORMAT_VERSION = 1
@@ -236,6 +236,7 @@ def _preprocess(d: Any) -> DataConfig:
         "interpolation": INTERPOLATIONS,
         "channel_order": ("RGB", "BGR"),
         "layout": ("NCHW", "NHWC"),
+        "input": INPUTS,  # absent in float32 artifacts (and in every older one)
     }
     for key, allowed in choices.items():
         if key in d:
@@ -295,6 +296,14 @@ class Manifest:
         )
         return replace(self, engine=engine, batch=b, io=io)
 
+    def with_float_input(self) -> Manifest:
+        """A copy whose engine takes normalised float32 tensors, as the source model does (the
+        build's fp32 reference for a ``--input uint8`` artifact)."""
+        data = self.preprocess.as_float()
+        shape = (self.io.input.shape[0], *data.input_shape)
+        io = IO(Tensor(self.io.input.name, "float32", shape), self.io.output)
+        return replace(self, preprocess=data, io=io)
+
     @classmethod
     def from_dict(
         cls, d: Any, engines: Collection[str] | None = None, where: str | None = None
@@ -326,6 +335,13 @@ class Manifest:
                 "io.input.shape",
                 f"expected {_show(want)} (batch, then the preprocess crop and layout), "
                 f"got {_show(got)}",
+            )
+        if io.input.dtype != data.input_dtype:
+            raise _Invalid(
+                "io.input.dtype",
+                f"expected {data.input_dtype} (preprocess.input: "
+                f"{'uint8 pixels' if data.pixels else 'float32, the default'}), "
+                f"got {_show(io.input.dtype)}",
             )
         if len(io.output.shape) != 2:
             raise _Invalid(

@@ -141,6 +141,11 @@ class Model:
                     f"{tensor.name!r} is not a tensor of the {self.engine} "
                     f"payload (it has {', '.join(names)})",
                 )
+            elif field == "io.input" and {got.dtype, tensor.dtype} == {"float32", "uint8"}:
+                problem = (
+                    f"{field}.dtype",
+                    f"{tensor.dtype} does not match the {self.engine} payload's {got.dtype}",
+                )
             elif (got.shape and len(got.shape) != len(tensor.shape)) or any(
                 isinstance(a, int) and isinstance(b, int) and a != b
                 for a, b in zip(got.shape[1:], tensor.shape[1:], strict=False)
@@ -180,8 +185,18 @@ class Model:
         return out[:n]
 
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Model outputs for preprocessed input ``x`` of shape (N, *input_shape), any N."""
-        x = np.asarray(x, dtype=np.float32)
+        """Model outputs for preprocessed input ``x`` of shape (N, *input_shape), any N: float32
+        tensors, or for a ``--input uint8`` artifact uint8 pixels (N, crop, crop, 3) RGB."""
+        if self.data.pixels:
+            x = np.asarray(x)
+            if x.dtype != np.uint8:
+                raise QuenchError(
+                    f"{self.name} takes uint8 RGB pixels (N, "
+                    f"{', '.join(map(str, self.data.input_shape))}) (built with --input uint8), "
+                    f"got {x.dtype} input: pass the pixels, not a normalised tensor"
+                )
+        else:
+            x = np.asarray(x, dtype=np.float32)
         if x.ndim == len(self.data.input_shape):
             x = x[None]
         if tuple(x.shape[1:]) != self.data.input_shape:
@@ -262,6 +277,7 @@ class Model:
             "engine": m.engine.to_dict(),
             "batch": m.batch.to_dict(),
             "io": m.io.to_dict(),
+            "input": _input_kind(m.preprocess),
             "preprocess": m.preprocess.to_dict(),
             "source": m.source,
             "created": m.created,
@@ -273,6 +289,16 @@ class Model:
                 if k in records
             },
         }
+
+
+def _input_kind(data: Any) -> str:
+    """What the engine takes, in words (``quench info``)."""
+    if data.pixels:
+        return (
+            f"uint8 pixels (N, {data.crop}, {data.crop}, 3) RGB; channel order, mean/std and "
+            f"layout ({data.layout}) folded into the engine graph"
+        )
+    return f"float32 {data.layout}, normalised by the pipeline"
 
 
 def topk_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

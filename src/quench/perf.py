@@ -263,8 +263,12 @@ def _measure_concurrent(
     return len(lat), time.perf_counter() - start, np.asarray(lat)
 
 
-def random_batch(input_shape: tuple[int, ...], batch: int) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+def random_batch(input_shape: tuple[int, ...], batch: int, dtype: str = "float32") -> np.ndarray:
+    """A random batch: standard normal floats, or for ``uint8`` random pixels."""
+    rng = np.random.default_rng(0)
+    if np.dtype(dtype) == np.uint8:
+        return rng.integers(0, 256, (batch, *input_shape), dtype=np.uint8)
+    return rng.standard_normal((batch, *input_shape)).astype(dtype)
 
 
 def percentile_key(p: float) -> str:
@@ -324,7 +328,7 @@ def perf_model(
         infer,
         model.data.input_shape,
         batches,
-        Timing(iterations, duration, warmup, rounds, percentiles, inputs),
+        Timing(iterations, duration, warmup, rounds, percentiles, inputs, model.data.input_dtype),
         progress,
         macs=model.spec.macs_per_image,
         compute=compute,
@@ -338,7 +342,8 @@ def perf_model(
 
 
 def load_inputs(model: Any, paths: list[Path]) -> np.ndarray:
-    """Real images through the model's preprocessing, as one float32 array (--input-images).
+    """Real images through the model's preprocessing, as one array of its input (float32, or
+    uint8 pixels for a ``--input uint8`` artifact) (--input-images).
     An unreadable file is an error naming it: a timing must say what it ran on."""
     if not paths:
         raise QuenchError("--input-images: no images")
@@ -357,8 +362,12 @@ def startup(model: Any, batch: int, inputs: np.ndarray | None = None) -> dict[st
     else:
         out["compile_ms"] = None
         out["note"] = "compiled during loading (the artifact's self-check ran)"
-    shape = model.data.input_shape
-    x = random_batch(shape, batch) if inputs is None else inputs[np.arange(batch) % len(inputs)]
+    shape, dtype = model.data.input_shape, model.data.input_dtype
+    x = (
+        random_batch(shape, batch, dtype)
+        if inputs is None
+        else inputs[np.arange(batch) % len(inputs)]
+    )
     t = time.perf_counter()
     model.run_batch(np.ascontiguousarray(x))
     out["first_inference_ms"] = round((time.perf_counter() - t) * 1e3, 3)
@@ -375,10 +384,11 @@ class Timing:
     rounds: int = ROUNDS
     percentiles: tuple[float, ...] = PERCENTILES
     inputs: np.ndarray | None = None  # real preprocessed images; None: random data
+    dtype: str = "float32"  # of the random data: the engine input's (uint8: pixels)
 
     def batch_input(self, shape: tuple[int, ...], batch: int) -> np.ndarray:
         if self.inputs is None:
-            return random_batch(shape, batch)
+            return random_batch(shape, batch, self.dtype)
         idx = np.arange(batch) % len(self.inputs)
         return np.ascontiguousarray(self.inputs[idx])
 

@@ -12,6 +12,9 @@ from typing import Any
 from quench.errors import QuenchError
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "lanczos")
+# what the engine takes: float32 normalised tensors in ``layout``, or uint8 NHWC RGB pixels
+# with the normalisation and layout change folded into the engine's graph
+INPUTS: tuple[str, ...] = ("float32", "uint8")
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -27,7 +30,9 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channel_order: str = "RGB"  # or "BGR"
-    layout: str = "NCHW"  # or "NHWC"
+    layout: str = "NCHW"  # or "NHWC": the model's own input layout
+    # "uint8": the engine takes the crop's pixels, (crop, crop, 3) RGB, and normalises itself
+    input: str = "float32"
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
@@ -45,6 +50,8 @@ class DataConfig:
             raise QuenchError(f"channel order must be RGB or BGR, got {self.channel_order!r}")
         if self.layout not in ("NCHW", "NHWC"):
             raise QuenchError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.input not in INPUTS:
+            raise QuenchError(f"input must be one of {', '.join(INPUTS)}, got {self.input!r}")
 
     def channel_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``mean`` and ``std`` (given in RGB order) in the order of the model's channels."""
@@ -53,13 +60,31 @@ class DataConfig:
         return tuple(self.mean), tuple(self.std)
 
     @property
+    def pixels(self) -> bool:
+        """Whether the engine takes uint8 pixels (normalisation folded into its graph)."""
+        return self.input == "uint8"
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
-        """Per-image tensor shape, without the batch dimension."""
+        """Per-image shape of the engine's input, without the batch dimension."""
         c = self.crop
-        return (3, c, c) if self.layout == "NCHW" else (c, c, 3)
+        return (3, c, c) if self.layout == "NCHW" and not self.pixels else (c, c, 3)
+
+    @property
+    def input_dtype(self) -> str:
+        """The engine input's element type (a NumPy dtype name)."""
+        return self.input
+
+    def as_float(self) -> DataConfig:
+        """This config with the engine taking normalised float32 tensors (the source model's)."""
+        return replace(self, input="float32")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The JSON form; ``input`` only when it is not float32 (what older artifacts hold)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["input"] == "float32":
+            del d["input"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:

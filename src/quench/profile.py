@@ -11,6 +11,7 @@ import numpy as np
 
 from quench.backend.base import LayerTime
 from quench.errors import QuenchError
+from quench.perf import random_batch
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,12 @@ def profile_model(model: Any, batch: int, runs: int = 20, inputs: Any = None) ->
     """Profile a loaded ``quench.Model`` at ``batch``: every layer, and the time per op."""
     if model.fixed_batch and batch != model.fixed_batch:
         batch = model.fixed_batch
+    dtype = model.data.input_dtype  # float32, or uint8 pixels (--input uint8)
     if inputs is None:
-        x = np.random.default_rng(0).standard_normal((batch, *model.data.input_shape))
+        x = random_batch(model.data.input_shape, batch, dtype)
     else:
         x = inputs[np.arange(batch) % len(inputs)]
-    feed = {model.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+    feed = {model.input_name: np.ascontiguousarray(x, dtype=dtype)}
     try:
         times = model.runner.profile(feed, runs)
     except NotImplementedError as exc:

@@ -416,6 +416,8 @@ class _Job:
             **opts.build_extra,
         )
         settings = {k: v for k, v in asdict(bo).items() if k not in ("progress",)}
+        if bo.input == "float32":  # the default: steps recorded before --input existed match
+            del settings["input"]
         inputs: dict[str, Any] = {
             "source_sha256": src_sha,
             "precision": precision,

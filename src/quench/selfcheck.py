@@ -94,7 +94,8 @@ def record(
     engine_version: str,
     min_top1_agreement: float,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest section and payloads of a self-check on ``inputs`` (already stored form)."""
+    """The manifest section and payloads of a self-check on ``inputs`` (already stored form:
+    float16-exact tensors, or uint8 pixels for a ``--input uint8`` artifact, kept as they are)."""
     figures = fidelity(got, reference)
     bound = {
         "top1_agreement": min_top1_agreement,
@@ -108,7 +109,8 @@ def record(
         "build_figures": figures,
         "bound": bound,
     }
-    payloads = {INPUTS: _npy(inputs.astype(np.float16)), REFERENCE: _npy(reference)}
+    stored = inputs if inputs.dtype == np.uint8 else inputs.astype(np.float16)
+    payloads = {INPUTS: _npy(stored), REFERENCE: _npy(reference)}
     return section, payloads
 
 
@@ -174,7 +176,13 @@ def check(model: Any, always: bool = False) -> Result:
     payloads = model.artifact.payloads
     if INPUTS not in payloads or REFERENCE not in payloads:
         raise QuenchError("artifact self-check payloads are missing")
-    x = _read_npy(payloads[INPUTS], INPUTS).astype(np.float32)
+    x = _read_npy(payloads[INPUTS], INPUTS)
+    if model.data.pixels != (x.dtype == np.uint8):
+        raise QuenchError(
+            f"artifact self-check payload {INPUTS} holds {x.dtype} inputs, but the model "
+            f"takes {model.data.input_dtype}"
+        )
+    x = x if model.data.pixels else x.astype(np.float32)
     ref = _read_npy(payloads[REFERENCE], REFERENCE)
     if ref.shape != (len(x), len(model.labels)):
         raise QuenchError(

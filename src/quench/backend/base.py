@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from quench.presets import DataConfig
+
 InferFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # one batch, by tensor name
 
 
@@ -45,6 +47,14 @@ class CompileSpec:
     batch: int | None  # None: dynamic batch
     threads: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # --input uint8: fold this preprocessing (channel order, mean/std, layout) into the graph;
+    # the compiled model then takes uint8 (N, crop, crop, 3) RGB pixels
+    preprocess: DataConfig | None = None
+
+    @property
+    def input_dtype(self) -> str:
+        """The compiled model's input element type."""
+        return "uint8" if self.preprocess is not None else "float32"
 
 
 @dataclass

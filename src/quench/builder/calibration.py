@@ -29,6 +29,9 @@ class CalibrationSet:
     held_out: np.ndarray | None = None
     held_out_files: list[str] = field(default_factory=list)
     synthetic: bool = False  # made by quench.zoo.synth_images, not photos
+    # the same images as uint8 (N, crop, crop, 3) RGB pixels: what a --input uint8 engine takes
+    pixels: np.ndarray | None = None
+    held_out_pixels: np.ndarray | None = None
 
     @property
     def kind(self) -> str:
@@ -107,4 +110,14 @@ def load_calibration(
     digest = hashlib.sha256(tensor.tobytes()).hexdigest()
     held_out = norm.batch(held) if held else None
     synthetic = isinstance(spec, str | Path) and is_synthetic(spec)
-    return CalibrationSet(tensor, files, skipped, digest, held_out, held_files, synthetic)
+    return CalibrationSet(
+        tensor,
+        files,
+        skipped,
+        digest,
+        held_out,
+        held_files,
+        synthetic,
+        np.stack(pixels),
+        np.stack(held) if held else None,
+    )

@@ -48,12 +48,13 @@ from quench.graph import (
     upgrade_opset,
 )
 from quench.hw import cpu_info, int8_accumulates_in_int32, one_blas_thread
+from quench.imaging import Normalizer
 from quench.labels import load_labels
 from quench.manifest import IO, Batch, EngineInfo, Manifest, PrecisionInfo, Tensor
 from quench.model import Model
 from quench.pipeline import Prediction
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
-from quench.presets import Preset, detect_preset, get_preset
+from quench.presets import INPUTS, DataConfig, Preset, detect_preset, get_preset
 from quench.progress import Bar
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
@@ -95,6 +96,9 @@ class BuildOptions:
     interpolation: str | None = None
     channel_order: str | None = None
     layout: str | None = None
+    # the engine's input: float32 (normalised tensors) or uint8 (pixels: the channel order,
+    # mean/std and layout change folded into the engine graph)
+    input: str = "float32"
     # INT8 calibration
     calib_images: str | None = None  # folder or list file
     calib_count: int = 200
@@ -139,12 +143,18 @@ class Plan:
     fixed: onnx.ModelProto  # the source at the build's batch size
     dynamic: onnx.ModelProto  # the source at a dynamic batch size (``fixed`` if that is dynamic)
 
+    @property
+    def data(self) -> DataConfig:
+        """The artifact's data config: the preset's (the source model's input), with the
+        engine input ``--input`` asks for."""
+        return replace(self.preset.data, input=self.opts.input)
+
 
 @dataclass
 class Probe:
     """The fidelity gate's images and the fp32 source model's outputs for them."""
 
-    x: np.ndarray
+    x: np.ndarray  # as the built model takes them (float32, or uint8 pixels)
     reference: np.ndarray
     source: str  # what the images are, for messages and the manifest
     # the fp32 source model's predictions on the check images, once computed (one per build)
@@ -219,6 +229,8 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
         raise QuenchError(f"--min-top1-agreement must be in [0, 1], got {opts.min_top1_agreement}")
     if opts.check_labels and not opts.check_images:
         raise QuenchError("--check-labels needs --check-images")
+    if opts.input not in INPUTS:
+        raise QuenchError(f"unknown --input {opts.input!r}; choose one of {', '.join(INPUTS)}")
 
     src = load_model(model)
     graph_inputs = [i.name for i in real_inputs(src.model)]
@@ -234,6 +246,8 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
         )
     engines = candidate_engines(opts.engine, opts.precision)
     spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
+    if opts.input == "uint8":  # every compile of this build folds the preprocessing in
+        spec.preprocess = preset.data
     fixed = set_batch(src.model, opts.batch)
     dynamic = fixed if opts.batch is None else set_batch(src.model, None)
     return Plan(opts, precision, src, preset, how, labels, engines, spec, fixed, dynamic)
@@ -409,7 +423,7 @@ def _compile_and_select(plan: Plan, prepared: list[Prepared], say: Log) -> Selec
     )
     if len(plan.engines) == 1 and len(prepared) == 1 and len(candidates) == 1:
         return Selection.unranked(candidates)  # nothing to choose between
-    return choose(candidates, spec, shape, opts, say)
+    return choose(candidates, spec, plan.data.input_shape, opts, say)
 
 
 # -- accept: the first candidate that passes the fidelity gate and the accuracy check -------
@@ -569,13 +583,14 @@ def _check_set(plan: Plan, probe: Probe) -> repair.CheckSet:
     opts, spec = plan.opts, plan.spec
     assert opts.check_images is not None
     truth = read_ground_truth(opts.check_labels) if opts.check_labels else None
-    x, labels, kept = repair.read_check_images(
-        list_images(opts.check_images), plan.preset.data, truth, opts.progress
+    x, labels, kept = repair.read_check_images(  # the artifact's input (uint8: pixels)
+        list_images(opts.check_images), plan.data, truth, opts.progress
     )
     known = {str(Path(p.source).resolve()): p.classes[0] for p in probe.fp32_check or [] if p.ok}
     top1 = [known.get(str(p.resolve()), -1) for p in kept]
     if min(top1, default=-1) < 0:  # not all predicted by the accuracy check: run fp32 here
-        top1 = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name].argmax(1)
+        fx = Normalizer(plan.preset.data).batch(x) if plan.data.pixels else x
+        top1 = sensitivity.run(plan.dynamic, spec.input_name, fx)[spec.output_name].argmax(1)
     return repair.CheckSet(x, np.asarray(top1), labels)
 
 
@@ -589,8 +604,8 @@ def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:
 
 def _manifest(plan: Plan) -> Manifest:
     """The manifest's candidate-independent part (engine and precision details come later)."""
-    opts, src, preset = plan.opts, plan.src, plan.preset
-    shape, batch = preset.data.input_shape, opts.batch
+    opts, src, preset, data = plan.opts, plan.src, plan.preset, plan.data
+    shape, batch = preset.data.input_shape, opts.batch  # the source model's input
     return Manifest(
         name=opts.name or artifact_name(preset, plan.preset_how, src.path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -604,11 +619,11 @@ def _manifest(plan: Plan) -> Manifest:
             ),
         },
         io=IO(
-            Tensor(plan.spec.input_name, "float32", (batch or "N", *shape)),
+            Tensor(plan.spec.input_name, data.input_dtype, (batch or "N", *data.input_shape)),
             Tensor(plan.spec.output_name, "float32", (batch or "N", len(plan.labels))),
         ),
         batch=Batch.of(batch),
-        preprocess=preset.data,
+        preprocess=data,
         output_kind=preset.output_kind,
         labels=plan.labels,
         build=_settings(opts),
@@ -653,6 +668,8 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
         }
     if not opts.calib_images:
         skip.add("calib_count")
+    if opts.input == "float32":  # the default: float artifacts' manifests as before
+        skip.add("input")
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
 
 
@@ -689,24 +706,37 @@ def _check(
 
 def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
     """The images the fidelity gate and the self-check run: calibration images held out of the
-    calibration (INT8) or all of them (float builds), else a random batch (a smoke test);
-    rounded to float16, the form in which the artifact keeps its self-check inputs; with the
-    fp32 source model's outputs (ONNX Runtime, dynamic batch)."""
-    int8 = plan.precision.is_int8
+    calibration (INT8) or all of them (float builds), else a random batch (a smoke test); in
+    the form in which the artifact keeps its self-check inputs (float16-rounded tensors, or
+    uint8 pixels for ``--input uint8``), with the fp32 source model's outputs (ONNX Runtime,
+    dynamic batch) on the same images."""
+    int8, pixels = plan.precision.is_int8, plan.data.pixels
     x, kind = None, "random input"
     if calib is not None:
-        x = calib.held_out if int8 else calib.tensor
+        if pixels:
+            x = calib.held_out_pixels if int8 else calib.pixels
+        else:
+            x = calib.held_out if int8 else calib.tensor
         kind = f"held-out {calib.kind}" if int8 else calib.kind
+    n = max(8, plan.opts.batch or 0)
     if x is None or not len(x):
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((max(8, plan.opts.batch or 0), *plan.preset.data.input_shape))
+        if pixels:
+            crop = plan.data.crop
+            x = rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
+        else:
+            x = rng.standard_normal((n, *plan.preset.data.input_shape))
         kind = "random input"
-    x = np.asarray(x).astype(np.float16).astype(np.float32)
+    if pixels:  # the source model takes them normalised, as the pipeline does it
+        x = np.asarray(x, np.uint8)
+        source_x = Normalizer(plan.preset.data).batch(x)
+    else:
+        x = source_x = np.asarray(x).astype(np.float16).astype(np.float32)
     spec = plan.spec
     with OnnxRuntimeRunner(plan.dynamic.SerializeToString()) as ref:
         out = [
-            ref.infer({spec.input_name: x[i : i + 8]})[spec.output_name]
-            for i in range(0, len(x), 8)
+            ref.infer({spec.input_name: source_x[i : i + 8]})[spec.output_name]
+            for i in range(0, len(source_x), 8)
         ]
     return Probe(x, np.concatenate(out), kind)
 
@@ -756,11 +786,11 @@ def _fidelity_hint(opts: BuildOptions) -> str:
 
 def _reference_model(source: onnx.ModelProto, built: Model) -> Model:
     """The fp32 source model (dynamic batch) on ONNX Runtime, with the built model's
-    preprocessing."""
+    preprocessing (done by the pipeline: float32 input, whatever the built model takes)."""
     engine = OnnxRuntimeEngine()
     spec = CompileSpec(FORCE_FLOAT32.name, built.input_name, built.output_name, None)
     compiled = engine.compile(source, spec)
-    manifest = built.spec.with_engine(
+    manifest = built.spec.with_float_input().with_engine(
         EngineInfo(engine.name, engine.version(), compiled.options), batch=None
     )
     return Model(artifact.Artifact(manifest.to_dict(), compiled.payloads), threads=built.threads)

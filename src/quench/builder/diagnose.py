@@ -35,6 +35,7 @@ from quench.builder.quantize.layers import layers
 from quench.errors import QuenchError
 from quench.evaluate import list_images, read_ground_truth
 from quench.graph import set_batch
+from quench.imaging import Normalizer
 from quench.model import Model
 from quench.profile import profile_model
 from quench.zoo.fetch import sha256_file
@@ -128,7 +129,8 @@ def diagnose(
     with engine_model:
         say(f"profiling {engine_model.engine} ({PROFILE_RUNS} runs)")
         batch = engine_model.fixed_batch or 8
-        profile = profile_model(engine_model, batch, PROFILE_RUNS, calib.tensor)
+        inputs = calib.pixels if engine_model.data.pixels else calib.tensor  # --input uint8
+        profile = profile_model(engine_model, batch, PROFILE_RUNS, inputs)
         check = _check(plan, qdq, engine_model, opts) if opts.check_images else None
     shares = _time_shares(profile["layers"], all_layers)
     rows = []
@@ -172,9 +174,10 @@ def _check(plan: Any, qdq: Any, engine_model: Model, opts: BuildOptions) -> dict
     engine's model (the artifact's mix, or all INT8)."""
     assert opts.check_images is not None
     truth = read_ground_truth(opts.check_labels) if opts.check_labels else None
-    x, labels, _ = repair.read_check_images(
-        list_images(opts.check_images), plan.preset.data, truth, opts.progress
+    given, labels, _ = repair.read_check_images(  # as the engine's model takes them
+        list_images(opts.check_images), engine_model.data, truth, opts.progress
     )
+    x = Normalizer(plan.preset.data).batch(given) if engine_model.data.pixels else given
     spec = plan.spec
     ref = sensitivity.run(plan.dynamic, spec.input_name, x)[spec.output_name]
     check = repair.CheckSet(x, ref.argmax(1), labels)
@@ -183,7 +186,7 @@ def _check(plan: Any, qdq: Any, engine_model: Model, opts: BuildOptions) -> dict
         "images": len(x),
         "measure": "labels" if labels is not None else "agreement with fp32 top-1",
         "all_int8_top1_drop_points": round(check.drop(all_int8), 4),
-        "engine_top1_drop_points": round(check.drop(engine_model.predict(x)), 4),
+        "engine_top1_drop_points": round(check.drop(engine_model.predict(given)), 4),
     }
 
 

@@ -19,6 +19,7 @@ import onnx
 from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
 from quench.errors import ModelError, QuenchError
+from quench.imaging import Normalizer
 from quench.precision import FORCE_FLOAT32
 
 # Engine preference for --engine auto: the first installed engine that runs the precision.
@@ -85,21 +86,30 @@ class Selection:
 class Reference:
     """The source model's output on one random batch: what every candidate must reproduce."""
 
-    feed: dict[str, np.ndarray]
+    feed: dict[str, np.ndarray]  # what the compiled candidates take (uint8 pixels, --input uint8)
     expected: np.ndarray
 
     @classmethod
     def of(
         cls, model: onnx.ModelProto, spec: CompileSpec, input_shape: tuple[int, ...]
     ) -> Reference:
-        """Run ``model`` (at the build's batch) unoptimised on ONNX Runtime, once per build."""
+        """Run ``model`` (at the build's batch) unoptimised on ONNX Runtime, once per build;
+        ``input_shape``: the source model's. With ``spec.preprocess``, the batch is random
+        pixels, normalised for the source model as the image pipeline would."""
         n = spec.batch or 2
-        x = np.random.default_rng(0).standard_normal((n, *input_shape)).astype(np.float32)
-        feed = {spec.input_name: x}
+        rng = np.random.default_rng(0)
+        if spec.preprocess is not None:
+            crop = spec.preprocess.crop
+            pixels = rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
+            x = Normalizer(spec.preprocess.as_float()).batch(pixels)
+            feed = {spec.input_name: pixels}
+        else:
+            x = rng.standard_normal((n, *input_shape)).astype(np.float32)
+            feed = {spec.input_name: x}
         with OnnxRuntimeRunner(
             model.SerializeToString(), graph_optimization_level="disable"
         ) as ref:
-            return cls(feed, ref.infer(feed)[spec.output_name])
+            return cls(feed, ref.infer({spec.input_name: x})[spec.output_name])
 
     def check(self, compiled: Compiled, engine: Engine, spec: CompileSpec) -> dict[str, Any]:
         """Run ``compiled`` on the same batch and compare; :class:`ModelError` when it is wrong."""

@@ -125,7 +125,7 @@ def search(ranking: Sequence[str], judge: Judge, say: Callable[[str], None] | No
 
 @dataclass
 class CheckSet:
-    """Check images read once: the preprocessed tensor, fp32's top-1, and the labels (None:
+    """Check images read once: the built model's input, fp32's top-1, and the labels (None:
     the measure is agreement with fp32's top-1, as in the build's accuracy check)."""
 
     x: np.ndarray
@@ -147,9 +147,9 @@ class CheckSet:
 def read_check_images(
     paths: Sequence[Path], data: DataConfig, truth: GroundTruth | None, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
-    """The readable images of ``paths`` preprocessed as ``data`` says, their labels from
-    ``truth`` (-1 where it has none), and their paths; unreadable files are left out, as the
-    accuracy check leaves them out."""
+    """The readable images of ``paths`` preprocessed as ``data`` says (uint8 pixels when
+    ``data.input`` is uint8), their labels from ``truth`` (-1 where it has none), and their
+    paths; unreadable files are left out, as the accuracy check leaves them out."""
     images: list[np.ndarray] = []
     labels: list[int] = []
     kept: list[Path] = []

@@ -41,7 +41,8 @@ def choose(
     candidates: list[Candidate], spec: CompileSpec, shape: tuple[int, ...], opts: Any, say: Log
 ) -> Selection:
     """The builder's candidates in the order to try them, each with its timing record, and the
-    selection summary for the manifest (its rounds listed in that same order). ``opts``: the
+    selection summary for the manifest (its rounds listed in that same order). ``shape``: the
+    compiled models' input (per image), of ``spec.input_dtype``. ``opts``: the
     ``BuildOptions`` (``select_seconds``, ``select_budget``, ``progress``)."""
     say(f"timing {len(candidates)} candidates in interleaved rounds")
     for i, c in enumerate(candidates):
@@ -79,7 +80,7 @@ def rank(
     manifest (every round, the decision, the winner's margin and the rule). ``timer`` and
     ``clock`` replace the real measurement in tests."""
     batches = [spec.batch] if spec.batch else [1, 8]
-    inputs = {b: random_batch(shape, b) for b in batches}
+    inputs = {b: random_batch(shape, b, spec.input_dtype) for b in batches}
 
     def real_timer(run: Any, b: int) -> float:
         n, secs, _ = measure(

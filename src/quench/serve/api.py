@@ -44,8 +44,13 @@ def finite_or_none(values: np.ndarray) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in out]
 
 
+# the v2 protocol's datatype of each engine input, with its little-endian NumPy form
+DATATYPES = {"float32": ("FP32", "<f4"), "uint8": ("UINT8", "u1")}
+
+
 class ClassifierAPI:
-    """A ``Model`` behind the v2 protocol: one FP32 input (N, *shape), one FP32 output (N, C)."""
+    """A ``Model`` behind the v2 protocol: one input (N, *shape), FP32 tensors or, for a
+    ``--input uint8`` artifact, UINT8 pixels (N, H, W, 3) RGB; one FP32 output (N, C)."""
 
     def __init__(
         self, model: Model, name: str | None = None, max_pixels: int | None = None
@@ -54,16 +59,18 @@ class ClassifierAPI:
         self.name = name or model.name
         self.max_pixels = max_pixels  # decoded pixels per image on /classify
         self.input_shape = tuple(model.data.input_shape)
+        self.dtype = np.dtype(model.data.input_dtype)
+        self.datatype, self._wire = DATATYPES[model.data.input_dtype]
         self.classes = len(model.labels)
         self._norm = Normalizer(model.data)
 
     # -- setup / predict (engine thread) ----------------------------------------------------
     def setup(self) -> None:
         """Activate the engine and run one warm-up batch."""
-        self.predict(np.zeros((1, *self.input_shape), np.float32))
+        self.predict(np.zeros((1, *self.input_shape), self.dtype))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.run_batch(np.ascontiguousarray(x, dtype=np.float32))
+        return self.model.run_batch(np.ascontiguousarray(x, dtype=self.dtype))
 
     def max_batch(self, configured: int) -> int:
         fixed = self.model.fixed_batch
@@ -78,7 +85,7 @@ class ClassifierAPI:
             "inputs": [
                 {
                     "name": self.model.input_name,
-                    "datatype": "FP32",
+                    "datatype": self.datatype,
                     "shape": [-1, *self.input_shape],
                 }
             ],
@@ -128,8 +135,11 @@ class ClassifierAPI:
             raise bad(
                 f"unknown input {name!r}; model {self.name!r} takes {self.model.input_name!r}"
             )
-        if t.datatype != "FP32":
-            raise bad(f"input {name!r}: datatype {t.datatype!r} is not supported, send FP32")
+        if t.datatype != self.datatype:
+            raise bad(
+                f"input {name!r}: datatype {t.datatype!r} is not supported, send {self.datatype}"
+                + (" pixels (built with --input uint8)" if self.datatype == "UINT8" else "")
+            )
         if (
             len(shape) != len(self.input_shape) + 1
             or tuple(shape[1:]) != self.input_shape
@@ -140,13 +150,12 @@ class ClassifierAPI:
         count = math.prod(shape)
         size = t.parameters.binary_data_size if t.parameters else None
         if size is not None:
-            if size != count * 4:
-                raise bad(
-                    f"input {name!r}: binary_data_size {size} != {count * 4} for shape {shape}"
-                )
+            want = count * self.dtype.itemsize
+            if size != want:
+                raise bad(f"input {name!r}: binary_data_size {size} != {want} for shape {shape}")
             if len(binary) < size:
                 raise bad(f"input {name!r}: {len(binary)} binary bytes, expected {size}")
-            return np.frombuffer(binary[:size], dtype="<f4").reshape(shape)
+            return np.frombuffer(binary[:size], dtype=self._wire).reshape(shape)
         if t.data is None:
             raise bad(f"input {name!r}: no 'data' and no binary_data_size")
         try:
@@ -157,6 +166,10 @@ class ClassifierAPI:
             ) from None
         if x.size != count:
             raise bad(f"input {name!r}: {x.size} values for shape {shape} ({count})")
+        if self.datatype == "UINT8":
+            if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):  # NaN fails too
+                raise bad(f"input {name!r}: UINT8 'data' must be integers 0..255")
+            x = x.astype(np.uint8)
         return x.reshape(shape)
 
     def encode_infer(self, req: InferRequest, y: np.ndarray) -> tuple[bytes, dict[str, str]]:

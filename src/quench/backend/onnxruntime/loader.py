@@ -14,9 +14,11 @@ from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
 from quench.backend.onnxruntime.session import session
 from quench.errors import ModelError, QuenchError
 from quench.external_data import refuse_external_data
+from quench.fuse_preprocess import fold
 from quench.precision import Precision
 
 PAYLOAD = "model.onnx"
+PREPROCESS_INFO = "uint8 NHWC RGB pixels in: Cast, Transpose, Mul, Add in the ONNX graph"
 
 
 def optimize(model: onnx.ModelProto, level: str = "extended") -> onnx.ModelProto:
@@ -52,6 +54,8 @@ class OnnxRuntimeEngine(Engine):
             return False
 
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
+        if spec.preprocess is not None:  # --input uint8: the preprocessing in the graph
+            model = fold(model, spec.input_name, spec.preprocess)
         optimized = optimize(model)
         int8 = Precision.parse(spec.precision).is_int8
         return Compiled(
@@ -64,6 +68,7 @@ class OnnxRuntimeEngine(Engine):
                 if int8
                 else "float32",
                 "optimization": "extended at build, all at load",
+                **({"preprocess": PREPROCESS_INFO} if spec.preprocess is not None else {}),
             },
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 import openvino as ov
+from openvino.preprocess import PrePostProcessor
 
 from quench.backend.base import Compiled, CompileSpec, Engine, Runner
 from quench.backend.openvino.runner import (
@@ -31,6 +32,7 @@ from quench.errors import ModelError, QuenchError
 from quench.graph import real_inputs
 from quench.hw import cpu_info, default_threads, half_precision_capped
 from quench.precision import Precision
+from quench.presets import DataConfig
 
 _NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -135,10 +137,34 @@ def _config(p: Plan, spec: CompileSpec) -> dict[str, str]:
     return config
 
 
+PREPROCESS_INFO = "uint8 NHWC RGB pixels in: OpenVINO PrePostProcessor steps in the graph"
+
+
+def fold(om: ov.Model, input_name: str, data: DataConfig) -> ov.Model:
+    """``om`` with input ``input_name`` taking uint8 (N, crop, crop, 3) RGB pixels: the
+    PrePostProcessor converts them to f32, reverses the channels for a BGR model, subtracts the
+    mean, divides by the std and changes the layout to the model's."""
+    ppp = PrePostProcessor(om)
+    step = ppp.input(input_name)
+    step.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    step.model().set_layout(ov.Layout(data.layout))
+    pre = step.preprocess().convert_element_type(ov.Type.f32)
+    if data.channel_order == "BGR":
+        pre.reverse_channels()
+    mean, std = data.channel_mean_std()
+    pre.mean([float(v) for v in mean]).scale([float(v) for v in std])
+    return ppp.build()
+
+
 def convert(
-    model: onnx.ModelProto, batch: int | None, compress_to_fp16: bool
+    model: onnx.ModelProto,
+    batch: int | None,
+    compress_to_fp16: bool,
+    preprocess: DataConfig | None = None,
+    input_name: str | None = None,
 ) -> tuple[bytes, bytes]:
-    """ONNX model -> OpenVINO IR (xml, bin), batch dimension fixed or dynamic, names kept."""
+    """ONNX model -> OpenVINO IR (xml, bin), batch dimension fixed or dynamic, names kept;
+    with ``preprocess``, input ``input_name`` takes uint8 pixels (:func:`fold`)."""
     with tempfile.TemporaryDirectory(prefix="quench-ov-") as tmp:
         src = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(src), save_as_external_data=model.ByteSize() > 2**31 - 1)
@@ -162,6 +188,10 @@ def convert(
                 shapes[port.get_any_name()] = shape
         if shapes:
             om.reshape(shapes)
+        if preprocess is not None:
+            if input_name is None:
+                raise ValueError("preprocess needs the input's name")
+            om = fold(om, input_name, preprocess)
         xml = Path(tmp) / "model.xml"
         ov.save_model(om, str(xml), compress_to_fp16=compress_to_fp16)
         return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
@@ -190,7 +220,9 @@ class OpenVinoEngine(Engine):
                 f"{spec.precision} needs a QDQ-quantized model (QuantizeLinear/DequantizeLinear)"
             )
         config = _config(p, spec)
-        xml, weights = convert(model, spec.batch, p.compress_to_fp16)
+        xml, weights = convert(
+            model, spec.batch, p.compress_to_fp16, spec.preprocess, spec.input_name
+        )
 
         # Compile what the artifact will hold and look at what really executes.
         with OpenVinoRunner(xml, weights, config, threads=spec.threads) as run:
@@ -209,6 +241,7 @@ class OpenVinoEngine(Engine):
                 "capabilities": sorted(caps),
                 "inference_precision": _NAMES[props["INFERENCE_PRECISION_HINT"]],
                 "performance_hint": props["PERFORMANCE_HINT"],
+                **({"preprocess": PREPROCESS_INFO} if spec.preprocess is not None else {}),
                 **counts,
             },
         )
