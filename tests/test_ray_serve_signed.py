@@ -15,7 +15,7 @@ if find_spec("ray") is None:
 
 from quench import signing
 from quench.builder import build
-from quench.errors import SignatureError
+from quench.errors import QuenchError, SignatureError
 from quench.ray.serve import Scale, start, stop
 from quench.serve import ServeConfig
 from test_serve import free_port, wait_ready
@@ -43,6 +43,9 @@ def signed(
 
 
 def test_named_and_signed_on_ray(ray_local: object, signed: Path, alice: tuple[Path, Path]) -> None:
+    from ray import serve
+
+    serve.shutdown()  # a proxy left by an earlier test module listens on its own port
     port = free_port()
     keys = signing.trusted_keys(alice[1])
     config = ServeConfig(quiet=True)
@@ -55,6 +58,9 @@ def test_named_and_signed_on_ray(ray_local: object, signed: Path, alice: tuple[P
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}/v2/models/tiny", timeout=5)
         assert e.value.code == 404
+        # Serve keeps its first address: asking for another is refused, not ignored
+        with pytest.raises(QuenchError, match=f"already runs .* at 127.0.0.1:{port}"):
+            start([signed], config, Scale(1), port=free_port(), address=None)
     finally:
         stop()
 

@@ -91,8 +91,8 @@ def application(
 ) -> Any:
     """The Ray Serve application (bind it with ``serve.run``): every artifact in each replica,
     served under ``names`` (None: as ``quench serve`` names them). With ``trusted_keys``
-    (:func:`quench.signing.trusted_keys`) each artifact must be signed by one of them: checked
-    here before anything is deployed, and again in every replica."""
+    (:func:`quench.signing.trusted_keys`) each replica refuses an artifact not signed by one of
+    them (:func:`start` checks them first, before anything is deployed)."""
     ray = connect(None)
     from ray import serve
 
@@ -115,11 +115,7 @@ def application(
         }
     else:
         options["num_replicas"] = scale.replicas
-    keys = None
-    if trusted_keys is not None:
-        for a in artifacts:
-            signing.verify(load_artifact(a), dict(trusted_keys), str(a))
-        keys = raw_keys(trusted_keys)
+    keys = None if trusted_keys is None else raw_keys(trusted_keys)
     deployment = serve.deployment(serve.ingress()(Replica), name="quench", **options)
     holders = [put_artifact(a) for a in artifacts]
     served = list(names) if names is not None else None
@@ -143,6 +139,8 @@ def start(
     """Deploy on the cluster at ``address`` and wait until every replica is ready; returns the
     URL. A proxy bound to a loopback host runs on the head node only (one per machine);
     otherwise Ray Serve runs one on every node."""
+    for a in artifacts if trusted_keys is not None else []:
+        signing.verify(load_artifact(a), dict(trusted_keys or {}), str(a))
     connect(address)
     from ray import serve
 
@@ -150,6 +148,7 @@ def start(
         http_options={"host": host, "port": port},
         proxy_location="HeadOnly" if host in LOOPBACK else "EveryNode",
     )
+    _check_proxy(host, port)
     app = application(artifacts, config, scale, threads, check, names, trusted_keys)
     try:
         serve.run(app, name=APP, route_prefix="/")
@@ -157,6 +156,23 @@ def start(
         reason = " ".join(str(exc).split())[:500] or type(exc).__name__
         raise QuenchError(f"Ray Serve could not deploy {APP!r}: {reason}") from None
     return f"http://{host}:{port}"
+
+
+def _check_proxy(host: str, port: int) -> None:
+    """Ray Serve keeps the HTTP options of its first start on a cluster: one already running
+    elsewhere would take the app on its own address, not the one asked for."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        cfg = _get_global_client().http_config
+    except Exception:  # a private API: when it moves, deploy as asked
+        return
+    if (cfg.host, int(cfg.port)) != (host, port):
+        raise QuenchError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy at {cfg.host}:"
+            f"{cfg.port}: pass --host {cfg.host} --port {cfg.port}, or stop it first "
+            "(`serve shutdown`)"
+        )
 
 
 def stop() -> None:
