@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import write_section
 
 from quench.builder import BuildOptions, build
 from quench.evaluate import list_images
@@ -234,14 +235,7 @@ def main() -> None:
             m.close()
     doc = {"machine": cpu_info(), "batch": a.batch, "images": len(files), "rows": rows}
     (work / "fused.json").write_text(json.dumps(doc, indent=2, default=str))
-    text = a.md.read_text() if a.md.exists() else ""
-    if MARK in text:
-        head, _, rest = text.partition(MARK)
-        _, _, tail = rest.partition(MARK)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    a.md.write_text(text)
+    write_section(a.md, MARK, section)
     print(section)
     say(f"wrote the section to {a.md}; figures in {work / 'fused.json'}")
 

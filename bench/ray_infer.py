@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the clusters the tests make: same setup, same teardown
 
+from common import timed_quench, write_section  # noqa: E402
+
 from quench.evaluate import list_images  # noqa: E402
 from raycluster import cluster_env, start_cluster, stop  # noqa: E402
 
@@ -47,11 +49,7 @@ def say(msg: str) -> None:
 
 
 def quench(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
-    t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "quench", *args], env=env, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - t0
+    seconds, done = timed_quench(args, env)
     if done.returncode not in (0, 1):
         raise SystemExit(f"quench {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
     return seconds, done
@@ -167,14 +165,7 @@ def main() -> None:
         }
     section = report(figures, a)
     (work / "figures.json").write_text(json.dumps(figures, indent=2))
-    text = a.md.read_text() if a.md.exists() else ""
-    if MARK in text:
-        head, _, rest = text.partition(MARK)
-        _, _, tail = rest.partition(MARK)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    a.md.write_text(text)
+    write_section(a.md, MARK, section)
     print(section)
     say(f"wrote the section to {a.md}; figures in {work / 'figures.json'}")
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import timed_quench, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -54,14 +55,6 @@ CASES: dict[str, tuple[str, list[str], list[str], list[str], dict[str, str]]] = 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def quench(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
-    t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "quench", *args], env=env, capture_output=True, text=True
-    )
-    return time.perf_counter() - t0, done
 
 
 def manifest(art: Path) -> dict[str, Any]:
@@ -93,7 +86,7 @@ def build(case: str, work: Path, repair: bool) -> dict[str, Any]:
         *(bound if repair else ["--no-repair"]),
         "-q",
     ]
-    seconds, done = quench(args, env)
+    seconds, done = timed_quench(args, env)
     if done.returncode != 0:
         return {"ok": False, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1]}
     m = manifest(out)
@@ -135,7 +128,7 @@ def speed_text(s: dict[str, Any] | None) -> str:
 def perf(art: str, env: dict[str, str], duration: float, work: Path) -> float:
     out = work / "perf.json"
     args = ["perf", art, "--batch", "8", "--duration", str(duration), "--json", str(out), "-q"]
-    _, done = quench(args, env)
+    _, done = timed_quench(args, env)
     if done.returncode not in (0, 1):
         raise SystemExit(f"quench perf {art} failed:\n{done.stderr[-2000:]}")
     results = json.loads(out.read_text())
@@ -193,14 +186,7 @@ def main() -> None:
         say(json.dumps(row, default=str)[:600])
     (work / "repair.json").write_text(json.dumps(rows, indent=2, default=str))
     section = report(rows, a)
-    text = a.md.read_text() if a.md.exists() else ""
-    if MARK in text:
-        head, _, rest = text.partition(MARK)
-        _, _, tail = rest.partition(MARK)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    a.md.write_text(text)
+    write_section(a.md, MARK, section)
     print(section)
     say(f"wrote the section to {a.md}; figures in {work / 'repair.json'}")
 

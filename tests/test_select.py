@@ -37,17 +37,25 @@ def ticking(step: float):
     return lambda: next(t) * step
 
 
-def test_a_clear_winner_stops_after_the_minimum_rounds() -> None:
-    logs: list[str] = []
-    order, timed, summary = select.rank(
-        candidates("onnxruntime", "openvino"),
+def timed_rank(names: list[str], speeds: list[float], noise: float, budget: float, logs: list[str]):
+    """``select.rank`` on fake candidates: images/s ``speeds`` wobbling by ``noise``, a clock
+    ticking 1 s per look."""
+    return select.rank(
+        candidates(*names),
         SPEC,
         (3, 8, 8),
         0.1,
-        budget=100.0,
+        budget=budget,
         say=logs.append,
-        timer=fake_timer([100.0, 130.0], 0.01),
+        timer=fake_timer(speeds, noise),
         clock=ticking(1.0),
+    )
+
+
+def test_a_clear_winner_stops_after_the_minimum_rounds() -> None:
+    logs: list[str] = []
+    order, timed, summary = timed_rank(
+        ["onnxruntime", "openvino"], [100.0, 130.0], 0.01, 100.0, logs
     )
     assert order == [1, 0] and summary["decision"] == "clear"
     assert len(summary["rounds"]) == select.MIN_ROUNDS
@@ -58,16 +66,8 @@ def test_a_clear_winner_stops_after_the_minimum_rounds() -> None:
 
 def test_a_tie_runs_to_the_budget_and_keeps_the_preferred_candidate() -> None:
     """Candidate 2 measures 1% faster inside +-10% noise: a tie, so the first is kept."""
-    order, _, summary = select.rank(
-        candidates("onnxruntime", "openvino", "openvino"),
-        SPEC,
-        (3, 8, 8),
-        0.1,
-        budget=7.5,
-        say=lambda m: None,
-        timer=fake_timer([100.0, 101.0, 60.0], 0.10),
-        clock=ticking(1.0),
-    )
+    names = ["onnxruntime", "openvino", "openvino"]
+    order, _, summary = timed_rank(names, [100.0, 101.0, 60.0], 0.10, 7.5, [])
     assert summary["decision"] == "tie" and order[0] == 0 and order[-1] == 2
     assert summary["stopped"] == "budget"
     # went on past the minimum, stopped by the budget (the fake clock ticks 1 s per look)
@@ -80,16 +80,7 @@ def test_equivalent_candidates_stop_before_the_budget() -> None:
     """Equal speeds inside +-2% noise: a tie, but known to within 3% after a few rounds; the
     rest of the budget would not change the choice."""
     logs: list[str] = []
-    order, _, summary = select.rank(
-        candidates("onnxruntime", "openvino"),
-        SPEC,
-        (3, 8, 8),
-        0.1,
-        budget=100.0,
-        say=logs.append,
-        timer=fake_timer([100.0, 100.0], 0.02),
-        clock=ticking(1.0),
-    )
+    order, _, summary = timed_rank(["onnxruntime", "openvino"], [100.0, 100.0], 0.02, 100.0, logs)
     assert summary["decision"] == "tie" and summary["stopped"] == "equivalent"
     assert order[0] == 0 and len(summary["rounds"]) < 10
     assert "within 3%: stopped" in logs[-1] and select.STOP_RULE in summary["rule"]
