@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,39 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory) -> object:
+def s3_endpoint() -> Iterator[str | None]:
+    """A local S3 server (moto) for the whole run, its address in ``$AWS_ENDPOINT_URL`` with
+    test credentials, as a user points boto3, s3fs and pyarrow at an S3-compatible store; None
+    where moto or s3fs is not installed. Started before the shared Ray instance, whose workers
+    inherit the environment."""
+    if find_spec("moto") is None or find_spec("s3fs") is None:
+        yield None
+        return
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    url = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        mp.setenv(key, value)
+    try:
+        yield url
+    finally:
+        server.stop()
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str | None) -> object:
     """One local Ray instance for the whole test run (2 CPUs, token authentication); this
     process is its driver. Skips where Ray is not installed."""
     if find_spec("ray") is None:

@@ -184,6 +184,38 @@ def test_infer_on_ray_equals_local(
 
 
 @needs_ray
+def test_infer_reads_and_writes_s3(
+    ray_local: object, s3_endpoint: str | None, tiny_artifact: Path, photos: Path, tmp_path: Path
+) -> None:
+    """s3:// in and out, through a local S3 server (moto) set up as a user points boto3,
+    s3fs and pyarrow at an S3-compatible store ($AWS_ENDPOINT_URL and credentials)."""
+    if s3_endpoint is None:
+        pytest.skip("moto and s3fs make the local S3 server (the test extra installs them)")
+    import boto3
+    import s3fs
+
+    boto3.client("s3").create_bucket(Bucket="photos")
+    for f in sorted((photos / "a").iterdir()):
+        boto3.client("s3").upload_file(str(f), "photos", f"in/{f.name}")
+    args = ["infer", str(tiny_artifact), "s3://photos/in/", "--ray", "auto"]
+    res = runner.invoke(app, [*args, "-o", "s3://photos/out/", "--json", "-q"])
+    assert res.exit_code == 1, res.output  # broken.jpg
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["files"], summary["ok"], summary["failed"]) == (9, 8, 1)
+    s3fs.S3FileSystem(skip_instance_cache=True).get(
+        "photos/out/", f"{tmp_path}/out/", recursive=True
+    )
+    rows = read_rows(tmp_path / "out")
+    assert set(rows) == {f"s3://photos/in/{f.name}" for f in (photos / "a").iterdir()}
+    assert rows["s3://photos/in/broken.jpg"]["error"].startswith("s3://photos/in/broken.jpg: ")
+    assert_equal_to_local(
+        {str(photos / "a" / Path(k).name): r for k, r in rows.items()}, tiny_artifact
+    )
+    again = runner.invoke(app, [*args, "-o", "s3://photos/out/", "--json", "-q"])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 9  # resumable on S3
+
+
+@needs_ray
 def test_rerun_skips_what_is_done(
     ray_local: object, tiny_artifact: Path, photos: Path, tmp_path: Path
 ) -> None:
