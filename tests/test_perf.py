@@ -361,3 +361,28 @@ def test_pin_streams_and_input_images(
     res = invoke("perf", tiny_artifact, "--input-images", tmp_path / "imgs", "--iterations", 2)
     assert res.exit_code == 1 and "bad.jpg" in res.stderr and "Traceback" not in res.output
     assert invoke("perf", tmp_path / "m.onnx", "--input-images", image_dir).exit_code == 2
+
+
+def test_perf_table_never_breaks_a_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    """A fast model's figures are long: they stay on one line (the text columns fold)."""
+    from quench.cli import _print_perf
+
+    class Result:
+        def to_dict(self) -> dict:
+            return {
+                "model": "a-long-model-name-resnet50-v1-7-replica",
+                "precision": "qint8_mixed_float32",
+                "batch": 8,
+                "qps": 123456.78,
+                "engine": "onnxruntime",
+                "threads": 2,
+                "qps_spread": {"min": 100000.1, "max": 234567.8, "cv": 0.123},
+                "latency_ms": {"p50": 0.01, "p90": 0.02, "p99": 0.03},
+                "peak_share": 0.123,
+                "warnings": ["unstable"],
+            }
+
+    _print_perf([Result()])
+    out = capsys.readouterr().out
+    assert "100000.1-234567.8 (12.3%)" in out and "123456.78!" in out
+    assert "…" not in out  # nothing cut off

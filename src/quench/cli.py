@@ -1081,7 +1081,11 @@ def _print_perf(results: list[PerfResult]) -> None:
     table = Table(title="quench perf", title_justify="left")
     for col in PERF_COLUMNS:
         left = col in ("Model", "Quant_Mode", "device")
-        table.add_column(col, justify="left" if left else "right")
+        # figures are never broken over two lines: the text columns wrap (long names fold)
+        if left:
+            table.add_column(col, justify="left", overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(*perf_row(r.to_dict()))
     Console(width=max(150, Console().width)).print(table)
