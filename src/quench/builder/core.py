@@ -52,6 +52,7 @@ from quench.imaging import Normalizer
 from quench.labels import load_labels
 from quench.manifest import IO, Batch, EngineInfo, Manifest, PrecisionInfo, Tensor
 from quench.model import Model
+from quench.perf import random_batch
 from quench.pipeline import Prediction
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
 from quench.presets import INPUTS, DataConfig, Preset, detect_preset, get_preset
@@ -720,12 +721,10 @@ def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
         kind = f"held-out {calib.kind}" if int8 else calib.kind
     n = max(8, plan.opts.batch or 0)
     if x is None or not len(x):
-        rng = np.random.default_rng(0)
         if pixels:
-            crop = plan.data.crop
-            x = rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
+            x = random_batch(plan.data.input_shape, n, "uint8")
         else:
-            x = rng.standard_normal((n, *plan.preset.data.input_shape))
+            x = np.random.default_rng(0).standard_normal((n, *plan.preset.data.input_shape))
         kind = "random input"
     if pixels:  # the source model takes them normalised, as the pipeline does it
         x = np.asarray(x, np.uint8)

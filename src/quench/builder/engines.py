@@ -20,6 +20,7 @@ from quench.backend import ENGINES, Compiled, CompileSpec, Engine, get_engine
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
 from quench.errors import ModelError, QuenchError
 from quench.imaging import Normalizer
+from quench.perf import random_batch
 from quench.precision import FORCE_FLOAT32
 
 # Engine preference for --engine auto: the first installed engine that runs the precision.
@@ -97,14 +98,13 @@ class Reference:
         ``input_shape``: the source model's. With ``spec.preprocess``, the batch is random
         pixels, normalised for the source model as the image pipeline would."""
         n = spec.batch or 2
-        rng = np.random.default_rng(0)
         if spec.preprocess is not None:
             crop = spec.preprocess.crop
-            pixels = rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
+            pixels = random_batch((crop, crop, 3), n, "uint8")
             x = Normalizer(spec.preprocess.as_float()).batch(pixels)
             feed = {spec.input_name: pixels}
         else:
-            x = rng.standard_normal((n, *input_shape)).astype(np.float32)
+            x = random_batch(input_shape, n)
             feed = {spec.input_name: x}
         with OnnxRuntimeRunner(
             model.SerializeToString(), graph_optimization_level="disable"
