@@ -59,6 +59,7 @@ def test_dynamic_batch_manifest(tiny_artifact: Path, tiny_model: Path, tiny_labe
         "size": tiny_model.stat().st_size,
         "opset": 13,
         "producer": "",
+        "batch": {"declared": None, "mutable": True},  # probed: runs any batch
     }
     assert m["precision"]["mode"] == "force_float32"
     assert m["precision"]["stored"] == m["precision"]["computes"] == "float32"
@@ -550,6 +551,7 @@ def test_the_source_model_is_copied_once_per_batch_setting(
 ) -> None:
     """However many engines compile it and checks run it, the build copies the source model
     (100 MB for ResNet-50) once for its batch size and once for a dynamic batch."""
+    from quench import batch_form
     from quench.builder import core
 
     copies: list[int | None] = []
@@ -560,6 +562,7 @@ def test_the_source_model_is_copied_once_per_batch_setting(
         return real(model, b, *args)
 
     monkeypatch.setattr(core, "set_batch", counted)
+    monkeypatch.setattr(batch_form, "set_batch", counted)  # the probe's dynamic copy
     opts = {**TINY_BUILD, "engine": "auto"}
     m = build(
         tiny_model,

@@ -270,7 +270,13 @@ def build(
     ] = None,
     batch: Annotated[int | None, typer.Option(help="Fixed batch size.")] = None,
     dynamic_batch: Annotated[
-        bool, typer.Option("--dynamic-batch", help="Mutable batch size (the default).")
+        bool,
+        typer.Option(
+            "--dynamic-batch",
+            help="Mutable batch size (the default where the model declares a symbolic batch "
+            "and runs any); rewrites a Reshape that hard-codes the batch where that is checked "
+            "to be exact.",
+        ),
     ] = False,
     engine: Annotated[
         str,
@@ -403,6 +409,7 @@ def build(
             name=name,
             labels=labels,
             batch=batch,
+            dynamic_batch=True if dynamic_batch else None,
             engine=engine,
             threads=threads,
             mean=_floats3(mean, "mean"),

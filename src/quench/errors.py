@@ -25,3 +25,8 @@ class FetchError(QuenchError):
 
 class SignatureError(ArtifactError):
     """An artifact is unsigned, signed by an untrusted key, or its signature does not verify."""
+
+
+class EngineError(QuenchError):
+    """An inference engine (ONNX Runtime, OpenVINO) failed on a model: one line naming the
+    node and the cause (:func:`quench.backend.failures.engine_errors`)."""

@@ -145,10 +145,14 @@ def set_batch(model: onnx.ModelProto, batch: int | None, symbol: str = "N") -> o
 def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
 
-    Shapes come from running the model once on a batch of 1 (ONNX Runtime, every node's output
-    exposed), so models whose shapes static inference cannot resolve are counted too.
+    Shapes come from running the model once (ONNX Runtime, every node's output exposed) on a
+    batch of 1, or of the fixed batch a model that runs only at one batch declares, so models
+    whose shapes static inference cannot resolve are counted too.
     """
-    m = set_batch(model, 1)
+    dims = real_inputs(model)[0].type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    batch = batch if batch > 0 else 1
+    m = set_batch(model, batch)
     inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
     wanted = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     have = {o.name for o in m.graph.output}
@@ -158,7 +162,7 @@ def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     sess = session(m, optimization="disable")
     inp = real_inputs(m)[0].name
     names = [o.name for o in sess.get_outputs()]
-    x = np.zeros((1, *input_shape), np.float32)
+    x = np.zeros((batch, *input_shape), np.float32)
     shapes = {n: a.shape for n, a in zip(names, sess.run(names, {inp: x}), strict=True)}
     shapes.update(inits)
     macs = 0
@@ -172,7 +176,7 @@ def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
             macs += out * int(a[0] if trans_a else a[1])
         else:
             macs += out * int(shapes[n.input[0]][-1])
-    return macs
+    return macs // batch
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

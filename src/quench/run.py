@@ -31,6 +31,7 @@ from typing import Any
 import onnx
 
 from quench import __version__, report
+from quench.batch_form import IF_POSSIBLE
 from quench.builder.calibration import HOLDOUT_EVERY
 from quench.builder.core import BuildOptions, candidate_engines
 from quench.builder.core import build as do_build
@@ -413,7 +414,8 @@ class _Job:
             calib_images=calib if int8 else None,
             calib_count=opts.calib_count,
             progress=opts.progress,
-            **opts.build_extra,
+            # perf times several batch sizes: mutable wherever a checked form of the graph is
+            **{"dynamic_batch": IF_POSSIBLE, **opts.build_extra},
         )
         settings = {k: v for k, v in asdict(bo).items() if k not in ("progress",)}
         if bo.input == "float32":  # the default: steps recorded before --input existed match
@@ -565,9 +567,14 @@ class _Job:
         def work() -> dict[str, Any]:
             duration = None if opts.iterations is not None else opts.duration
             with Model.load(build["artifact"], threads=opts.threads) as m:
-                res = perf_model(
-                    m, opts.batches, opts.iterations, duration, opts.warmup, opts.progress
-                )
+                batches = opts.batches
+                if m.fixed_batch and batches != [m.fixed_batch]:
+                    self.say(
+                        f"[perf {precision}] the model runs only at batch {m.fixed_batch}: "
+                        f"timing that batch alone"
+                    )
+                    batches = [m.fixed_batch]
+                res = perf_model(m, batches, opts.iterations, duration, opts.warmup, opts.progress)
             return {"results": [r.to_dict() for r in res]}
 
         return self.step(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from quench import __version__, artifact, signing
+from quench import __version__, artifact, batch_form, signing
 from quench.backend import CompileSpec, Engine
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
@@ -34,6 +34,7 @@ from quench.builder.quantize import cache as ranges_cache
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
 from quench.builder.quantize.qdq import quantized_counts
 from quench.builder.select import choose
+from quench.canonical import Rewrite, canonical, output_kind
 from quench.destination import check_file
 from quench.errors import ModelError, QuenchError
 from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
@@ -87,7 +88,11 @@ class BuildOptions:
     preset: str | None = None
     name: str | None = None
     labels: str | None = None  # label file or built-in label set
-    batch: int | None = None  # fixed batch size; None = dynamic (mutable) batch
+    batch: int | None = None  # fixed batch size
+    # True: mutable batch (rewriting a Reshape that hard-codes the batch, where that is checked
+    # to be exact); None: mutable where the model declares a symbolic batch and runs any,
+    # else fixed at the batch it declares or runs (quench.batch_form.policy)
+    dynamic_batch: bool | str | None = None  # or batch_form.IF_POSSIBLE
     engine: str = "auto"
     threads: int | None = None
     mean: tuple[float, float, float] | None = None
@@ -142,7 +147,12 @@ class Plan:
     engines: list[Engine]
     spec: CompileSpec
     fixed: onnx.ModelProto  # the source at the build's batch size
-    dynamic: onnx.ModelProto  # the source at a dynamic batch size (``fixed`` if that is dynamic)
+    # the source at a dynamic batch size (``fixed`` if that is dynamic); for a graph that runs
+    # only at one batch, at that batch (ONNX Runtime then runs it in chunks of it)
+    dynamic: onnx.ModelProto
+    form: batch_form.BatchForm | None = None  # what batch sizes the source graph runs
+    rewrites: list[Rewrite] = field(default_factory=list)  # what Quench changed in the graph
+    output_kind: str = "logits"  # the class output: logits or probabilities (a softmax)
 
     @property
     def data(self) -> DataConfig:
@@ -234,11 +244,12 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
         raise QuenchError(f"unknown --input {opts.input!r}; choose one of {', '.join(INPUTS)}")
 
     src = load_model(model)
-    graph_inputs = [i.name for i in real_inputs(src.model)]
-    preset, how = resolve_preset(opts, graph_inputs[0], src.model.graph.output[0].name)
+    graph, rewrites = canonical(src.model)
+    graph_inputs = [i.name for i in real_inputs(graph)]
+    preset, how = resolve_preset(opts, graph_inputs[0], graph.graph.output[0].name)
     say(f"preset: {preset.name} ({how})")
-    input_name, output_name = find_io(src.model, preset, str(src.path))
-    classes = num_classes(src.model, output_name)
+    input_name, output_name = find_io(graph, preset, str(src.path))
+    classes = num_classes(graph, output_name)
     labels = load_labels(opts.labels or preset.labels)
     if classes is not None and len(labels) != classes:
         raise ModelError(
@@ -246,12 +257,24 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
             "pass --labels FILE"
         )
     engines = candidate_engines(opts.engine, opts.precision)
-    spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
+    form = batch_form.probe(graph, preset.data.input_shape, str(src.path))
+    batch, line = batch_form.policy(form, opts.batch, opts.dynamic_batch, str(src.path))
+    say(line)
+    spec = CompileSpec(opts.precision, input_name, output_name, batch, opts.threads)
     if opts.input == "uint8":  # every compile of this build folds the preprocessing in
         spec.preprocess = preset.data
-    fixed = set_batch(src.model, opts.batch)
-    dynamic = fixed if opts.batch is None else set_batch(src.model, None)
-    return Plan(opts, precision, src, preset, how, labels, engines, spec, fixed, dynamic)
+    if form.mutable is not None:
+        rewrites += form.rewrites
+        dynamic = form.mutable
+    else:  # every run of it goes in chunks of the one batch it runs
+        dynamic = set_batch(graph, form.only)
+    fixed = dynamic if batch is None else set_batch(dynamic, batch)
+    kind = output_kind(graph, output_name) or preset.output_kind
+    plan = Plan(opts, precision, src, preset, how, labels, engines, spec, fixed, dynamic)
+    plan.form, plan.rewrites, plan.output_kind = form, rewrites, kind
+    for r in rewrites:
+        say(f"graph: {r.detail}")
+    return plan
 
 
 def resolve_preset(opts: BuildOptions, input_name: str, output_name: str) -> tuple[Preset, str]:
@@ -326,7 +349,7 @@ def _prepare(plan: Plan, calib: CalibrationSet | None, say: Log) -> list[Prepare
         result, info = _quantize(plan, optimized, calib, o, say)
         tag = None if len(firsts) == 1 else ("float" if first else "pixel grid")
         payloads = {CALIBRATION_PAYLOAD: result.ranges}
-        qdq = set_batch(result.model, opts.batch)
+        qdq = set_batch(result.model, plan.spec.batch)
         prepared.append(
             _mixed(Prepared(qdq, payloads, info, tag, result.float_model), plan, opts.float_layers)
         )
@@ -606,15 +629,19 @@ def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:
 def _manifest(plan: Plan) -> Manifest:
     """The manifest's candidate-independent part (engine and precision details come later)."""
     opts, src, preset, data = plan.opts, plan.src, plan.preset, plan.data
-    shape, batch = preset.data.input_shape, opts.batch  # the source model's input
+    shape, batch = preset.data.input_shape, plan.spec.batch  # the source model's input
     return Manifest(
         name=opts.name or artifact_name(preset, plan.preset_how, src.path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         quench_version=__version__,
-        source=src.describe(),
+        source={
+            **src.describe(),
+            **({"rewrites": [r.to_dict() for r in plan.rewrites]} if plan.rewrites else {}),
+            **({"batch": plan.form.to_dict()} if plan.form is not None else {}),
+        },
         preset={"name": preset.name, "chosen": plan.preset_how},
         model={
-            "macs_per_image": count_macs(src.model, shape),
+            "macs_per_image": count_macs(plan.dynamic, shape),
             "parameters": sum(
                 int(np.prod(t.dims)) for t in src.model.graph.initializer if t.data_type == 1
             ),
@@ -625,7 +652,7 @@ def _manifest(plan: Plan) -> Manifest:
         ),
         batch=Batch.of(batch),
         preprocess=data,
-        output_kind=preset.output_kind,
+        output_kind=plan.output_kind,
         labels=plan.labels,
         build=_settings(opts),
         host=cpu_info(),
@@ -719,7 +746,7 @@ def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
         else:
             x = calib.held_out if int8 else calib.tensor
         kind = f"held-out {calib.kind}" if int8 else calib.kind
-    n = max(8, plan.opts.batch or 0)
+    n = max(8, plan.spec.batch or 0)
     if x is None or not len(x):
         if pixels:
             x = random_batch(plan.data.input_shape, n, "uint8")

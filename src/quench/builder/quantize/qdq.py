@@ -58,9 +58,11 @@ def to_qdq(
     exclude: Sequence[str],
     ranges: Path,
     work: Path,
+    float_tensors: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """The QDQ model of ``model`` with the activation ranges of the calibration cache file
-    ``ranges``; ``work`` is a scratch directory."""
+    ``ranges``; ``work`` is a scratch directory; ``float_tensors`` (default: the graph outputs)
+    are left in float."""
     from onnxruntime.quantization import (  # heavy: imported when quantizing
         CalibrationMethod,
         QuantFormat,
@@ -85,12 +87,13 @@ def to_qdq(
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     qdq = onnx.load(str(dst))
-    _float_outputs(qdq)
+    _float_outputs(qdq, float_tensors or [o.name for o in qdq.graph.output])
     return qdq
 
 
-def _float_outputs(qdq: onnx.ModelProto) -> None:
-    """Drop the QuantizeLinear/DequantizeLinear pair in front of each graph output.
+def _float_outputs(qdq: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Drop the QuantizeLinear/DequantizeLinear pair in front of each tensor of ``names`` (the
+    graph outputs, and the logits a softmax head reads).
 
     Quantizing the logits to 8 bits helps no kernel but makes near-equal top classes tie exactly
     (and rank by index); their producer (e.g. the classifier Gemm) then outputs float directly.
@@ -101,8 +104,13 @@ def _float_outputs(qdq: onnx.ModelProto) -> None:
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    for out in g.output:
-        dq = prod.get(out.name)
+    outputs = {o.name for o in g.output}
+    for name in names:
+        if name not in outputs:
+            _unquantize(qdq, name)
+            prod = producers(qdq)
+            continue
+        dq = prod.get(name)
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
         q = prod.get(dq.input[0])
@@ -115,10 +123,25 @@ def _float_outputs(qdq: onnx.ModelProto) -> None:
             continue
         for k, o in enumerate(src.output):
             if o == q.input[0]:
-                src.output[k] = out.name
+                src.output[k] = name
         g.node.remove(dq)
         g.node.remove(q)
         prod = producers(qdq)
+
+
+def _unquantize(qdq: onnx.ModelProto, name: str) -> None:
+    """Let the readers of the tensor ``name`` (not a graph output) read it in float: each
+    QuantizeLinear of it, and its DequantizeLinear readers, are dropped."""
+    g = qdq.graph
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == name]:
+        readers = [n for n in g.node if q.output[0] in n.input]
+        if not readers or any(r.op_type != "DequantizeLinear" for r in readers):
+            continue
+        for dq in readers:
+            for n in g.node:
+                n.input[:] = [name if i == dq.output[0] else i for i in n.input]
+            g.node.remove(dq)
+        g.node.remove(q)
 
 
 def quantized_counts(qdq: onnx.ModelProto) -> dict[str, int]:

@@ -187,11 +187,10 @@ def _odd_stride(k: int) -> int:
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    import onnxruntime as ort  # heavy: imported when a calibration pass actually runs
+    # heavy: imported when a calibration pass actually runs
+    from quench.backend.onnxruntime.session import session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session(model)
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
