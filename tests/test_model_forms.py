@@ -326,3 +326,39 @@ def test_int8_keeps_the_final_softmax_in_float(tmp_path: Path, tiny_labels: Path
     scores = m.predict(_x(4))
     np.testing.assert_allclose(scores.sum(1), 1.0, rtol=1e-5)
     assert len(np.unique(scores)) > 4 * C // 2  # float probabilities, not 256 levels
+
+
+# -- Caffe-style preprocessing ---------------------------------------------------------------
+
+
+def test_caffe_zoo_presets_take_bgr_pixels_minus_the_mean() -> None:
+    from dataclasses import replace
+
+    from quench.imaging import Normalizer
+    from quench.presets import detect_preset, get_preset
+
+    pixel = np.array([200, 100, 50], np.uint8).reshape(1, 1, 1, 3)  # R, G, B
+    x = Normalizer(replace(get_preset("bvlc-googlenet").data, resize=1, crop=1)).batch(pixel)
+    np.testing.assert_allclose(x.reshape(3), [50 - 104, 100 - 117, 200 - 123])  # B, G, R
+    d = Normalizer(replace(get_preset("densenet121-caffe2").data, resize=1, crop=1)).batch(pixel)
+    np.testing.assert_allclose(
+        d.reshape(3), np.array([50 - 103.94, 100 - 116.78, 200 - 123.68]) / 58.8, rtol=1e-5
+    )
+    # unique tensor names are detected; the zoo's shared data_0 -> prob_1 is not guessed
+    assert detect_preset("data_0", "softmaxout_1").name == "squeezenet1.0"
+    assert detect_preset("data_0", "prob_1") is None
+
+
+def test_perf_of_a_batch_1_onnx_file_times_batch_1(tmp_path: Path) -> None:
+    import json
+
+    from test_cli import invoke
+
+    src = caffe2_style(tmp_path / "caffe2.onnx")
+    out = tmp_path / "p.json"
+    res = invoke("perf", src, "--iterations", 2, "--warmup", 0, "--json", out)
+    assert res.exit_code == 0, res.output
+    assert [r["batch"] for r in json.loads(out.read_text())["results"]] == [1]
+    res = invoke("perf", src, "--batch", "4", "--iterations", 2, "--warmup", 0)
+    assert res.exit_code == 1 and "Traceback" not in res.output  # plain ORT: batch 1 only
+    assert len(res.stderr.strip().splitlines()) == 1 and "data" in res.stderr

@@ -85,6 +85,9 @@ def test_perf_fixed_batch_mismatch(tmp_path: Path, tiny_model: Path, tiny_labels
     assert res.exit_code == 1
     assert "fixed batch 2" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert invoke("perf", m.path, "--batch", "2", "--iterations", 2).exit_code == 0
+    out = tmp_path / "p.json"  # no --batch: a fixed-batch artifact is timed at its batch
+    assert invoke("perf", m.path, "--iterations", 2, "--json", out).exit_code == 0
+    assert [r["batch"] for r in json.loads(out.read_text())["results"]] == [2]
 
 
 def _cpu(monkeypatch: pytest.MonkeyPatch, flags: list[str], family: int = 26) -> None:

@@ -862,7 +862,12 @@ def _batches(text: str) -> list[int]:
 @app.command()
 def perf(
     model: Annotated[Path, typer.Argument(help="A .quench artifact, or an .onnx file (baseline).")],
-    batch: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1,4,8",
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch sizes, comma separated (default: 1,4,8; a fixed-batch model's own batch)."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Engine threads.")] = None,
     iterations: Annotated[
         int | None, typer.Option(min=1, help="Timed iterations per batch size.")
@@ -928,7 +933,7 @@ def perf(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Throughput (qps) and latency per batch size, with the share of this CPU's peak."""
-    sizes = _batches(batch)
+    sizes = _batches(batch) if batch else [1, 4, 8]
     if json_out is not None:
         with user_errors():
             check_file(json_out)
@@ -956,7 +961,7 @@ def perf(
                 raise QuenchError("--streams: ONNX Runtime has no streams; use --requests N")
             results = perf_onnx(
                 model,
-                sizes,
+                sizes if batch else None,
                 iterations,
                 duration,
                 warmup,
@@ -971,6 +976,8 @@ def perf(
             t = time.perf_counter()
             loaded = _load(model, threads, accept_host_mismatch)
             startup_times["load_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+            if not batch and loaded.fixed_batch:
+                sizes = [loaded.fixed_batch]
             inputs = None
             if input_images is not None:
                 inputs = load_inputs(loaded, list_images(input_images))

@@ -11,7 +11,7 @@ import numpy as np
 
 from quench import artifact, pipeline, selfcheck, signing
 from quench.backend import ENGINES, Runner, get_engine
-from quench.errors import ArtifactError, QuenchError
+from quench.errors import ArtifactError, EngineError, QuenchError
 from quench.manifest import Manifest
 from quench.pipeline import Prediction
 
@@ -111,6 +111,11 @@ class Model:
                     self.artifact.payloads, self.spec.engine.options, threads=self.threads
                 )
                 runner.activate()
+            except EngineError as exc:  # the engine cannot load the payload: a bad artifact
+                raise ArtifactError(
+                    f"{where}the {self.engine} payload does not load with manifest field "
+                    f"'engine.options' {self.spec.engine.options} ({exc})"
+                ) from None
             except QuenchError as exc:
                 msg = str(exc)
                 raise type(exc)(msg if msg.startswith(where) else where + msg) from None

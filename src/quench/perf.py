@@ -466,7 +466,7 @@ def _sweep(
 
 def perf_onnx(
     path: str | Path,
-    batches: list[int],
+    batches: list[int] | None,
     iterations: int | None = None,
     duration: float | None = None,
     warmup: int = 20,
@@ -479,13 +479,17 @@ def perf_onnx(
 ) -> list[PerfResult]:
     """Baseline: the raw ONNX file on plain ONNX Runtime (default session options); with
     ``requests`` > 1, that many ``run`` calls at once from as many threads. ``startup_times``
-    gets the load, compile (session) and first-inference times in ms."""
+    gets the load, compile (session) and first-inference times in ms; ``batches`` None: the
+    batch the input declares, or 1, 4 and 8 when it is symbolic."""
     t0 = time.perf_counter()
     src = load_model(path)
     t1 = time.perf_counter()
-    sess = session(str(path), threads=threads, log_severity=None)
+    # plain: a batch the model does not take fails, as it does in ONNX Runtime
+    sess = session(str(path), threads=threads, log_severity=None, any_batch=False)
     t2 = time.perf_counter()
     inp = sess.get_inputs()[0]
+    if batches is None:
+        batches = [inp.shape[0]] if isinstance(inp.shape[0], int) else [1, 4, 8]
     shape = tuple(int(d) if isinstance(d, int) else 0 for d in inp.shape[1:])
     sess.run(None, {inp.name: random_batch(shape, batches[0])})
     if startup_times is not None:

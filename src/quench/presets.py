@@ -116,6 +116,64 @@ class Preset:
         return replace(self, data=replace(self.data, **changes)) if changes else self
 
 
+# The ONNX model zoo's Caffe / Caffe2-era classifiers take BGR pixels in 0..255 with the
+# channel means subtracted (and some a scale); the values are those of OpenVINO's Open Model Zoo
+# for the same models, written here in RGB order. Their tensor names repeat across the zoo
+# (data_0 -> prob_1), so most are chosen with --preset rather than detected.
+_CAFFE_MEAN = (123.0, 117.0, 104.0)
+_CAFFE_ZOO = tuple(
+    Preset(
+        name=name,
+        input_name=inp,
+        output_name=out,
+        data=DataConfig(mean=mean, std=std, channel_order="BGR"),
+        output_kind="probabilities" if softmax else "logits",
+        description=f"{what} from the ONNX model zoo (Caffe2 export, opset 8-9), ImageNet-1k",
+    )
+    for name, inp, out, mean, std, softmax, what in (
+        ("bvlc-googlenet", "data_0", "prob_1", _CAFFE_MEAN, (1.0,) * 3, True, "GoogLeNet"),
+        ("inception-v2", "data_0", "prob_1", _CAFFE_MEAN, (1.0,) * 3, True, "Inception v2"),
+        ("bvlc-alexnet", "data_0", "prob_1", _CAFFE_MEAN, (1.0,) * 3, True, "AlexNet"),
+        ("caffenet", "data_0", "prob_1", _CAFFE_MEAN, (1.0,) * 3, True, "CaffeNet"),
+        (
+            "squeezenet1.0",
+            "data_0",
+            "softmaxout_1",
+            _CAFFE_MEAN,
+            (1.0,) * 3,
+            True,
+            "SqueezeNet 1.0",
+        ),
+        (
+            "vgg19-caffe2",
+            "data_0",
+            "prob_1",
+            (123.68, 116.779, 103.939),
+            (1.0,) * 3,
+            True,
+            "VGG-19",
+        ),
+        (
+            "densenet121-caffe2",
+            "data_0",
+            "fc6_1",
+            (123.68, 116.78, 103.94),
+            (58.8,) * 3,
+            False,
+            "DenseNet-121",
+        ),
+        (
+            "resnet50-caffe2",
+            "gpu_0/data_0",
+            "gpu_0/softmax_1",
+            (123.675, 116.28, 103.53),
+            (58.395, 57.12, 57.375),
+            True,
+            "ResNet-50",
+        ),
+    )
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -138,6 +196,7 @@ PRESETS: dict[str, Preset] = {
             description="EfficientNet-Lite0, ImageNet-1k (PyTorch export, opset 13)",
             opset=13,
         ),
+        *_CAFFE_ZOO,
         Preset(
             name="imagenet",
             input_name="",

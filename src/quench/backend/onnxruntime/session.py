@@ -29,6 +29,7 @@ def session(
     log_severity: int | None = 4,
     optimized_path: str | Path | None = None,
     profile_prefix: str | None = None,
+    any_batch: bool = True,
 ) -> Session:
     """An ONNX Runtime CPU session on ``model`` (a ModelProto, its bytes or a file path).
 
@@ -36,7 +37,8 @@ def session(
     ``basic``, ``extended`` or ``all``; ``log_severity``: 4 logs fatal errors only (a failure
     is raised as one line instead); ``optimized_path``: where ONNX Runtime saves the optimised
     graph; ``profile_prefix``: profile every node into
-    ``<prefix>_<date>.json``. None leaves ONNX Runtime's default.
+    ``<prefix>_<date>.json``. None leaves ONNX Runtime's default. ``any_batch``: a model with a
+    fixed batch runs other batch sizes in chunks of it (:class:`Session`).
     """
     so = ort.SessionOptions()
     if threads:
@@ -57,7 +59,8 @@ def session(
     elif isinstance(model, Path):
         model = str(model)
     with engine_errors("ONNX Runtime cannot load the model"):
-        return Session(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]))
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return Session(sess, any_batch)
 
 
 class Session:
@@ -67,11 +70,12 @@ class Session:
     ``B``, the last one filled up with copies of its last image, and the outputs put back
     together (outputs with ``B`` first lose the filler rows)."""
 
-    def __init__(self, sess: ort.InferenceSession) -> None:
+    def __init__(self, sess: ort.InferenceSession, any_batch: bool = True) -> None:
         self._sess = sess
         dims = {i.shape[0] if i.shape else None for i in sess.get_inputs()}
         (dim,) = dims if len(dims) == 1 else (None,)
-        self.fixed_batch: int | None = dim if isinstance(dim, int) and dim > 0 else None
+        fixed = any_batch and isinstance(dim, int) and dim > 0
+        self.fixed_batch: int | None = dim if fixed else None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sess, name)
