@@ -216,7 +216,7 @@ def test_unknown_preset_and_engine(tmp_path: Path, tiny_model: Path, tiny_labels
         tiny_model,
         QuenchError,
         "unknown preset 'resnet18'",
-        "efficientnet-lite0, imagenet, resnet50-v1-7",
+        "efficientnet-lite0, imagenet, inception-v2, resnet50-caffe2, resnet50-v1-7",
         preset="resnet18",
     )
     opts = {**TINY_BUILD, "labels": str(tiny_labels), "engine": "tensorrt"}

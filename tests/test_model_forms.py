@@ -362,3 +362,28 @@ def test_perf_of_a_batch_1_onnx_file_times_batch_1(tmp_path: Path) -> None:
     res = invoke("perf", src, "--batch", "4", "--iterations", 2, "--warmup", 0)
     assert res.exit_code == 1 and "Traceback" not in res.output  # plain ORT: batch 1 only
     assert len(res.stderr.strip().splitlines()) == 1 and "data" in res.stderr
+
+
+def test_diagnose_and_repair_on_a_graph_that_runs_only_at_batch_1(
+    tmp_path: Path, tiny_labels: Path
+) -> None:
+    from quench.builder import BuildOptions
+    from quench.builder.core import AccuracyGateError
+    from quench.builder.diagnose import diagnose
+
+    src = class_token_style(tmp_path / "token.onnx")
+    calib = _calib(tmp_path, 6)
+    opts = {
+        **BUILD,
+        "labels": str(tiny_labels),
+        "precision": "qint8_mixed_float32",
+        "calib_images": str(calib),
+    }
+    d = diagnose(src, BuildOptions(**opts))  # ranks every layer at the batch the graph runs
+    assert set(d.ranking) >= {"n_fc"} and len(d.layers) >= 2
+    # an unreachable bound: the repair ranks and searches, then refuses in one line
+    with pytest.raises(AccuracyGateError) as err:
+        build(src, tmp_path / "m.quench", check_images=str(calib), max_top1_drop=-100.0, **opts)
+    msg = str(err.value)
+    assert "\n" not in msg and "no mix of float layers meets the bound" in msg
+    assert not (tmp_path / "m.quench").exists()

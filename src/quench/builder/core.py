@@ -154,6 +154,12 @@ class Plan:
     rewrites: list[Rewrite] = field(default_factory=list)  # what Quench changed in the graph
     output_kind: str = "logits"  # the class output: logits or probabilities (a softmax)
 
+    def at_reference_batch(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` (a form of the source) at the batch of the build's own runs of it: symbolic,
+        or the one batch a graph that is not batch-mutable runs."""
+        mutable = self.form is None or self.form.mutable is not None
+        return set_batch(model, None if mutable else self.form.only)
+
     @property
     def data(self) -> DataConfig:
         """The artifact's data config: the preset's (the source model's input), with the
@@ -513,7 +519,7 @@ def _repair(
     opts, chosen = plan.opts, selection.ranked[0]
     prepared = chosen.prepared
     assert prepared.float_model is not None
-    qdq, float_model = set_batch(prepared.model, None), prepared.float_model
+    qdq, float_model = plan.at_reference_batch(prepared.model), prepared.float_model
     pinned = set(opts.int8_layers)
     names = [x.name for x in layers(qdq) if x.precision == "int8" and x.name not in pinned]
     say(f"{failure}; ranking {len(names)} quantized layers by sensitivity")

@@ -34,7 +34,6 @@ from quench.builder.engines import Candidate, Reference, Selection, compile_cand
 from quench.builder.quantize.layers import layers
 from quench.errors import QuenchError
 from quench.evaluate import list_images, read_ground_truth
-from quench.graph import set_batch
 from quench.imaging import Normalizer
 from quench.model import Model
 from quench.profile import profile_model
@@ -108,7 +107,7 @@ def diagnose(
     prepared = _prepare(plan, calib, say)[0]
     assert prepared.float_model is not None
     spec = plan.spec
-    qdq, float_model = set_batch(prepared.model, None), prepared.float_model
+    qdq, float_model = plan.at_reference_batch(prepared.model), prepared.float_model
     all_layers = layers(qdq)
     names = [x.name for x in all_layers if x.precision == "int8"]
     x = calib.tensor[:SENSITIVITY_IMAGES]

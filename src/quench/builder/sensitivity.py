@@ -171,11 +171,14 @@ def sensitivity(
     acts = run(qdq, input_name, x, cut)
     acts[input_name] = x
     base = effect(acts[output_name], ref)
+    # a graph that runs only at its fixed batch: so do its suffixes (ORT chunks the runs)
+    dim0 = next(i for i in qdq.graph.input if i.name == input_name).type.tensor_type.shape.dim[0]
+    batch: int | str = dim0.dim_value if dim0.HasField("dim_value") else "N"
     each: dict[str, Effect] = {}
     for name, (sub, inputs) in suffixes.items():
         sub.graph.input.extend(
             helper.make_tensor_value_info(
-                t, helper.np_dtype_to_tensor_dtype(acts[t].dtype), ["N", *acts[t].shape[1:]]
+                t, helper.np_dtype_to_tensor_dtype(acts[t].dtype), [batch, *acts[t].shape[1:]]
             )
             for t in inputs
         )
