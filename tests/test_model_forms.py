@@ -387,3 +387,22 @@ def test_diagnose_and_repair_on_a_graph_that_runs_only_at_batch_1(
     msg = str(err.value)
     assert "\n" not in msg and "no mix of float layers meets the bound" in msg
     assert not (tmp_path / "m.quench").exists()
+
+
+def test_an_engine_failure_late_in_a_build_is_one_line_with_what_to_try(
+    tmp_path: Path, tiny_labels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quench.builder import core
+    from quench.errors import EngineError
+
+    def fails(*args: object) -> None:
+        raise EngineError("Conv node 'n_c1': could not create a primitive")
+
+    monkeypatch.setattr(core, "_compile_and_select", fails)
+    src = caffe2_style(tmp_path / "m.onnx")
+    with pytest.raises(ModelError) as err:
+        build(src, tmp_path / "m.quench", labels=str(tiny_labels), **{**BUILD, "engine": "auto"})
+    assert str(err.value) == (
+        f"{src}: Conv node 'n_c1': could not create a primitive "
+        "(try --engine onnxruntime or --engine openvino or --batch 1)"
+    )

@@ -36,7 +36,7 @@ from quench.builder.quantize.qdq import quantized_counts
 from quench.builder.select import choose
 from quench.canonical import Rewrite, canonical, output_kind
 from quench.destination import check_file
-from quench.errors import ModelError, QuenchError
+from quench.errors import EngineError, ModelError, QuenchError
 from quench.evaluate import GroundTruth, list_images, read_ground_truth, score
 from quench.graph import (
     SourceModel,
@@ -191,7 +191,34 @@ def build(
     started = time.perf_counter()
     check_file(output)  # before any work: a folder, or a folder that does not exist
     say: Log = log or (lambda msg: None)
-    plan = _plan(model, options or BuildOptions(**kwargs), say)
+    opts = options or BuildOptions(**kwargs)
+    with _engine_failures(model, opts):
+        return _build(model, output, opts, say, sign_key, started)
+
+
+@contextmanager
+def _engine_failures(model: str | Path, opts: BuildOptions) -> Iterator[None]:
+    """An engine's failure anywhere in the build as one line: the model, the node and the
+    cause, and what to try."""
+    try:
+        yield
+    except EngineError as exc:
+        tries = ["--engine onnxruntime or --engine openvino"] if opts.engine == "auto" else []
+        tries += ["--batch 1"] if opts.batch != 1 else []
+        hint = f" (try {' or '.join(tries)})" if tries else ""
+        raise ModelError(f"{model}: {exc}{hint}") from None
+
+
+def _build(
+    model: str | Path,
+    output: str | Path,
+    opts: BuildOptions,
+    say: Log,
+    sign_key: Ed25519PrivateKey | None,
+    started: float,
+) -> Model:
+    """:func:`build`'s steps."""
+    plan = _plan(model, opts, say)
     opts = plan.opts
     timings: dict[str, float] = {}
     calib = _calibration_images(opts, plan.preset, say) if opts.calib_images else None

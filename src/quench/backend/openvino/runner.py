@@ -10,6 +10,7 @@ import numpy as np
 import openvino as ov
 
 from quench.backend.base import InferFn, LayerTime, Runner, TensorMeta
+from quench.backend.failures import engine_errors
 from quench.errors import QuenchError
 
 DEVICE = "CPU"
@@ -134,6 +135,10 @@ class OpenVinoRunner(Runner):
         self._concurrent: tuple[int, ov.CompiledModel] | None = None
 
     def _activate(self) -> None:
+        with engine_errors("OpenVINO cannot compile the model"):
+            self._compile()
+
+    def _compile(self) -> None:
         compiled = core().compile_model(read_ir(self._xml, self._weights), DEVICE, self.config)
         wanted = self.config.get("INFERENCE_PRECISION_HINT")
         if wanted and precision_hint(compiled) != wanted:
@@ -173,9 +178,10 @@ class OpenVinoRunner(Runner):
         if self._request is None:
             raise RuntimeError("runner is not active: call activate() first")
         batch = len(next(iter(feed.values())))
-        if self._stream_requests and batch >= self.streams:
-            return self._infer_streams(feed)
-        self._request.infer(feed, share_inputs=True)  # no input copy: the caller keeps x
+        with engine_errors():
+            if self._stream_requests and batch >= self.streams:
+                return self._infer_streams(feed)
+            self._request.infer(feed, share_inputs=True)  # no input copy: the caller keeps x
         return self._outputs(self._request)
 
     def _outputs(self, req: ov.InferRequest) -> dict[str, np.ndarray]:
@@ -219,7 +225,8 @@ class OpenVinoRunner(Runner):
 
         def make(req: ov.InferRequest) -> InferFn:
             def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                req.infer(feed, share_inputs=True)
+                with engine_errors():
+                    req.infer(feed, share_inputs=True)
                 return self._outputs(req)
 
             return infer
