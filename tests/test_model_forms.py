@@ -406,3 +406,27 @@ def test_an_engine_failure_late_in_a_build_is_one_line_with_what_to_try(
         f"{src}: Conv node 'n_c1': could not create a primitive "
         "(try --engine onnxruntime or --engine openvino or --batch 1)"
     )
+
+
+def test_the_crop_and_layout_come_from_the_input_when_no_preset_says() -> None:
+    from quench.presets import DataConfig, fit_to_input
+
+    base = DataConfig()  # 256 -> 224, NCHW
+    assert fit_to_input(base, ["N", 3, 224, 224]) == (base, None)
+    nhwc, line = fit_to_input(base, [1, 299, 299, 3])
+    assert (nhwc.layout, nhwc.crop, nhwc.resize) == ("NHWC", 299, 342)
+    assert line is not None and "NHWC, crop 299, resize 342" in line
+    assert fit_to_input(base, ["N", 3, "H", "W"]) == (base, None)  # nothing certain
+    assert fit_to_input(base, [1, 1, 28, 28]) == (base, None)
+
+
+def test_a_generic_build_fits_the_preprocessing_to_the_input(tmp_path: Path, tiny_labels) -> None:
+    from conftest import make_classifier
+
+    src = make_classifier(tmp_path / "m20.onnx", size=20, input_name="x", output_name="y")
+    lines: list[str] = []
+    m = build(
+        src, tmp_path / "m.quench", labels=str(tiny_labels), engine="onnxruntime", log=lines.append
+    )
+    assert (m.data.crop, m.data.resize, m.data.layout) == (20, 23, "NCHW")
+    assert any(line.startswith("preprocessing: the input is ['N', 3, 20, 20]") for line in lines)

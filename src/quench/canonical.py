@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from quench.graph import shape_of
+
 # ops that pass a tensor on without changing what its values mean
 _PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity", "Dropout", "Unsqueeze")
 SOFTMAX = ("Softmax", "LogSoftmax")
@@ -66,16 +68,9 @@ def initializers_out(model: onnx.ModelProto) -> Rewrite | None:
     )
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
-    return [
-        d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
-        for d in vi.type.tensor_type.shape.dim
-    ]
-
-
 def _squeezable(out: onnx.ValueInfoProto) -> bool:
     """``[N, C, 1, 1]``-like: rank > 2, every dimension but the batch and one other is 1."""
-    dims = _dims(out)
+    dims = shape_of(out)
     return len(dims) > 2 and sum(1 for d in dims[1:] if d != 1) == 1
 
 
@@ -85,7 +80,7 @@ def squeeze_heads(model: onnx.ModelProto) -> list[Rewrite]:
     for out in model.graph.output:
         if not _squeezable(out):
             continue
-        dims = _dims(out)
+        dims = shape_of(out)
         classes = next(d for d in dims[1:] if d != 1)
         inner = f"{out.name}/unsqueezed"
         for node in model.graph.node:

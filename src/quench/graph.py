@@ -71,7 +71,7 @@ def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+def shape_of(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [
         d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
         for d in vi.type.tensor_type.shape.dim
@@ -104,7 +104,7 @@ def find_io(model: onnx.ModelProto, preset: Preset, source: str) -> tuple[str, s
         )
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ModelError(f"{source}: input {inp.name!r} must be float32")
-    dims = _dims(inp)
+    dims = shape_of(inp)
     expected = preset.data.input_shape
     if len(dims) != 4 or any(
         isinstance(d, int) and d != e for d, e in zip(dims[1:], expected, strict=True)
@@ -114,7 +114,7 @@ def find_io(model: onnx.ModelProto, preset: Preset, source: str) -> tuple[str, s
             f"{', '.join(map(str, expected))}] for {preset.data.layout} "
             f"{preset.data.crop}x{preset.data.crop} (set --crop/--layout or another preset)"
         )
-    odims = _dims(out)
+    odims = shape_of(out)
     if len(odims) != 2:
         raise ModelError(f"{source}: output {out.name!r} has shape {odims}, expected [N, classes]")
     return inp.name, out.name
@@ -122,7 +122,7 @@ def find_io(model: onnx.ModelProto, preset: Preset, source: str) -> tuple[str, s
 
 def num_classes(model: onnx.ModelProto, output_name: str) -> int | None:
     out = next(o for o in model.graph.output if o.name == output_name)
-    d = _dims(out)[1]
+    d = shape_of(out)[1]
     return d if isinstance(d, int) else None
 
 

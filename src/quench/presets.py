@@ -6,6 +6,7 @@ preprocessing flags. Pixel statistics are in 0..255 units: ``x = (pixel - mean) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -206,6 +207,30 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+def fit_to_input(data: DataConfig, dims: Sequence[int | str]) -> tuple[DataConfig, str | None]:
+    """``data`` with the layout and crop of a model input ``[N, 3, S, S]`` or ``[N, S, S, 3]``
+    where those differ from its own (the resize keeps the crop's share of the image), and one
+    line saying so; ``data`` itself when they agree or the shape says nothing certain."""
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        return data, None
+    _, a, b, c = dims
+    if a == 3 and b == c and not (c == 3 and b == 3):
+        layout, size = "NCHW", b
+    elif c == 3 and a == b:
+        layout, size = "NHWC", a
+    else:
+        return data, None
+    assert isinstance(size, int)
+    if (layout, size) == (data.layout, data.crop):
+        return data, None
+    resize = round(size * data.resize / data.crop)
+    fitted = replace(data, layout=layout, crop=size, resize=resize)
+    return fitted, (
+        f"preprocessing: the input is {list(dims)}: {layout}, crop {size}, resize {resize} "
+        "(pass --crop/--resize/--layout to change)"
+    )
 
 
 def get_preset(name: str) -> Preset:

@@ -46,6 +46,7 @@ from quench.graph import (
     num_classes,
     real_inputs,
     set_batch,
+    shape_of,
     upgrade_opset,
 )
 from quench.hw import cpu_info, int8_accumulates_in_int32, one_blas_thread
@@ -56,7 +57,14 @@ from quench.model import Model
 from quench.perf import random_batch
 from quench.pipeline import Prediction
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
-from quench.presets import INPUTS, DataConfig, Preset, detect_preset, get_preset
+from quench.presets import (
+    INPUTS,
+    DataConfig,
+    Preset,
+    detect_preset,
+    fit_to_input,
+    get_preset,
+)
 from quench.progress import Bar
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
@@ -281,6 +289,11 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
     graph_inputs = [i.name for i in real_inputs(graph)]
     preset, how = resolve_preset(opts, graph_inputs[0], graph.graph.output[0].name)
     say(f"preset: {preset.name} ({how})")
+    if how != "named" and not (opts.crop or opts.resize or opts.layout):
+        data, line = fit_to_input(preset.data, shape_of(real_inputs(graph)[0]))
+        if line:
+            preset = replace(preset, data=data)
+            say(line)
     input_name, output_name = find_io(graph, preset, str(src.path))
     classes = num_classes(graph, output_name)
     labels = load_labels(opts.labels or preset.labels)
