@@ -430,3 +430,15 @@ def test_a_generic_build_fits_the_preprocessing_to_the_input(tmp_path: Path, tin
     )
     assert (m.data.crop, m.data.resize, m.data.layout) == (20, 23, "NCHW")
     assert any(line.startswith("preprocessing: the input is ['N', 3, 20, 20]") for line in lines)
+
+
+def test_quench_run_builds_mutable_where_a_checked_form_exists(tmp_path: Path) -> None:
+    from quench.batch_form import IF_POSSIBLE, policy
+
+    rewritable = probe(onnx.load(caffe2_style(tmp_path / "a.onnx")), (3, S, S), "a.onnx")
+    batch, line = policy(rewritable, None, IF_POSSIBLE, "a.onnx")
+    assert batch is None and line.startswith("batch: mutable (mutable where it can be), the graph")
+    assert policy(rewritable, None, None, "a.onnx")[0] == 1  # build's default: as declared
+    stuck = probe(onnx.load(class_token_style(tmp_path / "b.onnx")), (3, S, S), "b.onnx")
+    batch, line = policy(stuck, None, IF_POSSIBLE, "b.onnx")
+    assert batch == 1 and line.startswith("batch: fixed at 1: the input declares batch 1;")

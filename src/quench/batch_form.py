@@ -74,6 +74,7 @@ def policy(
                 f"makes its batch mutable; build with --batch {only}"
             )
         return batch, f"batch: fixed at {batch} (--batch)"
+    asked = "--dynamic-batch" if dynamic is True else "mutable where it can be"
     if dynamic == IF_POSSIBLE and form.mutable is not None:
         dynamic = True
     if dynamic is True:
@@ -83,8 +84,8 @@ def policy(
                 f"({why}) and no checked rewrite changes that; build with --batch {only}"
             )
         if form.rewrites:
-            return None, f"batch: mutable (--dynamic-batch), the graph rewritten: {rewrite}"
-        return None, "batch: mutable (--dynamic-batch)"
+            return None, f"batch: mutable ({asked}), the graph rewritten: {rewrite}"
+        return None, f"batch: mutable ({asked}; checked at batch {2 * only})"
     if form.native and form.declared is None:
         return None, "batch: mutable (the input's batch is symbolic; checked at batch 2)"
     if form.declared is not None:
