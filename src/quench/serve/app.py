@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -51,6 +50,16 @@ class Served:
         self.api = api
         self.batcher = batcher
         self.ready = False
+
+
+def lookup(served: dict[str, Served], name: str, version: str | None = None) -> Served:
+    """The served model ``name`` (``version`` empty or the only one), else 404."""
+    s = served.get(name)
+    if s is None:
+        raise ServeError(404, f"unknown model {name!r}; serving {sorted(served)}")
+    if version not in (None, "", VERSION):
+        raise ServeError(404, f"model {name!r} has no version {version!r} (only {VERSION!r})")
+    return s
 
 
 def _errors(status: int, *more: int) -> dict[int | str, dict[str, Any]]:
@@ -104,6 +113,8 @@ def create_app(
             await s.batcher.run_on_engine(s.api.setup)
             s.ready = True
         yield
+        for hook in app.state.before_close:  # e.g. the gRPC listener answers its requests
+            await hook()
         for s in served.values():
             s.ready = False
         # uvicorn has already answered in-flight requests; drain anything still queued
@@ -122,6 +133,7 @@ def create_app(
     app.state.config = config
     app.state.metrics = metrics
     app.state.decoder = decoder
+    app.state.before_close = []  # async callables awaited at shutdown before the batchers close
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -147,12 +159,7 @@ def create_app(
         return JSONResponse({"error": reason[:500]}, 500)
 
     def get(name: str, version: str | None = None) -> Served:
-        s = served.get(name)
-        if s is None:
-            raise ServeError(404, f"unknown model {name!r}; serving {sorted(served)}")
-        if version not in (None, "", VERSION):
-            raise ServeError(404, f"model {name!r} has no version {version!r} (only {VERSION!r})")
-        return s
+        return lookup(served, name, version)
 
     def note(request: Request, **fields: Any) -> None:
         info = request.scope.get("quench.log")
@@ -490,19 +497,8 @@ class Guard:
         finally:
             if gone:
                 status = CLIENT_CLOSED
-            elapsed = time.perf_counter() - t0
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(elapsed)
-            if self.log:
-                line = {
-                    "ts": round(time.time(), 3),
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": round(elapsed * 1000, 2),
-                    "model": info["model"],
-                    "batch": info["batch"],
-                }
-                sys.stderr.write(json.dumps(line) + "\n")
+            elapsed = time.perf_counter() - t0
+            log = {**info, "path": scope["path"]} if self.log else None
+            self.metrics.answered(endpoint, scope["method"], status, elapsed, log)
