@@ -1,12 +1,21 @@
-"""What the bench scripts share: running ``quench`` as a user does, and writing their section of
-BENCHMARKS.md between their own markers (the rest of the file kept as it is)."""
+"""What the bench scripts share: running ``quench`` as a user does, talking to a local
+``quench serve`` (ports, readiness, v2 requests), and writing their section of BENCHMARKS.md
+between their own markers (the rest of the file kept as it is)."""
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+import numpy as np
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def timed_quench(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -29,3 +38,73 @@ def write_section(md: Path, mark: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     md.write_text(text)
+
+
+# -- a local quench serve -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(base: str, path: str) -> object:
+    with urllib.request.urlopen(base + path, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def get_json_index(base: str) -> list[dict]:
+    req = urllib.request.Request(f"{base}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_ready(base: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"error: server at {base} not ready after {timeout:.0f} s")
+
+
+def random_input(meta: dict, batch: int, seed: int) -> tuple[str, list[int], bytes]:
+    """The model's input name, a shape of ``batch`` images and random little-endian FP32."""
+    inp = meta["inputs"][0]
+    shape = [batch, *(int(d) for d in inp["shape"][1:])]
+    x = np.random.default_rng(seed).standard_normal(shape).astype("<f4").tobytes()
+    return inp["name"], shape, x
+
+
+def make_request(meta: dict, batch: int, seed: int) -> tuple[bytes, dict[str, str]]:
+    """A v2 HTTP infer request with binary tensor data in and out: (body, headers)."""
+    name, shape, x = random_input(meta, batch, seed)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "FP32",
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(x)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + x, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server; kill it if it has not exited within ``timeout`` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

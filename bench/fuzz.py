@@ -25,7 +25,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from load import free_port, wait_ready
+from common import free_port, wait_ready
 
 
 def answers_by_status(base: str) -> dict[str, int]:
