@@ -100,9 +100,9 @@ class ClassifierAPI:
         }
 
     # -- infer: decode / encode -------------------------------------------------------------
-    def decode_infer(self, body: bytes, header_length: str | None) -> InferRequest:
+    def decode_infer(self, body: bytes | memoryview, header_length: str | None) -> InferRequest:
         """A v2 inference request (JSON, or JSON header + binary tensors) -> input tensor."""
-        binary = b""
+        binary: bytes | memoryview = b""
         if header_length is not None:
             try:
                 hlen = int(header_length)
@@ -110,7 +110,8 @@ class ClassifierAPI:
                 raise bad(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
             if not 0 <= hlen <= len(body):
                 raise bad(f"{HEADER_LENGTH} {hlen} is outside the body ({len(body)} bytes)")
-            body, binary = body[:hlen], body[hlen:]
+            # the small JSON header is copied out, the tensor bytes are not
+            body, binary = bytes(memoryview(body)[:hlen]), memoryview(body)[hlen:]
         try:
             req = InferenceRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -125,7 +126,7 @@ class ClassifierAPI:
                 binary_output = out.parameters.binary_data
         return InferRequest(x, None if req.id is None else str(req.id), binary_output)
 
-    def _decode_tensor(self, t: RequestInput, binary: bytes) -> np.ndarray:
+    def _decode_tensor(self, t: RequestInput, binary: bytes | memoryview) -> np.ndarray:
         self.check_input(t.name, t.datatype, t.shape)
         size = t.parameters.binary_data_size if t.parameters else None
         if size is not None:

@@ -71,6 +71,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None  # set when the engine thread ends
         self._closing = False
+        self._depth = metrics.queue_depth.labels(name) if metrics else None
 
     @property
     def depth(self) -> int:
@@ -129,8 +130,8 @@ class Batcher:
         self._gauge()
 
     def _gauge(self) -> None:
-        if self.metrics:
-            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        if self._depth is not None:
+            self._depth.set(len(self._queue))
 
     def _next(self) -> list[_Item] | _Call | None:
         """The next batch (or call), None once closing with nothing queued."""
