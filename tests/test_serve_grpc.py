@@ -220,6 +220,48 @@ def test_bad_messages_get_a_status_and_one_line(server: Running, case: tuple) ->
     assert server.infer(request(images(1))).outputs  # still serving
 
 
+def mutations(data: bytes, n: int, seed: int) -> Iterator[bytes]:
+    """``n`` malformed variants of a valid message: flipped, cut, spliced or random bytes."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            for pos in rng.integers(0, len(b), rng.integers(1, 9)):
+                b[pos] = int(rng.integers(0, 256))
+        elif kind == 1:
+            b = b[: int(rng.integers(0, len(b)))]
+        elif kind == 2:
+            pos = int(rng.integers(0, len(b)))
+            b[pos:pos] = rng.bytes(int(rng.integers(1, 16)))
+        else:
+            b = bytearray(rng.bytes(int(rng.integers(0, 64))))
+        yield bytes(b)
+
+
+def test_mutated_messages_get_client_errors_never_internal(server: Running) -> None:
+    x = images(1)
+    valid = [request(x).SerializeToString(), request(x, raw=False).SerializeToString()]
+    meta = pb.ModelMetadataRequest(name=NAME).SerializeToString()
+    codes: dict[str, int] = {}
+    for method, data in [
+        ("ModelInfer", valid[0]),
+        ("ModelInfer", valid[1]),
+        ("ModelMetadata", meta),
+    ]:
+        for bad_bytes in mutations(data, 60, seed=len(data)):
+            try:
+                server.call(method, bad_bytes)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+                assert "\n" not in (exc.details() or "")
+            codes[code] = codes.get(code, 0) + 1
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}, codes
+    assert codes.get("INVALID_ARGUMENT", 0) > 60
+    assert server.infer(request(x)).outputs  # still serving
+
+
 def test_no_contents_at_all(server: Running) -> None:
     req = request(images(1), raw=False)
     req.inputs[0].contents.ClearField("fp32_contents")
