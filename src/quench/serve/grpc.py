@@ -36,6 +36,7 @@ from tritonclient.grpc import service_pb2 as pb
 from quench import __version__
 from quench.serve.api import VERSION
 from quench.serve.app import EXTENSIONS, Served, lookup
+from quench.serve.deadline import within
 from quench.serve.errors import CannotListen, ServeError
 
 SERVICE = "inference.GRPCInferenceService"
@@ -101,7 +102,7 @@ class InferenceService:
                     request = kind.FromString(data)
                 except DecodeError as exc:
                     raise bad(f"not a valid {kind.DESCRIPTOR.full_name} message: {exc}") from None
-                return await asyncio.wait_for(fn(request, info), self.config.timeout_s)
+                return await within(self.config.timeout_s, fn(request, info))
             except ServeError as exc:
                 code, message = CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
             except asyncio.TimeoutError:

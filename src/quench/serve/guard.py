@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
 from quench.serve.config import ServeConfig
+from quench.serve.deadline import within
 from quench.serve.infer import DEADLINE, ENDPOINT, LOG, InferPath
 from quench.serve.metrics import Metrics
 from quench.serve.protocol import CLOSING, MAX_HEADER_BYTES
@@ -105,7 +106,7 @@ class Guard:
             if body_done:  # e.g. a response listening for the client going away
                 return await receive()
             try:
-                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                msg = await within(max(deadline - loop.time(), 0.0), receive())
             except asyncio.TimeoutError:
                 secs = f"{self.config.timeout_s:g}"
                 await answer(408, f"request body not received within {secs} s")
@@ -127,7 +128,7 @@ class Guard:
             total = 0
             while total <= DRAIN_LIMIT:
                 try:
-                    msg = await asyncio.wait_for(receive(), max(end - loop.time(), 0.0))
+                    msg = await within(max(end - loop.time(), 0.0), receive())
                 except asyncio.TimeoutError:
                     return
                 total += len(msg.get("body", b""))

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from quench.serve.api import HEADER_LENGTH, ClassifierAPI, InferRequest
 from quench.serve.config import ServeConfig
+from quench.serve.deadline import within
 from quench.serve.decoding import DecodePool
 from quench.serve.errors import ServeError
 
@@ -64,7 +65,7 @@ class Work:
         if isinstance(info, dict):
             info["model"] = s.api.name
         try:
-            y, batch = await asyncio.wait_for(s.batcher.submit(x), self.remaining(scope))
+            y, batch = await within(self.remaining(scope), s.batcher.submit(x))
         except asyncio.TimeoutError:
             raise self.late(f"model {s.api.name!r}") from None
         except ServeError:
