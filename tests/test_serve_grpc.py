@@ -3,6 +3,7 @@ and raw gRPC calls, beside the HTTP app on the same models, batcher, limits and 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -341,6 +342,25 @@ def test_rpcs_in_progress_are_bounded(tiny_artifact: Path) -> None:
         running.stop()
     assert grpc.StatusCode.OK in codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+
+
+def test_idle_connections_are_closed(tiny_artifact: Path) -> None:
+    config = ServeConfig(name=NAME, quiet=True, keep_alive_s=0.3)
+    running = Running(create_app([Model.load(tiny_artifact)], config), config)
+
+    async def states() -> tuple[object, object]:
+        async with grpc.aio.insecure_channel(running.target) as ch:
+            await ch.unary_unary(f"/{SERVICE}/ServerLive")(b"", timeout=5)
+            busy = ch.get_state()
+            await asyncio.sleep(1.5)
+            return busy, ch.get_state()
+
+    try:
+        busy, later = asyncio.run(states())
+    finally:
+        running.stop()
+    assert busy == grpc.ChannelConnectivity.READY
+    assert later == grpc.ChannelConnectivity.IDLE  # the server sent GOAWAY
 
 
 # -- the CLI ----------------------------------------------------------------------------------

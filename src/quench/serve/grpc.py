@@ -14,7 +14,8 @@ Requests arrive as bytes and are parsed here, so a message that is not protobuf 
 INVALID_ARGUMENT with one line (grpcio's own deserializer would answer INTERNAL). Limits: a
 message over ``max_body_mb`` is refused by gRPC (RESOURCE_EXHAUSTED), at most
 ``max_connections`` RPCs run at once (beyond: RESOURCE_EXHAUSTED), each is answered within
-``timeout_s`` (DEADLINE_EXCEEDED) or the client's own deadline if sooner. Methods not listed
+``timeout_s`` (DEADLINE_EXCEEDED) or the client's own deadline if sooner, and a connection idle
+for ``keep_alive_s`` is closed (clients reconnect on their next call). Methods not listed
 (shared memory, model control, streaming) are UNIMPLEMENTED.
 """
 
@@ -242,6 +243,8 @@ class GrpcListener:
                 ("grpc.so_reuseport", 0),  # a busy port is an error, not a shared port
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.max_send_message_length", -1),
+                # a connection with no RPC for keep_alive_s is closed (GOAWAY), as on HTTP
+                ("grpc.max_connection_idle_ms", int(config.keep_alive_s * 1000)),
             ],
             maximum_concurrent_rpcs=config.max_connections,
         )
