@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,36 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def answers_by_status(base: str, method: str | None = None) -> dict[str, int]:
+    """quench_requests_total summed by status (what the server itself answered); ``method``:
+    only that method's (``GRPC``: the gRPC answers, by status code name)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("quench_requests_total{") and (
+            method is None or f'method="{method}"' in line
+        ):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            out[status] = out.get(status, 0) + int(float(line.split()[-1]))
+    return out
+
+
+def mutations(data: bytes, n: int, rng: np.random.Generator) -> Iterator[bytes]:
+    """``n`` malformed variants of a valid message: bytes flipped, cut, spliced in, or random."""
+    for i in range(n):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            for pos in rng.integers(0, len(b), rng.integers(1, 9)):
+                b[pos] = int(rng.integers(0, 256))
+        elif kind == 1:
+            b = b[: int(rng.integers(0, len(b)))]
+        elif kind == 2:
+            pos = int(rng.integers(0, len(b)))
+            b[pos:pos] = rng.bytes(int(rng.integers(1, 64)))
+        else:
+            b = bytearray(rng.bytes(int(rng.integers(0, 256))))
+        yield bytes(b)

@@ -17,34 +17,23 @@ import argparse
 import json
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
-from common import free_port, get_json, get_json_index, random_input, stop, wait_ready
+from common import (
+    answers_by_status,
+    free_port,
+    get_json,
+    get_json_index,
+    mutations,
+    random_input,
+    stop,
+    wait_ready,
+)
 from tritonclient.grpc import service_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 CRASHES = {"INTERNAL", "UNKNOWN"}
-
-
-def mutations(data: bytes, n: int, rng: np.random.Generator) -> Iterator[bytes]:
-    """``n`` malformed variants of ``data``: flipped, cut, spliced or random bytes."""
-    for i in range(n):
-        b = bytearray(data)
-        kind = i % 4
-        if kind == 0:
-            for pos in rng.integers(0, len(b), rng.integers(1, 9)):
-                b[pos] = int(rng.integers(0, 256))
-        elif kind == 1:
-            b = b[: int(rng.integers(0, len(b)))]
-        elif kind == 2:
-            pos = int(rng.integers(0, len(b)))
-            b[pos:pos] = rng.bytes(int(rng.integers(1, 64)))
-        else:
-            b = bytearray(rng.bytes(int(rng.integers(0, 256))))
-        yield bytes(b)
 
 
 def valid_messages(meta: dict, name: str) -> dict[str, list[bytes]]:
@@ -64,18 +53,6 @@ def valid_messages(meta: dict, name: str) -> dict[str, list[bytes]]:
         "ModelReady": [pb.ModelReadyRequest(name=name).SerializeToString()],
         "RepositoryIndex": [pb.RepositoryIndexRequest(ready=True).SerializeToString()],
     }
-
-
-def grpc_answers(base: str) -> dict[str, int]:
-    """The server's quench_requests_total for gRPC, summed by status."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("quench_requests_total{") and 'method="GRPC"' in line:
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            out[status] = out.get(status, 0) + int(float(line.split()[-1]))
-    return out
 
 
 def main() -> int:
@@ -106,7 +83,7 @@ def main() -> int:
                         except grpc.RpcError as exc:
                             code = exc.code().name
                         seen[code] = seen.get(code, 0) + 1
-        counts = grpc_answers(base)
+        counts = answers_by_status(base, "GRPC")
     finally:
         stop(server, timeout=60)
     err = server.stderr.read() if server.stderr else ""

@@ -30,6 +30,9 @@ from quench.serve import ServeConfig, create_app  # noqa: E402
 from quench.serve.server import build  # noqa: E402
 from test_serve import NAME, SHAPE, free_port, infer_json, post, slow_app, wait_ready  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
+from common import mutations  # noqa: E402  (bench/fuzz_grpc.py's malformed messages)
+
 SERVICE = "inference.GRPCInferenceService"
 
 
@@ -221,25 +224,6 @@ def test_bad_messages_get_a_status_and_one_line(server: Running, case: tuple) ->
     assert server.infer(request(images(1))).outputs  # still serving
 
 
-def mutations(data: bytes, n: int, seed: int) -> Iterator[bytes]:
-    """``n`` malformed variants of a valid message: flipped, cut, spliced or random bytes."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        b = bytearray(data)
-        kind = i % 4
-        if kind == 0:
-            for pos in rng.integers(0, len(b), rng.integers(1, 9)):
-                b[pos] = int(rng.integers(0, 256))
-        elif kind == 1:
-            b = b[: int(rng.integers(0, len(b)))]
-        elif kind == 2:
-            pos = int(rng.integers(0, len(b)))
-            b[pos:pos] = rng.bytes(int(rng.integers(1, 16)))
-        else:
-            b = bytearray(rng.bytes(int(rng.integers(0, 64))))
-        yield bytes(b)
-
-
 def test_mutated_messages_get_client_errors_never_internal(server: Running) -> None:
     x = images(1)
     valid = [request(x).SerializeToString(), request(x, raw=False).SerializeToString()]
@@ -250,7 +234,7 @@ def test_mutated_messages_get_client_errors_never_internal(server: Running) -> N
         ("ModelInfer", valid[1]),
         ("ModelMetadata", meta),
     ]:
-        for bad_bytes in mutations(data, 60, seed=len(data)):
+        for bad_bytes in mutations(data, 60, np.random.default_rng(len(data))):
             try:
                 server.call(method, bad_bytes)
                 code = "OK"
