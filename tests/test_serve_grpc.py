@@ -447,3 +447,20 @@ def test_cli_busy_grpc_port_is_one_line(tiny_artifact: Path) -> None:
     assert f"port {gport} is already in use" in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "8123", "--grpc-port", "8123"], "is the HTTP --port too"),
+        (["--grpc-port", "8124", "--ray", "auto"], "not available with --ray"),
+    ],
+)
+def test_cli_grpc_port_misuse_is_one_line(tiny_artifact: Path, args: list[str], words: str) -> None:
+    from typer.testing import CliRunner
+
+    from quench.cli import app
+
+    res = CliRunner().invoke(app, ["serve", str(tiny_artifact), *args])
+    assert res.exit_code == 2
+    assert words in res.output
