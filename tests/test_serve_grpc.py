@@ -125,6 +125,12 @@ def test_health_metadata_and_index(client: object) -> None:
     assert m["outputs"][0]["name"] == "logits"
     index = client.get_model_repository_index(as_json=True)
     assert index["models"] == [{"name": NAME, "version": "1", "state": "READY"}]
+    config = client.get_model_config(NAME, as_json=True)["config"]
+    assert config["max_batch_size"] == 8
+    want = {"name": "images", "data_type": "TYPE_FP32", "dims": [str(d) for d in SHAPE]}
+    assert config["input"][0] == want
+    assert config["output"][0]["dims"] == [str(m["outputs"][0]["shape"][1])]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "40000"
 
 
 @pytest.mark.parametrize("n", [1, 3, 11])  # 11 > max_batch: split into chunks

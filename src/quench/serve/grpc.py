@@ -6,7 +6,8 @@ The listener shares everything but the wire with HTTP: the app's models (``Class
 Protocol definitions: the generated ``tritonclient.grpc.service_pb2`` modules. Triton's
 ``inference.GRPCInferenceService`` is the KServe v2 ``grpc_predict_v2.proto`` service (same
 package, service, messages and field numbers) plus Triton's extensions (``RepositoryIndex``
-among them), so KServe clients, ``tritonclient.grpc`` and ``perf_analyzer`` all speak it. Triton
+among them, and ``ModelConfig``), so KServe clients, ``tritonclient.grpc`` and ``perf_analyzer``
+all speak it. Triton
 releases those modules with its client, in step with the protocol; vendoring the ``.proto`` and
 generating at build time would add grpcio-tools to the build to make the same files.
 
@@ -32,6 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from quench import __version__
@@ -75,6 +77,7 @@ class InferenceService:
             "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse, self.model_ready),
             "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse, self.server),
             "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse, self.metadata),
+            "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse, self.model_config),
             "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, self.index),
             "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse, self.infer),
         }
@@ -147,6 +150,30 @@ class InferenceService:
             platform=meta["platform"],
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def model_config(self, req: pb.ModelConfigRequest, info: dict) -> Message:
+        """Triton's model configuration (what perf_analyzer reads): tensors without the batch
+        dimension, the batcher's largest batch and delay."""
+        s = lookup(self.served, req.name, req.version)
+        meta = s.api.metadata()
+
+        def tensors(kind: Any, entries: list[dict]) -> list[Any]:
+            return [
+                kind(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"][1:])
+                for t in entries
+            ]
+
+        delay_us = int(s.batcher.max_delay_s * 1_000_000)
+        return pb.ModelConfigResponse(
+            config=mc.ModelConfig(
+                name=meta["name"],
+                platform=meta["platform"],
+                max_batch_size=s.batcher.max_batch,
+                input=tensors(mc.ModelInput, meta["inputs"]),
+                output=tensors(mc.ModelOutput, meta["outputs"]),
+                dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=delay_us),
+            )
         )
 
     async def index(self, req: pb.RepositoryIndexRequest, info: dict) -> Message:
