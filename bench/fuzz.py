@@ -22,22 +22,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
-from load import free_port, wait_ready
-
-
-def answers_by_status(base: str) -> dict[str, int]:
-    """quench_requests_total summed by status (what the server itself answered)."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("quench_requests_total{"):
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            out[status] = out.get(status, 0) + int(float(line.split()[-1]))
-    return out
+from common import answers_by_status, free_port, wait_ready
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
-from load import free_port, get_json, get_json_index, make_request, wait_ready
+from common import free_port, get_json, get_json_index, make_request, wait_ready
 from PIL import Image
 
 Kind = tuple[str, str, bytes, dict[str, str]]  # name, path, body, headers

@@ -135,6 +135,36 @@ def test_tritonclient_infer(client: object, model: Model, binary: bool, request_
     np.testing.assert_allclose(res.as_numpy("logits"), model.predict(x), atol=1e-5)
 
 
+async def _infer_both_ways(app: object, body: bytes, path: str) -> list[object]:
+    """The same request through Guard (its lean infer path) and to the inner FastAPI app."""
+    out = []
+    for target in (app, app.app):
+        transport = httpx.ASGITransport(app=target)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            out.append(await ac.post(path, content=body))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (f"/v2/models/{NAME}/infer", 200),
+        (f"/v2/models/{NAME}/versions/1/infer", 200),
+        (f"/v2/models/{NAME}/versions/2/infer", 404),
+        ("/v2/models/nope/infer", 404),
+    ],
+)
+def test_lean_infer_path_answers_as_the_routes_do(
+    tiny_artifact: Path, path: str, status: int
+) -> None:
+    app = create_app([Model.load(tiny_artifact)], ServeConfig(quiet=True, name=NAME))
+    body = infer_json(np.ones((2, *SHAPE), np.float32), id="x")
+    lean, route = asyncio.run(_infer_both_ways(app, body, path))
+    assert lean.status_code == route.status_code == status
+    assert lean.json() == route.json()
+    assert lean.headers["content-type"] == route.headers["content-type"]
+
+
 def test_request_larger_than_max_batch_is_split(server: str, model: Model) -> None:
     x = np.random.default_rng(2).standard_normal((11, *SHAPE)).astype(np.float32)
     status, _, body = post(f"http://{server}/v2/models/{NAME}/infer", infer_json(x, id=5))

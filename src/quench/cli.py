@@ -1352,6 +1352,15 @@ def _serve_ray(
         )
 
 
+def _grpc_available() -> None:
+    """grpcio and tritonclient's generated protocol modules, else one line saying what to do."""
+    try:
+        import grpc  # noqa: F401
+        import tritonclient.grpc.service_pb2  # noqa: F401
+    except ImportError as exc:
+        raise fail(f"--grpc-port needs {exc.name}: pip install 'quench[grpc]'") from None
+
+
 @app.command()
 def serve(
     artifacts: Annotated[
@@ -1363,6 +1372,10 @@ def serve(
     ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve the KServe v2 gRPC protocol on this TCP port."),
+    ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 8,
     max_delay_ms: Annotated[
         float, typer.Option(min=0, help="Wait this long after a request for more to batch.")
@@ -1392,12 +1405,17 @@ def serve(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No JSON access log.")] = False,
 ) -> None:
-    """Serve artifacts over HTTP: KServe v2 / Open Inference Protocol, with dynamic batching."""
+    """Serve artifacts over HTTP (and gRPC): KServe v2 / Open Inference Protocol, with dynamic
+    batching."""
     if name and len(artifacts) > 1:
         raise fail("--name needs exactly one artifact (or give each one as NAME=PATH)", code=2)
     named = [_named_artifact(a) for a in artifacts]
     if ray is None and (replicas is not None or autoscale is not None):
         raise fail("--replicas and --autoscale go with --ray", code=2)
+    if ray is not None and grpc_port is not None:
+        raise fail("--grpc-port is not available with --ray (Ray Serve serves HTTP)", code=2)
+    if grpc_port is not None and grpc_port == port:
+        raise fail(f"--grpc-port {grpc_port} is the HTTP --port too: give two ports", code=2)
     settings = dict(
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
@@ -1428,6 +1446,9 @@ def serve(
         from quench.serve.server import listen
 
         sock = listen(host, port)  # a busy port fails now, before the models load
+        if grpc_port is not None:
+            _grpc_available()
+            listen(host, grpc_port).close()  # gRPC binds it again once the models are warm
         keys = signing.trusted_keys(trusted_keys) if trusted_keys is not None else None
         # the self-check always runs at start; its result is in each model's metadata
         models = [
@@ -1439,7 +1460,15 @@ def serve(
                 info(f"{m.path}: {m.signature.message}")
         config = ServeConfig(**settings)
         try:
-            serve_run(models, config, host=host, port=port, names=[n for n, _ in named], sock=sock)
+            serve_run(
+                models,
+                config,
+                host=host,
+                port=port,
+                names=[n for n, _ in named],
+                sock=sock,
+                grpc_port=grpc_port,
+            )
         except ValueError as exc:
             raise fail(str(exc)) from None
 

@@ -100,9 +100,9 @@ class ClassifierAPI:
         }
 
     # -- infer: decode / encode -------------------------------------------------------------
-    def decode_infer(self, body: bytes, header_length: str | None) -> InferRequest:
+    def decode_infer(self, body: bytes | memoryview, header_length: str | None) -> InferRequest:
         """A v2 inference request (JSON, or JSON header + binary tensors) -> input tensor."""
-        binary = b""
+        binary: bytes | memoryview = b""
         if header_length is not None:
             try:
                 hlen = int(header_length)
@@ -110,7 +110,8 @@ class ClassifierAPI:
                 raise bad(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
             if not 0 <= hlen <= len(body):
                 raise bad(f"{HEADER_LENGTH} {hlen} is outside the body ({len(body)} bytes)")
-            body, binary = body[:hlen], body[hlen:]
+            # the small JSON header is copied out, the tensor bytes are not
+            body, binary = bytes(memoryview(body)[:hlen]), memoryview(body)[hlen:]
         try:
             req = InferenceRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -120,24 +121,37 @@ class ClassifierAPI:
         x = self._decode_tensor(req.inputs[0], binary)
         binary_output = bool(req.parameters and req.parameters.binary_data_output)
         for out in req.outputs or []:
-            if out.name != self.model.output_name:
-                raise bad(
-                    f"unknown output {out.name!r}; model {self.name!r} has "
-                    f"{self.model.output_name!r}"
-                )
+            self.check_output(out.name)
             if out.parameters and out.parameters.binary_data is not None:
                 binary_output = out.parameters.binary_data
         return InferRequest(x, None if req.id is None else str(req.id), binary_output)
 
-    def _decode_tensor(self, t: RequestInput, binary: bytes) -> np.ndarray:
-        name, shape = t.name, t.shape
+    def _decode_tensor(self, t: RequestInput, binary: bytes | memoryview) -> np.ndarray:
+        self.check_input(t.name, t.datatype, t.shape)
+        size = t.parameters.binary_data_size if t.parameters else None
+        if size is not None:
+            want = math.prod(t.shape) * self.dtype.itemsize
+            if size != want:
+                raise bad(
+                    f"input {t.name!r}: binary_data_size {size} != {want} for shape {t.shape}"
+                )
+            if len(binary) < size:
+                raise bad(f"input {t.name!r}: {len(binary)} binary bytes, expected {size}")
+            return self.from_raw(t.shape, memoryview(binary)[:size])
+        if t.data is None:
+            raise bad(f"input {t.name!r}: no 'data' and no binary_data_size")
+        return self.from_values(t.name, t.shape, t.data)
+
+    # -- tensors (shared by the HTTP and gRPC protocols) -----------------------------------
+    def check_input(self, name: str, datatype: str, shape: list[int]) -> None:
+        """The one input's name, datatype and shape [N, *input_shape], N >= 1, else 400."""
         if name != self.model.input_name:
             raise bad(
                 f"unknown input {name!r}; model {self.name!r} takes {self.model.input_name!r}"
             )
-        if t.datatype != self.datatype:
+        if datatype != self.datatype:
             raise bad(
-                f"input {name!r}: datatype {t.datatype!r} is not supported, send {self.datatype}"
+                f"input {name!r}: datatype {datatype!r} is not supported, send {self.datatype}"
                 + (" pixels (built with --input uint8)" if self.datatype == "UINT8" else "")
             )
         if (
@@ -146,26 +160,29 @@ class ClassifierAPI:
             or shape[0] < 1
         ):
             want = ", ".join(map(str, self.input_shape))
-            raise bad(f"input {name!r}: shape {shape} does not match [N, {want}] with N >= 1")
-        count = math.prod(shape)
-        size = t.parameters.binary_data_size if t.parameters else None
-        if size is not None:
-            want = count * self.dtype.itemsize
-            if size != want:
-                raise bad(f"input {name!r}: binary_data_size {size} != {want} for shape {shape}")
-            if len(binary) < size:
-                raise bad(f"input {name!r}: {len(binary)} binary bytes, expected {size}")
-            return np.frombuffer(binary[:size], dtype=self._wire).reshape(shape)
-        if t.data is None:
-            raise bad(f"input {name!r}: no 'data' and no binary_data_size")
+            raise bad(f"input {name!r}: shape {list(shape)} does not match [N, {want}] with N >= 1")
+
+    def check_output(self, name: str) -> None:
+        if name != self.model.output_name:
+            raise bad(
+                f"unknown output {name!r}; model {self.name!r} has {self.model.output_name!r}"
+            )
+
+    def from_raw(self, shape: list[int], raw: bytes | memoryview) -> np.ndarray:
+        """Raw little-endian tensor bytes of exactly ``shape`` (checked) -> a view, no copy."""
+        return np.frombuffer(raw, dtype=self._wire).reshape(shape)
+
+    def from_values(self, name: str, shape: list[int], values: Any) -> np.ndarray:
+        """Numbers (flat or nested; None -> NaN) of ``shape`` -> the input tensor, else 400."""
         try:
-            x = np.asarray(t.data, dtype=np.float32)  # null -> NaN
+            x = np.asarray(values, dtype=np.float32)  # null -> NaN
         except (ValueError, TypeError, OverflowError):
             raise bad(
                 f"input {name!r}: 'data' must be a flat or evenly nested list of numbers"
             ) from None
+        count = math.prod(shape)
         if x.size != count:
-            raise bad(f"input {name!r}: {x.size} values for shape {shape} ({count})")
+            raise bad(f"input {name!r}: {x.size} values for shape {list(shape)} ({count})")
         if self.datatype == "UINT8":
             if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):  # NaN fails too
                 raise bad(f"input {name!r}: UINT8 'data' must be integers 0..255")

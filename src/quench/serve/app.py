@@ -7,9 +7,6 @@ the model API (decode / predict / encode) in ``api``; batching in ``batcher``.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from quench import __version__
 from quench.serve import schema
@@ -29,19 +26,15 @@ from quench.serve.batcher import Batcher
 from quench.serve.config import ServeConfig
 from quench.serve.decoding import DecodePool
 from quench.serve.errors import ServeError
+from quench.serve.guard import Guard
+from quench.serve.infer import InferPath, Work
 from quench.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from quench.serve.protocol import CLOSING, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from quench.model import Model
 
-DRAIN_LIMIT = 64 * 1024 * 1024  # over-limit bodies up to this size are read before the 413 ...
-DRAIN_SECONDS = 1.0  # ... for at most this long
-DEADLINE = "quench.deadline"  # scope key: loop time by which the request must be answered
 EXTENSIONS = ["binary_tensor_data", "model_repository"]  # model_repository: index only
-LARGE_JSON = 1024 * 1024  # an /infer body over this leaves enough freed heap to trim
 OPENAPI_URL = "/openapi.json"
-CLIENT_CLOSED = 499  # status counted (not sent) when the client went away mid-request
 
 
 class Served:
@@ -51,6 +44,16 @@ class Served:
         self.api = api
         self.batcher = batcher
         self.ready = False
+
+
+def lookup(served: dict[str, Served], name: str, version: str | None = None) -> Served:
+    """The served model ``name`` (``version`` empty or the only one), else 404."""
+    s = served.get(name)
+    if s is None:
+        raise ServeError(404, f"unknown model {name!r}; serving {sorted(served)}")
+    if version not in (None, "", VERSION):
+        raise ServeError(404, f"model {name!r} has no version {version!r} (only {VERSION!r})")
+    return s
 
 
 def _errors(status: int, *more: int) -> dict[int | str, dict[str, Any]]:
@@ -104,6 +107,8 @@ def create_app(
             await s.batcher.run_on_engine(s.api.setup)
             s.ready = True
         yield
+        for hook in app.state.before_close:  # e.g. the gRPC listener answers its requests
+            await hook()
         for s in served.values():
             s.ready = False
         # uvicorn has already answered in-flight requests; drain anything still queued
@@ -122,6 +127,7 @@ def create_app(
     app.state.config = config
     app.state.metrics = metrics
     app.state.decoder = decoder
+    app.state.before_close = []  # async callables awaited at shutdown before the batchers close
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -147,46 +153,9 @@ def create_app(
         return JSONResponse({"error": reason[:500]}, 500)
 
     def get(name: str, version: str | None = None) -> Served:
-        s = served.get(name)
-        if s is None:
-            raise ServeError(404, f"unknown model {name!r}; serving {sorted(served)}")
-        if version not in (None, "", VERSION):
-            raise ServeError(404, f"model {name!r} has no version {version!r} (only {VERSION!r})")
-        return s
+        return lookup(served, name, version)
 
-    def note(request: Request, **fields: Any) -> None:
-        info = request.scope.get("quench.log")
-        if isinstance(info, dict):
-            info.update(fields)
-
-    def remaining(request: Request) -> float:
-        """Seconds left before the request's deadline (``timeout_s`` after its headers)."""
-        deadline = request.scope.get(DEADLINE)
-        if deadline is None:  # not behind Guard (never in practice)
-            return config.timeout_s
-        return max(deadline - asyncio.get_running_loop().time(), 0.0)
-
-    def late(what: str) -> ServeError:
-        return ServeError(504, f"{what}: no answer within {config.timeout_s:g} s")
-
-    async def decode(request: Request, fn: Any, *args: Any, large: bool) -> Any:
-        try:
-            return await decoder.run(fn, *args, timeout=remaining(request), large=large)
-        except asyncio.TimeoutError:
-            raise late("decoding the request") from None
-
-    async def run(request: Request, s: Served, x: Any) -> Any:
-        note(request, model=s.api.name)
-        try:
-            y, batch = await asyncio.wait_for(s.batcher.submit(x), remaining(request))
-        except asyncio.TimeoutError:
-            raise late(f"model {s.api.name!r}") from None
-        except ServeError:
-            raise
-        except Exception as exc:
-            raise ServeError(500, f"model {s.api.name!r}: inference failed: {exc}") from None
-        note(request, batch=batch)
-        return y
+    work = Work(config, decoder)
 
     # -- health / metadata ------------------------------------------------------------------
     @app.get("/v2/health/live", response_model=schema.Live)
@@ -258,17 +227,12 @@ def create_app(
     )
 
     async def infer_route(request: Request, name: str, version: str | None) -> Response:
+        # Guard answers these paths itself (InferPath, the same Work); these routes describe
+        # them in OpenAPI and answer when the inner app is called without Guard
         s = get(name, version)
         body = await request.body()
-        req = await decode(
-            request,
-            s.api.decode_infer,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            large=len(body) > LARGE_JSON,
-        )
-        y = await run(request, s, req.x)
-        content, headers = await asyncio.to_thread(s.api.encode_infer, req, y)
+        header_length = request.headers.get(HEADER_LENGTH)
+        content, headers = await work.infer(request.scope, s, body, header_length)
         return Response(content, 200, headers=headers)
 
     infer_api: dict[str, Any] = {
@@ -326,8 +290,8 @@ def create_app(
             data = await request.body()
         if not data:
             raise ServeError(400, "empty request body: send the encoded image")
-        x = await decode(request, s.api.decode_image, data, large=True)
-        y = await run(request, s, x)
+        x = await work.decode(request.scope, s.api.decode_image, data, large=True)
+        y = await work.run(request.scope, s, x)
         return JSONResponse(s.api.encode_classify(y, topk))
 
     @app.get("/metrics", response_class=Response)
@@ -362,147 +326,4 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    return Guard(app, config, metrics, log=not config.quiet)
-
-
-class Guard:
-    """Outermost ASGI layer: the request deadline and body limits, metrics and the access log.
-
-    Each request must be answered ``timeout_s`` after its headers: a body not received by then
-    is answered 408 (and the connection closed); the routes use what is left for decoding,
-    queueing and inference (504). A body over ``max_body_mb`` is answered 413. A client that
-    goes away before its answer is counted as status 499 (nothing is sent, nothing is logged as
-    an error). While the server shuts down, responses carry ``Connection: close``.
-    """
-
-    def __init__(
-        self, app: FastAPI, config: ServeConfig, metrics: Metrics, log: bool = True
-    ) -> None:
-        self.app = app
-        self.config = config
-        self.limit = config.max_body_bytes
-        self.metrics = metrics
-        self.log = log
-
-    @property
-    def state(self) -> Any:
-        return self.app.state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        deadline = loop.time() + self.config.timeout_s
-        scope[DEADLINE] = deadline
-        info: dict[str, Any] = {"model": None, "batch": None}
-        scope["quench.log"] = info
-        status = 500
-        started = hijacked = gone = body_done = False
-        received = 0
-
-        async def send_(msg: Message) -> None:
-            nonlocal status, started
-            if hijacked or gone:
-                return
-            if msg["type"] == "http.response.start":
-                status, started = msg["status"], True
-                if scope.get(CLOSING):
-                    msg = {**msg, "headers": [*msg.get("headers", []), (b"connection", b"close")]}
-            await send(msg)
-
-        async def answer(code: int, message: str) -> None:
-            """Answer now, close the connection, and let the app see a disconnect."""
-            nonlocal hijacked
-            if started:
-                hijacked = True
-                return
-            body = json.dumps({"error": message}).encode()
-            await send_(
-                {
-                    "type": "http.response.start",
-                    "status": code,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send_({"type": "http.response.body", "body": body})
-            hijacked = True
-
-        def too_large() -> str:
-            return f"request body over {self.limit:,} bytes"
-
-        async def receive_() -> Message:
-            nonlocal received, gone, body_done
-            if hijacked or gone:
-                return {"type": "http.disconnect"}
-            if body_done:  # e.g. a response listening for the client going away
-                return await receive()
-            try:
-                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                secs = f"{self.config.timeout_s:g}"
-                await answer(408, f"request body not received within {secs} s")
-                return {"type": "http.disconnect"}
-            if msg["type"] == "http.disconnect":
-                gone = not started
-                return msg
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                body_done = not msg.get("more_body", False)
-                if received > self.limit:
-                    await answer(413, too_large())
-                    return {"type": "http.disconnect"}
-            return msg
-
-        async def drain() -> None:
-            """Read an over-limit body for a moment, so the client is listening for the 413."""
-            end = min(loop.time() + DRAIN_SECONDS, deadline)
-            total = 0
-            while total <= DRAIN_LIMIT:
-                try:
-                    msg = await asyncio.wait_for(receive(), max(end - loop.time(), 0.0))
-                except asyncio.TimeoutError:
-                    return
-                total += len(msg.get("body", b""))
-                if msg["type"] != "http.request" or not msg.get("more_body", False):
-                    return
-
-        headers = scope.get("headers") or []
-        length = dict(headers).get(b"content-length")
-        head = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in headers)
-        try:
-            if head > MAX_HEADER_BYTES:  # h11 bounds only headers that arrive in pieces
-                await answer(431, f"request line and headers over {MAX_HEADER_BYTES:,} bytes")
-            elif length is not None and length.isdigit() and int(length) > self.limit:
-                if int(length) <= DRAIN_LIMIT:
-                    await drain()
-                await answer(413, too_large())
-            else:
-                await self.app(scope, receive_, send_)
-        except Exception:
-            if not (hijacked or gone):
-                raise
-        finally:
-            if gone:
-                status = CLIENT_CLOSED
-            elapsed = time.perf_counter() - t0
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(elapsed)
-            if self.log:
-                line = {
-                    "ts": round(time.time(), 3),
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": round(elapsed * 1000, 2),
-                    "model": info["model"],
-                    "batch": info["batch"],
-                }
-                sys.stderr.write(json.dumps(line) + "\n")
+    return Guard(app, config, metrics, InferPath(served, work, lookup), log=not config.quiet)

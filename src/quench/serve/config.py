@@ -18,7 +18,7 @@ class ServeConfig:
     quiet: bool = False  # no JSON access log on stderr
     header_timeout_s: float = 10.0  # a connection's next request line + headers, else closed
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 256  # open connections; beyond: 503 and closed at once
+    max_connections: int = 256  # open connections (gRPC: RPCs at once); beyond: 503, closed
     max_image_mpix: float = 40.0  # decoded pixels per /classify image (after reduced-scale decode)
     decode_workers: int = 2  # images and JSON tensors decoded at once (memory bound)
 

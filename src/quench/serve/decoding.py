@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from quench.serve.deadline import within
+
 T = TypeVar("T")
 
 
@@ -61,7 +63,7 @@ class DecodePool:
         ``large``: this decode may leave a lot of freed heap behind (trimmed once idle)."""
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, self._run, large, fn, *args)
-        return await asyncio.wait_for(fut, timeout)
+        return await within(timeout, fut)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
