@@ -7,6 +7,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+ort.disable_telemetry_events()  # ONNX Runtime's platform telemetry (Windows ETW): off
+
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
