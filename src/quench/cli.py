@@ -22,6 +22,7 @@ from quench import __version__, selfcheck, signing
 from quench.artifact import load as artifact_load
 from quench.builder import BuildOptions
 from quench.builder import build as do_build
+from quench.clock import core_clock
 from quench.destination import check_file, check_folder
 from quench.errors import QuenchError
 from quench.evaluate import (
@@ -1016,7 +1017,7 @@ def perf(
     if not quiet:
         for compute in sorted({r.compute for r in results}):
             info(
-                f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock from "
+                f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock used: "
                 f"{clock_source()}"
             )
     if json_out:
@@ -1024,6 +1025,7 @@ def perf(
         doc = {
             "machine": cpu_info(),
             "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
+            "clock": core_clock().to_dict(),
             "startup": startup_times,
             "pinned_cpus": cpus,
             "profile": profiled,

@@ -359,13 +359,19 @@ def step_rows(doc: dict[str, Any]) -> list[list[str]]:
     return [[s["id"], s["status"], f"{s['seconds']:.1f}", s["message"] or ""] for s in doc["steps"]]
 
 
+def _clock_how(m: dict[str, Any]) -> str:
+    """How the clock share-of-peak figures use was found (older reports: not recorded)."""
+    c = m.get("clock")
+    return f" ({c['source']}: {c['how']})" if isinstance(c, dict) else ""
+
+
 def machine_lines(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
     eng = ", ".join(f"{k} {v}" for k, v in m["engines"].items() if v) or "none"
     return [
         f"CPU: {m.get('model')} ({m.get('vendor') or '?'}, {m.get('machine')})",
         f"ISA flags: {', '.join(m.get('flags') or []) or 'none of interest'}",
-        f"cores: {m.get('cores')}, clock: {m.get('clock_ghz')} GHz",
+        f"cores: {m.get('cores')}, clock: {m.get('clock_ghz')} GHz{_clock_how(m)}",
         f"engines: {eng}; quench {m.get('quench')}",
     ]
 
