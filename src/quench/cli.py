@@ -341,6 +341,14 @@ def build(
             "AMX, ARM; such an artifact loses accuracy on AVX2-class CPUs)."
         ),
     ] = "portable",
+    fp16_compute: Annotated[
+        bool,
+        typer.Option(
+            "--fp16-compute",
+            help="force_float16: compute in float16 even where it is measured slower than "
+            "float32 here (by default such a build stores float16 and computes float32).",
+        ),
+    ] = False,
     check_images: Annotated[
         str | None, typer.Option(help="Measure accuracy on these images at build time.")
     ] = None,
@@ -421,6 +429,7 @@ def build(
             bias_correction=bias_correction,
             float_first_layer=float_first_layer,
             target=target,
+            fp16_compute=fp16_compute,
             check_images=check_images,
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,

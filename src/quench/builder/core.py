@@ -110,6 +110,7 @@ class BuildOptions:
     # portable: 7-bit weights, exact on every CPU; native: 8-bit where this host's int8
     # accumulates in int32 (VNNI, AMX, ARM), exact only on such CPUs
     target: str = "portable"
+    fp16_compute: bool = False  # force_float16: float16 compute even where slower than fp32
     # mixed precision: layers (ONNX node names) kept in float / kept in INT8 whatever the repair
     float_layers: tuple[str, ...] = ()
     int8_layers: tuple[str, ...] = ()
@@ -247,6 +248,7 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
         )
     engines = candidate_engines(opts.engine, opts.precision)
     spec = CompileSpec(opts.precision, input_name, output_name, opts.batch, opts.threads)
+    spec.fp16_compute = opts.fp16_compute
     if opts.input == "uint8":  # every compile of this build folds the preprocessing in
         spec.preprocess = preset.data
     fixed = set_batch(src.model, opts.batch)

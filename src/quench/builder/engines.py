@@ -180,6 +180,8 @@ def compile_candidates(
             try:
                 compiled = engine.compile(p.model, spec)
                 verification = reference.check(compiled, engine, spec)
+                if note := compiled.info.get("note"):
+                    say(f"  {note}")
             except QuenchError as exc:
                 if len(engines) == 1 and len(prepared) == 1:
                     raise
