@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +19,7 @@ from quench import __version__, artifact, signing
 from quench.backend import CompileSpec, Engine
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
-from quench.builder import repair, sensitivity
+from quench.builder import reduced, repair, sensitivity
 from quench.builder.calibration import CalibrationSet, load_calibration
 from quench.builder.engines import (
     Candidate,
@@ -57,8 +57,8 @@ from quench.pipeline import Prediction
 from quench.precision import FORCE_FLOAT32, NAMES, Precision
 from quench.presets import INPUTS, DataConfig, Preset, detect_preset, get_preset
 from quench.progress import Bar
-from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
+from quench.selfcheck import FidelityError, fidelity
 from quench.selfcheck import record as record_selfcheck
 from quench.zoo.fetch import cache_dir
 
@@ -121,12 +121,19 @@ class BuildOptions:
     check_labels: str | None = None
     max_top1_drop: float | None = None  # percentage points
     # the fidelity gate: top-1 agreement with fp32 on held-out calibration images
-    min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
+    # None: the precision's default (builder.reduced.min_top1_agreement)
+    min_top1_agreement: float = None  # type: ignore[assignment] - set in __post_init__
     # --engine auto: seconds per candidate, batch size and round; rounds go on until the
     # ranking is clear or the budget ends (quench.builder.select)
     select_seconds: float = 0.25
     select_budget: float = 30.0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        with suppress(QuenchError):  # an unknown precision is refused by the build itself
+            images = bool(self.calib_images or self.check_images)
+            bound = reduced.min_top1_agreement(self.precision, self.min_top1_agreement, images)
+            self.min_top1_agreement = bound
 
 
 @dataclass
@@ -190,7 +197,6 @@ def build(
     except (FidelityError, AccuracyGateError) as exc:
         if not _repairable(plan, selection):
             raise _not_written(exc, opts) from None
-        assert calib is not None
         try:
             with _timed(timings, "repair"):
                 prepared = [_repair(plan, selection, probe, calib, exc, say)]
@@ -308,7 +314,7 @@ def _prepare(plan: Plan, calib: CalibrationSet | None, say: Log) -> list[Prepare
     first layer when an accuracy check can decide between them."""
     opts = plan.opts
     if not plan.precision.is_int8:
-        return [Prepared(plan.fixed)]
+        return reduced.float_prepared(plan.fixed, plan.precision, opts.float_layers)
     assert calib is not None
     firsts: list[bool | None] = [opts.float_first_layer]
     if (
@@ -474,6 +480,8 @@ def _accept(
 
 def _repairable(plan: Plan, selection: Selection) -> bool:
     prepared = selection.ranked[0].prepared
+    if reduced.repairable(plan.precision, selection.ranked[0], plan.opts.repair):
+        return True
     return plan.opts.repair and plan.precision.is_int8 and prepared.float_model is not None
 
 
@@ -481,7 +489,7 @@ def _repair(
     plan: Plan,
     selection: Selection,
     probe: Probe,
-    calib: CalibrationSet,
+    calib: CalibrationSet | None,
     failure: QuenchError,
     say: Log,
 ) -> Prepared:
@@ -490,6 +498,11 @@ def _repair(
     images each bound names); :class:`AccuracyGateError` or :class:`FidelityError` (nothing
     written) with the best mix found when none does."""
     opts, chosen = plan.opts, selection.ranked[0]
+    if plan.precision.family == "half":  # bf16 / fp16: layers kept in fp32 (builder.reduced)
+        check = _check_set(plan, probe) if opts.check_images else None
+        x, ref = probe.x[:SENSITIVITY_IMAGES], probe.reference[:SENSITIVITY_IMAGES]
+        return reduced.repaired(chosen, plan.spec, probe, x, ref, opts, failure, check, say)
+    assert calib is not None
     prepared = chosen.prepared
     assert prepared.float_model is not None
     qdq, float_model = set_batch(prepared.model, None), prepared.float_model
@@ -654,6 +667,7 @@ def _with_candidate(
             **selection.summary,
         },
         quantization=candidate.prepared.quantization,
+        reduced_precision=candidate.prepared.reduced,
     )
 
 

@@ -18,6 +18,7 @@ import openvino as ov
 from openvino.preprocess import PrePostProcessor
 
 from quench.backend.base import Compiled, CompileSpec, Engine, Runner
+from quench.backend.openvino import keep_f32
 from quench.backend.openvino.runner import (
     BIN,
     CONFIG_KEYS,
@@ -258,6 +259,9 @@ class OpenVinoEngine(Engine):
         extra: dict[str, Any] = {}
         if p.hint == "f16" and not spec.fp16_compute:
             p, config, extra = _fp16_measured(p, config, xml, weights, model, spec)
+        if spec.float32_layers and p.hint in ("bf16", "f16"):
+            xml = keep_f32.mark(xml, keep_f32.outputs_of(model, spec.float32_layers))
+            extra["float32_layers"] = list(spec.float32_layers)
 
         # Compile what the artifact will hold and look at what really executes.
         with OpenVinoRunner(xml, weights, config, threads=spec.threads) as run:
