@@ -145,3 +145,30 @@ def test_float_layers_pinned_on_a_bf16_build(
             near_tie, tmp_path / "q.quench", precision="force_bfloat16", float_layers=("gap",),
             labels=str(tiny_labels), **opts,
         )  # fmt: skip
+
+
+@needs_bf16
+def test_diagnose_a_bf16_build(
+    near_tie: Path, calib: Path, tiny_labels: Path, tmp_path: Path
+) -> None:
+    """``quench diagnose`` ranks a bf16 build's layers with the engine's kernels and shows which
+    the artifact keeps in fp32."""
+    from quench.builder import diagnose as dg
+    from quench.builder.core import BuildOptions
+
+    opts = {**TINY_BUILD, "engine": "openvino"}
+    out = tmp_path / "bf16.quench"
+    build(
+        near_tie, out, precision="force_bfloat16", calib_images=str(calib),
+        labels=str(tiny_labels), **opts,
+    ).close()  # fmt: skip
+    src, o, manifest = dg.options_of(out, near_tie)
+    d = dg.diagnose(src, o, out, manifest)
+    assert d.reduced_to == "bf16" and d.ranking[0] == "fc"
+    rows = {r["name"]: r for r in d.layers}
+    assert rows["fc"]["precision"] == "fp32" and rows["conv"]["precision"] == "bf16"
+    assert rows["fc"]["kl_gain"] > 0 and d.all_int8["top1_agreement"] < 0.99
+    onnx_opts = BuildOptions(
+        precision="force_bfloat16", calib_images=str(calib), labels=str(tiny_labels), **opts
+    )
+    assert dg.diagnose(near_tie, onnx_opts).ranking[0] == "fc"  # from the ONNX model

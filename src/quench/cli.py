@@ -450,11 +450,17 @@ def build(
 
 @app.command()
 def diagnose(
-    model: Annotated[Path, typer.Argument(help="The ONNX model, or an INT8 .quench artifact.")],
+    model: Annotated[
+        Path, typer.Argument(help="The ONNX model, or an INT8, bf16 or fp16 .quench artifact.")
+    ],
     calib_images: Annotated[
         str | None,
         typer.Option(help="Calibration images (default for an artifact: those it was built on)."),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="For an ONNX model: an INT8 mode, force_bfloat16 or force_float16."),
+    ] = "qint8_mixed_float32",
     calib_count: Annotated[int, typer.Option(min=1, help="Images to calibrate on.")] = 200,
     check_images: Annotated[
         str | None, typer.Option(help="Also measure the top-1 drop on these images.")
@@ -499,7 +505,7 @@ def diagnose(
         else:
             src = model
             opts = BuildOptions(
-                precision="qint8_mixed_float32",
+                precision=precision,
                 preset=preset,
                 labels=labels,
                 mean=_floats3(mean, "mean"),
@@ -526,18 +532,20 @@ def diagnose(
     for row in dg.table(d, top):
         table.add_row(*(escape(c) for c in row))
     Console(width=max(120, Console().width)).print(table)
+    every = f"all {d.reduced_to.upper()}"
     print(
-        f"all INT8 against fp32 on {d.calibration['sensitivity_images']} calibration images: "
+        f"{every} against fp32 on {d.calibration['sensitivity_images']} calibration images: "
         f"KL {d.all_int8['kl']:.3g}, top-1 agreement {d.all_int8['top1_agreement']:.1%}"
     )
     if d.check:
         print(
             f"check images ({d.check['images']}, {d.check['measure']}): top-1 drop "
-            f"{d.check['all_int8_top1_drop_points']:.2f} points all INT8, "
+            f"{d.check['all_int8_top1_drop_points']:.2f} points {every}, "
             f"{d.check['engine_top1_drop_points']:.2f} with {d.engine}"
         )
     if d.ranking:
-        print(f"most sensitive: {', '.join(d.ranking[:5])} (keep in float: --float-layers)")
+        kept = "fp32" if d.reduced_to != "int8" else "float"
+        print(f"most sensitive: {', '.join(d.ranking[:5])} (keep in {kept}: --float-layers)")
 
 
 # -- infer / eval ---------------------------------------------------------------------------
