@@ -29,6 +29,8 @@ from quench.builder.engines import (
     candidate_engines,
     compile_candidates,
 )
+from quench.builder.gates import fidelity_gate as _fidelity_gate
+from quench.builder.gates import not_written as _not_written
 from quench.builder.quantize import QuantConfig, QuantResult, Source, quantize
 from quench.builder.quantize import cache as ranges_cache
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
@@ -610,14 +612,6 @@ def _check_set(plan: Plan, probe: Probe) -> repair.CheckSet:
     return repair.CheckSet(x, np.asarray(top1), labels)
 
 
-def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:
-    """The build's final word on a failed gate: nothing written, and what to try."""
-    written = "artifact not written"
-    if isinstance(exc, FidelityError):
-        written += f". {_fidelity_hint(opts)}"
-    return type(exc)(f"{exc}; {written}")
-
-
 def _manifest(plan: Plan) -> Manifest:
     """The manifest's candidate-independent part (engine and precision details come later)."""
     opts, src, preset, data = plan.opts, plan.src, plan.preset, plan.data
@@ -685,6 +679,8 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
         }
     if not opts.calib_images:
         skip.add("calib_count")
+    if not opts.fp16_compute:
+        skip.add("fp16_compute")
     if opts.input == "float32":  # the default: float artifacts' manifests as before
         skip.add("input")
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
@@ -754,49 +750,6 @@ def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
             for i in range(0, len(source_x), 8)
         ]
     return Probe(x, np.concatenate(out), kind)
-
-
-def _fidelity_gate(
-    built: Model, probe: Probe, opts: BuildOptions, say: Log
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Fidelity of ``built`` against fp32 on the probe images, and its outputs;
-    :class:`FidelityError` below the bound."""
-    x, source = probe.x, probe.source
-    got = built.predict(x)
-    figures = fidelity(got, probe.reference)
-    result = {
-        "images": len(x),
-        "source": source,
-        **figures,
-        "min_top1_agreement": opts.min_top1_agreement,
-        "passed": figures["top1_agreement"] >= opts.min_top1_agreement,
-    }
-    say(
-        f"fidelity on {len(x)} {source}: top-1 agreement with fp32 "
-        f"{figures['top1_agreement']:.1%}, output SQNR {figures['sqnr_db']:.1f} dB"
-        + ("" if result["passed"] else f" (bound {opts.min_top1_agreement:.0%})")
-    )
-    if not result["passed"]:
-        raise FidelityError(
-            f"fidelity check failed: top-1 agreement with fp32 {figures['top1_agreement']:.1%} "
-            f"on {len(x)} {source}, below --min-top1-agreement {opts.min_top1_agreement:g}"
-        )
-    return result, got
-
-
-def _fidelity_hint(opts: BuildOptions) -> str:
-    """What to try after a failed fidelity check."""
-    tries = []
-    if Precision.parse(opts.precision).is_int8:
-        if opts.target == "native":
-            tries.append("--target portable")
-        if not opts.float_first_layer:
-            tries.append("--float-first-layer")
-        tries.append("another --calib-method")
-    if opts.engine == "auto":
-        tries.append("--engine onnxruntime or openvino")
-    tries.append("a higher precision")
-    return "Try " + ", ".join(tries) + " (or lower --min-top1-agreement if this is expected)."
 
 
 def _reference_model(source: onnx.ModelProto, built: Model) -> Model:
