@@ -45,7 +45,7 @@ BUILDS = {
     "fp32": ["--precision", "force_float32"],
     "bf16 (default)": ["--precision", "force_bfloat16", *CALIB],
     "bf16, every layer": [
-        *("--precision", "force_bfloat16", "--no-repair", "--min-top1-agreement", "0"),
+        *("--precision", "force_bfloat16", "--no-repair", "--min-top1-agreement", "0", *CALIB),
     ],
     "fp16 (default)": ["--precision", "force_float16", *CALIB],
 }
@@ -171,7 +171,8 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         "(top-1 agreement >= 0.99 with fp32) and, when it misses, the repair that keeps layers "
         "in fp32.",
         "",
-        "| model | build | computes | fp32 layers | gate agreement | top-1 | b1 qps | b8 qps | "
+        "| model | build | computes | fp32 layers | gate: top-1 agreement | top-1 | b1 qps | "
+        "b8 qps | "
         "b8 vs bf16 every layer | b8 vs fp32 |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -182,10 +183,11 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
                 lines.append(f"| {r['model']} | {name} | failed: {b['error']} | | | | | | | |")
                 continue
             q = r["qps"].get(name, {})
-            fid = (b.get("fidelity") or {}).get("top1_agreement")
+            f = b.get("fidelity") or {}
+            fid = f.get("top1_agreement")
+            gate = "-" if fid is None else f"{fid:.3f} ({f.get('images')} {f.get('source')})"
             lines.append(
-                f"| {r['model']} | {name} | {b['computes']} | {b['fp32_layers']} | "
-                + (f"{fid:.3f}" if fid is not None else "-")
+                f"| {r['model']} | {name} | {b['computes']} | {b['fp32_layers']} | {gate}"
                 + f" | {_cell(b, fp32)} | "
                 + " | ".join(f"{median(q[bt]):.1f}" if q.get(bt) else "-" for bt in BATCHES)
                 + f" | {ratio(r['qps'], name, 'bf16, every layer', 8)} | "

@@ -1305,7 +1305,8 @@ def peer_peak_shares(rows: list[Row], macs: int | None, threads: int) -> None:
         if r.kind == "peer" and macs and "@" not in r.family:
             compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
             peak, _ = peak_macs(compute, threads)
-            r.peak = {b: macs * q / peak for b, q in r.qps.items()}
+            # a share above 100% means the peak is wrong: never shown (quench perf's rule)
+            r.peak = {b: macs * q / peak for b, q in r.qps.items() if macs * q <= peak}
 
 
 def machine_table(

@@ -218,6 +218,7 @@ def test_float16_without_half_arithmetic_computes_f32(engine, float_model, monke
     assert c.options["INFERENCE_PRECISION_HINT"] == "f32"
     assert c.info["computes"] == loader.NO_FP16
     assert c.info["stored"] == "float16 weights"
+    assert c.info["note"].startswith("this CPU has no float16 arithmetic")
     assert set(c.info["runtime_precisions"]) == {"f32"}
 
 

@@ -259,6 +259,11 @@ class OpenVinoEngine(Engine):
         extra: dict[str, Any] = {}
         if p.hint == "f16" and not spec.fp16_compute:
             p, config, extra = _fp16_measured(p, config, xml, weights, model, spec)
+        if p.computes == NO_FP16:
+            extra["note"] = (
+                "this CPU has no float16 arithmetic: the artifact stores float16 and computes "
+                "float32 (bfloat16 would be less accurate than float16)"
+            )
         if spec.float32_layers and p.hint in ("bf16", "f16"):
             xml = keep_f32.mark(xml, keep_f32.outputs_of(model, spec.float32_layers))
             extra["float32_layers"] = list(spec.float32_layers)
