@@ -252,6 +252,20 @@ def test_fp16_measured_slower_computes_f32(engine, float_model, monkeypatch) -> 
     assert set(c.info["runtime_precisions"]) == {"f32"}
 
 
+def test_fp16_timing_runs_both_computes(float_model, monkeypatch) -> None:
+    """The real timing loop (both runners, interleaved rounds): here f32 stands in for f16,
+    which this test's CPU may lack; equal computes are a tie, so fp32 is kept."""
+    monkeypatch.setattr(half, "HINTS", {"f16": "f32", "f32": "f32"})
+    monkeypatch.setattr(half, "ROUND_SECONDS", 0.02)
+    xml, weights = loader.convert(set_batch(float_model, None), None, True)
+    spec = CompileSpec("force_float16", "images", "logits", None, threads=1)
+    d = half.measure(xml, weights, {"PERFORMANCE_HINT": "LATENCY"}, spec, (3, SIZE, SIZE))
+    rounds = d.record["rounds_images_per_s"]
+    assert len(rounds["f16"]) == len(rounds["f32"]) == half.ROUNDS
+    assert d.record["batches"] == [1, 8] and 0.5 < d.ratio < 2
+    assert d.record["computes"] == ("float16" if d.keep_fp16 else "float32")
+
+
 def _rounds(f16: list[float], f32: list[float]) -> half.Decision:
     return half.decide({"f16": f16, "f32": f32}, [1, 8])
 
