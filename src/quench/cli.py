@@ -372,8 +372,8 @@ def build(
     float_layers: Annotated[
         str | None,
         typer.Option(
-            help="INT8: layers (ONNX node names, comma separated; `quench diagnose` lists them) "
-            "kept in float."
+            help="Layers (ONNX node names, comma separated; `quench diagnose` lists them) kept "
+            "in float: INT8 builds, or fp32 inside a bf16/fp16 build."
         ),
     ] = None,
     int8_layers: Annotated[
@@ -384,8 +384,8 @@ def build(
         bool,
         typer.Option(
             "--repair/--no-repair",
-            help="INT8: when the build misses --min-top1-agreement or --max-top1-drop, keep its "
-            "most sensitive layers in float (the fewest that pass) instead of failing.",
+            help="INT8, bf16, fp16: when the build misses --min-top1-agreement or --max-top1-drop, "
+            "keep its most sensitive layers in float (the fewest that pass) instead of failing.",
         ),
     ] = True,
     sign: Annotated[

@@ -675,8 +675,9 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
             "bias_correction",
             "float_first_layer",
             "target",
-            "repair",
         }
+    if Precision.parse(opts.precision).family == "float32":
+        skip.add("repair")  # bf16 / fp16 builds repair themselves too
     if not opts.calib_images:
         skip.add("calib_count")
     if not opts.fp16_compute:
