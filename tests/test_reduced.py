@@ -3,6 +3,7 @@ IR, and the repair that chooses them."""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,19 @@ def test_diagnose_a_bf16_build(
         precision="force_bfloat16", calib_images=str(calib), labels=str(tiny_labels), **opts
     )
     assert dg.diagnose(near_tie, onnx_opts).ranking[0] == "fc"  # from the ONNX model
+
+
+def test_mark_finds_a_conv_whose_batchnorm_openvino_folded(tmp_path: Path) -> None:
+    """Conv -> BatchNormalization: OpenVINO folds the BN into the conv, and the conv's own
+    output name is gone; the layer is found through the BN's output tensor."""
+    from conftest import make_classifier
+
+    model = onnx.load(make_classifier(tmp_path / "bn.onnx"))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"{n.op_type.lower()}{i}"
+    xml, _ = loader.convert(model, None, False)
+    layers = keep_f32.outputs_of(model, ["conv0"])
+    assert layers["conv0"] == ["c", "b"]  # its output, then the BN's
+    marked = keep_f32.marked(keep_f32.mark(xml, layers))
+    kinds = {layer.get("name"): layer.get("type") for layer in ET.fromstring(xml).iter("layer")}
+    assert "Convolution" in {kinds[m] for m in marked}  # the folded conv itself

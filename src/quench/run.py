@@ -172,6 +172,14 @@ class Calibration:
     note: str  # one line for the log and the report
 
 
+def takes_images(precision: str, calib_source: str) -> bool:
+    """Whether a build gets the job's calibration images: INT8 always; bf16 / fp16 for their
+    fidelity gate and repair, unless the images are synthetic (speed-only rows: a repair there
+    would slow the row for an accuracy nobody measures)."""
+    p = Precision.parse(precision)
+    return p.is_int8 or (p.family == "half" and calib_source != "synthetic")
+
+
 def choose_calibration(opts: RunOptions) -> Calibration:
     """``--calib-images`` > the sample's ``calib.txt`` > deterministic synthetic images (made in
     the cache on first use: ``calib_count`` to calibrate on plus the held-out share)."""
@@ -404,7 +412,7 @@ class _Job:
     ) -> Step:
         opts = self.opts
         int8 = Precision.parse(precision).is_int8
-        gated = int8 or Precision.parse(precision).family == "half"  # its gate takes images
+        gated = takes_images(precision, calib_source)
         bo = BuildOptions(
             precision=precision,
             preset=opts.preset,

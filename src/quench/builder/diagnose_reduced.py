@@ -42,7 +42,7 @@ def diagnose(plan: Plan, built: Any, manifest: dict[str, Any] | None, say: Any) 
     fx = Normalizer(plan.preset.data).batch(x) if pixels else x
     ref = sensitivity.run(plan.dynamic, spec.input_name, fx)[spec.output_name]
     nodes = {n.name: n for n in plan.fixed.graph.node}
-    names = reduced.layer_names(plan.fixed)
+    names = reduced.locatable(candidate, reduced.layer_names(plan.fixed))
     say(f"ranking {len(names)} reduced-precision layers by sensitivity")
     base, each, ranking = reduced.rank(candidate, spec, x, ref, names, opts.progress)
     kept = set(((manifest or {}).get("reduced_precision") or {}).get("float32_layers") or [])

@@ -69,6 +69,16 @@ def repairable(precision: Precision, candidate: Candidate, repair_on: bool) -> b
     )
 
 
+def locatable(candidate: Candidate, names: Sequence[str]) -> list[str]:
+    """``names`` that the candidate's IR has a layer for (graph order kept)."""
+    from quench.backend.openvino import keep_f32
+    from quench.backend.openvino.runner import XML
+
+    layers = keep_f32.outputs_of(candidate.prepared.model, names)
+    found = keep_f32.locatable(candidate.compiled.payloads[XML], layers)
+    return [n for n in names if n in found]
+
+
 def with_float32(candidate: Candidate, names: Sequence[str]) -> Compiled:
     """The candidate's compiled IR with ``names`` kept in fp32 (no reconversion)."""
     from quench.backend.openvino import keep_f32
@@ -154,7 +164,8 @@ def repaired(
     """Rank the layers on ``x`` (fp32 logits ``ref``), search the fewest kept in fp32 that pass
     the bounds, and return the prepared model to compile with them; the failure (with the best
     mix found) when none does."""
-    names = [n for n in layer_names(candidate.prepared.model) if n not in opts.float_layers]
+    names = locatable(candidate, [n for n in layer_names(candidate.prepared.model)])
+    names = [n for n in names if n not in opts.float_layers]
     say(f"{failure}; ranking {len(names)} reduced-precision layers by sensitivity")
     t = time.perf_counter()
     base, each, ranking = rank(candidate, spec, x, ref, names, opts.progress)

@@ -36,8 +36,36 @@ _ELEMENTWISE = frozenset(
 
 
 def outputs_of(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, list[str]]:
-    """ONNX node name -> its output tensor names, for the nodes ``names``."""
-    return {n.name: list(n.output) for n in model.graph.node if n.name in set(names)}
+    """ONNX node name -> the tensor names its IR layers may carry: its outputs, and those of a
+    BatchNormalization it alone feeds (OpenVINO folds that into the convolution, whose own
+    output name is then gone)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = {}
+    wanted = set(names)
+    for n in model.graph.node:
+        if n.name not in wanted:
+            continue
+        tensors, tail = list(n.output), n
+        while len(tail.output) == 1 and len(readers.get(tail.output[0], [])) == 1:
+            tail = readers[tail.output[0]][0]
+            if tail.op_type != "BatchNormalization":
+                break
+            tensors += list(tail.output)
+        out[n.name] = tensors
+    return out
+
+
+def locatable(xml: bytes, layers: dict[str, list[str]]) -> set[str]:
+    """The nodes of ``layers`` that have an IR layer in ``xml``."""
+    root = ET.fromstring(xml)
+    return {
+        hit
+        for layer in root.iter("layer")
+        if layer.get("type") not in _PASSIVE and (hit := _node_of(layer, layers)) is not None
+    }
 
 
 def mark(xml: bytes, layers: dict[str, list[str]]) -> bytes:
