@@ -106,6 +106,7 @@ def test_bf16_build_repairs_itself_by_keeping_layers_in_fp32(
     repair = section["repair"]
     assert repair["all_reduced"]["top1_agreement"] < HALF_MIN_TOP1_AGREEMENT
     assert repair["ranking"][0]["name"] == "fc"
+    assert repair["sensitivity_on"] == "8 calibration images the gate does not judge on"
     assert d["precision"]["float32_layers"] == ["fc"]
     assert d["precision"]["heavy_layers"]["FullyConnected"] == {"f32": 1}
     assert d["precision"]["heavy_layers"]["Convolution"] == {"bf16": 1}  # still bf16

@@ -502,8 +502,8 @@ def _repair(
     opts, chosen = plan.opts, selection.ranked[0]
     if plan.precision.family == "half":  # bf16 / fp16: layers kept in fp32 (builder.reduced)
         check = _check_set(plan, probe) if opts.check_images else None
-        x, ref = probe.x[:SENSITIVITY_IMAGES], probe.reference[:SENSITIVITY_IMAGES]
-        return reduced.repaired(chosen, plan.spec, probe, x, ref, opts, failure, check, say)
+        x, ref, where = reduced.ranking_set(plan, calib, probe)
+        return reduced.repaired(chosen, plan.spec, probe, x, ref, where, opts, failure, check, say)
     assert calib is not None
     prepared = chosen.prepared
     assert prepared.float_model is not None

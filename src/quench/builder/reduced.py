@@ -30,6 +30,7 @@ from quench.backend.base import Compiled
 from quench.builder import repair, sensitivity
 from quench.builder.engines import Candidate, Prepared
 from quench.errors import QuenchError
+from quench.imaging import Normalizer
 from quench.precision import Precision
 from quench.progress import Bar
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, fidelity
@@ -37,6 +38,7 @@ from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, fidelity
 HALF_MIN_TOP1_AGREEMENT = 0.99
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 BATCH = 8
+SENSITIVITY_IMAGES = 32  # probe images ranked on when no image is held out (random input)
 Log = Callable[[str], None]
 
 
@@ -150,23 +152,39 @@ def judge(
     return verdict
 
 
+def ranking_set(plan: Any, calib: Any, probe: Any) -> tuple[np.ndarray, np.ndarray, str]:
+    """The images the layers are ranked on, with fp32's logits: the calibration images held
+    out of the gate's (a float build judges on the rest), else the first of the probe's."""
+    held = (
+        None if calib is None else (calib.held_out_pixels if plan.data.pixels else calib.held_out)
+    )
+    if held is None or not len(held):
+        n = SENSITIVITY_IMAGES
+        return probe.x[:n], probe.reference[:n], f"the first {n} of the gate's {probe.source}"
+    fx = Normalizer(plan.preset.data).batch(held) if plan.data.pixels else held
+    spec = plan.spec
+    ref = sensitivity.run(plan.dynamic, spec.input_name, fx)[spec.output_name]
+    return np.asarray(held), ref, f"{len(held)} {calib.kind} the gate does not judge on"
+
+
 def repaired(
     candidate: Candidate,
     spec: Any,
     probe: Any,
     x: np.ndarray,
     ref: np.ndarray,
+    where: str,
     opts: Any,
     failure: QuenchError,
     check: repair.CheckSet | None,
     say: Log,
 ) -> Prepared:
-    """Rank the layers on ``x`` (fp32 logits ``ref``), search the fewest kept in fp32 that pass
-    the bounds, and return the prepared model to compile with them; the failure (with the best
-    mix found) when none does."""
+    """Rank the layers on ``x`` (fp32 logits ``ref``; ``where``: what they are), search the
+    fewest kept in fp32 that pass the bounds, and return the prepared model to compile with
+    them; the failure (with the best mix found) when none does."""
     names = locatable(candidate, [n for n in layer_names(candidate.prepared.model)])
     names = [n for n in names if n not in opts.float_layers]
-    say(f"{failure}; ranking {len(names)} reduced-precision layers by sensitivity")
+    say(f"{failure}; ranking {len(names)} reduced-precision layers by sensitivity on {where}")
     t = time.perf_counter()
     base, each, ranking = rank(candidate, spec, x, ref, names, opts.progress)
     rank_seconds = time.perf_counter() - t
@@ -177,6 +195,7 @@ def repaired(
     record = {
         "failure": str(failure),
         "sensitivity_images": len(x),
+        "sensitivity_on": where,
         "all_reduced": base.to_dict(),
         "ranking": [{"name": n, **each[n].to_dict()} for n in ranking],
         "steps": [s.to_dict() for s in plan.steps],
