@@ -49,6 +49,7 @@ from onnxruntime.quantization import (
 
 from quench import precision
 from quench.builder.calibration import load_calibration
+from quench.clock import core_clock
 from quench.evaluate import list_images
 from quench.graph import count_macs, load_model, real_inputs
 from quench.hw import cpu_info, cpuinfo_fields, default_threads, reported_clock_hz
@@ -138,38 +139,6 @@ MEMORY_MODE = INT8.name  # the fastest engine: the most images in flight per sec
 ISA_CLASS = {"AVX2": "AVX2-only", "AVX512_CORE": "AVX-512 without VNNI"}
 OV_PRECISION_FAMILY = {"f32": "fp32", "bf16": "bf16", "f16": "bf16"}
 
-CLOCK_C = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-static double now(clockid_t c) {
-    struct timespec t;
-    clock_gettime(c, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-int main(int argc, char **argv) {
-    long total = argc > 1 ? atol(argv[1]) : 2000000000L, chunks = 4, per = total / chunks;
-    unsigned long x = 0, one = 1;
-    for (long c = 0; c < chunks; c++) {
-        double w0 = now(CLOCK_MONOTONIC), t0 = now(CLOCK_THREAD_CPUTIME_ID);
-        for (long i = 0; i < per; i++) {
-#if defined(__x86_64__) || defined(__i386__)
-            __asm__ volatile("add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0"
-                             : "+r"(x) : "r"(one));
-#elif defined(__aarch64__)
-            __asm__ volatile("add %0, %0, %1\n\tadd %0, %0, %1\n\t"
-                             "add %0, %0, %1\n\tadd %0, %0, %1" : "+r"(x) : "r"(one));
-#else
-#error "no inline asm for this architecture"
-#endif
-        }
-        double t1 = now(CLOCK_THREAD_CPUTIME_ID), w1 = now(CLOCK_MONOTONIC);
-        printf("chunk %ld adds %ld cpu_s %.6f wall_s %.6f\n", c, 4 * per, t1 - t0, w1 - w0);
-    }
-    printf("check %lu\n", x);
-    return 0;
-}
-"""
 
 T0 = time.perf_counter()
 
@@ -267,36 +236,6 @@ class Runner:
 
 
 # -- machine --------------------------------------------------------------------------------
-
-
-def measure_clock(work: Path, env: dict[str, str]) -> tuple[float | None, str]:
-    """The real (boost) clock from a chain of dependent integer adds: 1 add per cycle."""
-    gcc = shutil.which("gcc")
-    if not gcc:
-        return None, "not measured (no gcc)"
-    src, exe = work / "clock.c", work / "clock"
-    src.write_text(CLOCK_C)
-    try:
-        subprocess.run([gcc, "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
-        out = subprocess.run(
-            [str(exe), "2000000000"], check=True, capture_output=True, text=True, timeout=120
-        ).stdout
-    except (subprocess.SubprocessError, OSError) as exc:
-        return None, f"not measured ({type(exc).__name__}: {exc})"
-    chunks = [
-        (int(m[1]), float(m[2]), float(m[3]))
-        for m in re.finditer(r"adds (\d+) cpu_s ([\d.]+) wall_s ([\d.]+)", out)
-    ]
-    if not chunks:
-        return None, "not measured (no output)"
-    ghz = max(adds / cpu / 1e9 for adds, cpu, _ in chunks if cpu > 0)
-    wall = max(adds / w / 1e9 for adds, _, w in chunks if w > 0)
-    how = (
-        f"gcc -O2 loop of dependent integer adds (4 per iteration, 2e9 iterations in 4 chunks, "
-        f"clock_gettime): best chunk {ghz:.3f} GHz on thread CPU time ({wall:.3f} GHz on wall "
-        f"time)"
-    )
-    return ghz, how
 
 
 def os_name() -> str:
@@ -1060,11 +999,12 @@ def measure_machine_clock(args: argparse.Namespace, env: dict[str, str]) -> Cloc
     reported_hz, reported_how = reported_clock_hz()
     reported = reported_hz / 1e9 if reported_hz is not None else None
     say("measuring the clock")
-    ghz, how = measure_clock(args.work, env)
+    clock = core_clock()  # Quench's own measurement (quench.clock), cached per boot
+    ghz = clock.ghz if clock.source == "measured" else None
     if ghz:
         os.environ["QUENCH_CPU_CLOCK_GHZ"] = env["QUENCH_CPU_CLOCK_GHZ"] = f"{ghz:.3f}"
-    say(f"clock: {how}")
-    return Clock(reported, reported_how, ghz, how)
+    say(f"clock: {clock.describe()}")
+    return Clock(reported, reported_how, ghz, clock.how)
 
 
 def make_replica(b: Bench) -> int | None:
@@ -1365,7 +1305,8 @@ def peer_peak_shares(rows: list[Row], macs: int | None, threads: int) -> None:
         if r.kind == "peer" and macs and "@" not in r.family:
             compute = r.compute if r.compute != "?" else FAMILY_COMPUTE[r.family]
             peak, _ = peak_macs(compute, threads)
-            r.peak = {b: macs * q / peak for b, q in r.qps.items()}
+            # a share above 100% means the peak is wrong: never shown (quench perf's rule)
+            r.peak = {b: macs * q / peak for b, q in r.qps.items() if macs * q <= peak}
 
 
 def machine_table(

@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# OpenVINO's model converter (ov.convert_model) sends usage telemetry from a forked process
-# unless it sees a CI run. Forked from this many-threaded test process (Ray, the S3 server's
-# fsspec IO thread), the child can deadlock on a lock held at fork time, and Python then waits
-# for it at exit forever: the suite passes and the process never ends. A test run is a CI run.
-os.environ.setdefault("CI", "true")
-
 import hashlib
 import json
 import socket
@@ -24,6 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+
+# Quench opts out of OpenVINO's usage telemetry on import (quench.telemetry), before any test
+# imports OpenVINO: its sender, forked from this many-threaded test process (Ray, the S3
+# server's IO thread), could deadlock and keep the suite from exiting.
+import quench  # noqa: F401 - the opt-out, before any test module imports OpenVINO
 
 NUM_CLASSES = 10
 SIZE = 32  # crop; resize is 36

@@ -14,7 +14,7 @@ ov = pytest.importorskip("openvino")
 from conftest import NUM_CLASSES, SIZE, make_classifier  # noqa: E402
 from quench.backend import Compiled, CompileSpec, get_engine  # noqa: E402
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner  # noqa: E402
-from quench.backend.openvino import OpenVinoEngine, OpenVinoRunner, loader  # noqa: E402
+from quench.backend.openvino import OpenVinoEngine, OpenVinoRunner, half, loader  # noqa: E402
 from quench.backend.openvino.runner import core  # noqa: E402
 from quench.errors import ModelError, QuenchError  # noqa: E402
 from quench.graph import set_batch  # noqa: E402
@@ -202,12 +202,12 @@ def test_float16(build, engine, float_model) -> None:
     assert 0.4 < ratio < 0.6, ratio
     assert c16.info["stored"] == "float16 weights"
     hint = c16.options["INFERENCE_PRECISION_HINT"]
-    expected = "f16" if "FP16" in CAPS else "bf16" if "BF16" in CAPS else "f32"
-    assert hint == expected
-    if expected == "bf16":
-        assert c16.info["computes"] == "bfloat16 (this CPU has no float16 arithmetic)"
-        assert c16.info["heavy_layers"]["Convolution"] == {"bf16": 1}
-    assert c16.info["runtime_precisions"].get(expected, 0) > 0
+    if "FP16" in CAPS:  # f16 kept only where measured faster than f32
+        assert hint == {"float16": "f16", "float32": "f32"}[c16.info["fp16_compute"]["computes"]]
+    else:  # never bf16: it is less accurate than fp16
+        assert hint == "f32" and c16.info["computes"] == loader.NO_FP16
+        assert c16.info["heavy_layers"]["Convolution"] == {"f32": 1}
+    assert c16.info["runtime_precisions"].get(hint, 0) > 0
     x = batch_of(4)
     assert rel_diff(run(engine, c16, x), reference(float_model, x)) < HALF_TOL
 
@@ -216,9 +216,67 @@ def test_float16_without_half_arithmetic_computes_f32(engine, float_model, monke
     monkeypatch.setattr(loader, "cpu_capabilities", lambda: frozenset({"FP32", "INT8"}))
     c = compile_(engine, float_model, "force_float16")
     assert c.options["INFERENCE_PRECISION_HINT"] == "f32"
-    assert c.info["computes"].startswith("float32 (this CPU has neither")
+    assert c.info["computes"] == loader.NO_FP16
     assert c.info["stored"] == "float16 weights"
+    assert c.info["note"].startswith("this CPU has no float16 arithmetic")
     assert set(c.info["runtime_precisions"]) == {"f32"}
+
+
+def test_fp16_compute_insisted_on_without_fp16_is_an_error(engine, float_model, monkeypatch):
+    monkeypatch.setattr(loader, "cpu_capabilities", lambda: frozenset({"FP32", "BF16", "INT8"}))
+    with pytest.raises(QuenchError, match="--fp16-compute: this CPU has no float16 arithmetic"):
+        compile_(engine, float_model, "force_float16", fp16_compute=True)
+
+
+def test_fp16_measured_slower_computes_f32(engine, float_model, monkeypatch) -> None:
+    """Where fp16 compute is measured slower than fp32, the artifact keeps fp16 weights and
+    computes fp32, and says so; the decision's rounds are in the manifest."""
+    monkeypatch.setattr(loader, "cpu_capabilities", lambda: CAPS | {"FP16"})
+    timed: list[str] = []
+    real = half.measure
+
+    def fake(xml, weights, config, spec, shape):
+        slow = {"f16": 70.0, "f32": 100.0}
+        return real(
+            xml, weights, config, spec, shape, timer=lambda h, b: timed.append(h) or slow[h] * b
+        )
+
+    monkeypatch.setattr(half, "measure", fake)
+    c = compile_(engine, float_model, "force_float16")
+    assert set(timed) == {"f16", "f32"}
+    assert c.options["INFERENCE_PRECISION_HINT"] == "f32"
+    assert c.info["stored"] == "float16 weights"
+    assert c.info["computes"].startswith("float32 (float16 compute measured 0.70x float32")
+    assert c.info["fp16_compute"]["computes"] == "float32"
+    assert "stores float16 and computes float32" in c.info["note"]
+    assert set(c.info["runtime_precisions"]) == {"f32"}
+
+
+def test_fp16_timing_runs_both_computes(float_model, monkeypatch) -> None:
+    """The real timing loop (both runners, interleaved rounds): here f32 stands in for f16,
+    which this test's CPU may lack; equal computes are a tie, so fp32 is kept."""
+    monkeypatch.setattr(half, "HINTS", {"f16": "f32", "f32": "f32"})
+    monkeypatch.setattr(half, "ROUND_SECONDS", 0.02)
+    xml, weights = loader.convert(set_batch(float_model, None), None, True)
+    spec = CompileSpec("force_float16", "images", "logits", None, threads=1)
+    d = half.measure(xml, weights, {"PERFORMANCE_HINT": "LATENCY"}, spec, (3, SIZE, SIZE))
+    rounds = d.record["rounds_images_per_s"]
+    assert len(rounds["f16"]) == len(rounds["f32"]) == half.ROUNDS
+    assert d.record["batches"] == [1, 8] and 0.5 < d.ratio < 2
+    assert d.record["computes"] == ("float16" if d.keep_fp16 else "float32")
+
+
+def _rounds(f16: list[float], f32: list[float]) -> half.Decision:
+    return half.decide({"f16": f16, "f32": f32}, [1, 8])
+
+
+def test_fp16_decision_rule() -> None:
+    noisy = [100.0, 103.0, 98.0, 101.0, 99.0, 102.0]
+    assert _rounds([v * 1.3 for v in noisy], noisy).keep_fp16  # clearly faster
+    assert not _rounds([v * 0.7 for v in noisy], noisy).keep_fp16  # slower
+    tie = _rounds([101.0, 99.0, 102.0, 98.0, 100.0, 100.0], noisy)
+    assert not tie.keep_fp16  # a tie: fp32 is as fast and more accurate
+    assert "--fp16-compute keeps float16 compute" in tie.line()
 
 
 @pytest.mark.skipif("FP16" in CAPS, reason="this CPU really has fp16 arithmetic")
@@ -233,7 +291,7 @@ def test_hint_not_honoured_is_an_error(engine, float_model, monkeypatch) -> None
     ("caps", "precision", "hint", "computes"),
     [
         ({"FP32", "BF16", "FP16", "INT8"}, "force_float16", "f16", "float16"),
-        ({"FP32", "BF16", "INT8"}, "force_float16", "bf16", "bfloat16 (this CPU has no float16"),
+        ({"FP32", "BF16", "INT8"}, "force_float16", "f32", "float32 (this CPU has no float16"),
         ({"FP32", "INT8"}, "force_float32", "f32", "float32"),
         ({"FP32", "BF16", "INT8"}, "qint8_mixed_float32", "f32", "int8 (quantized Conv/Gemm), fl"),
         # fp32 float layers beside int8 even with fp16 arithmetic (f16 measured broken there)

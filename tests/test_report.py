@@ -197,3 +197,18 @@ def test_a_build_without_accuracy_is_not_in_the_verdict_when_others_have_it(
     v = report.verdict(doc)
     assert not v["accuracy_measured"] and v["batches"]["8"]["fastest"] == "lossy"
     assert "passed its build's fidelity gate" in report.verdict_lines({**doc, "verdict": v})[0]
+
+
+def test_verdict_never_a_build_slower_than_fp32() -> None:
+    """fp16 is inside fp32's noise but slower, and more accurate by chance: the verdict is
+    fp32, not the slower build; without accuracy figures the same holds."""
+    perf = [
+        perf_result("force_float32", 8, [100, 104, 96, 100]),
+        perf_result("force_float16", 8, [97, 101, 93, 97]),
+    ]
+    builds = {p: build(p, p[-2:], 1.0) for p in ("force_float32", "force_float16")}
+    doc = job(perf, builds=builds)
+    assert doc["verdict"]["batches"]["8"]["fastest"] == "force_float32"
+    doc["accuracy"] = [accuracy("force_float32", 0.80), accuracy("force_float16", 0.81)]
+    v = report.verdict(doc)["batches"]["8"]
+    assert v["fastest"] == "force_float32" and v["tied_with"] == []

@@ -413,3 +413,13 @@ def test_byte_identical_builds_are_measured_once(
     assert {r["precision"] for r in doc["perf"]} == {"force_float32"}
     assert doc["builds"][1]["same_as"] == "force_float32"
     assert "same artifact as force_float32" in (out / "report.md").read_text()
+
+
+def test_which_builds_get_the_calibration_images() -> None:
+    from quench.run import takes_images
+
+    assert takes_images("qint8_mixed_float16", "synthetic")
+    assert takes_images("force_bfloat16", "--calib-images")  # its gate and repair
+    assert takes_images("force_float16", "ImageNet sample")
+    assert not takes_images("force_bfloat16", "synthetic")  # speed-only rows
+    assert not takes_images("force_float32", "--calib-images")

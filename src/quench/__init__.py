@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 __all__ = ["Model", "QuenchError", "__version__", "build", "load"]
 
 from quench.errors import QuenchError
+from quench.telemetry import opt_out as _opt_out
+
+_opt_out()  # before any engine is imported: no usage data leaves this process
 
 
 def load(path: str, **options: Any) -> Model:

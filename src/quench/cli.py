@@ -22,6 +22,7 @@ from quench import __version__, selfcheck, signing
 from quench.artifact import load as artifact_load
 from quench.builder import BuildOptions
 from quench.builder import build as do_build
+from quench.clock import core_clock
 from quench.destination import check_file, check_folder
 from quench.errors import QuenchError
 from quench.evaluate import (
@@ -346,6 +347,14 @@ def build(
             "AMX, ARM; such an artifact loses accuracy on AVX2-class CPUs)."
         ),
     ] = "portable",
+    fp16_compute: Annotated[
+        bool,
+        typer.Option(
+            "--fp16-compute",
+            help="force_float16: compute in float16 even where it is measured slower than "
+            "float32 here (by default such a build stores float16 and computes float32).",
+        ),
+    ] = False,
     check_images: Annotated[
         str | None, typer.Option(help="Measure accuracy on these images at build time.")
     ] = None,
@@ -357,19 +366,20 @@ def build(
         float | None, typer.Option(help="Fail the build if top-1 drops more (percentage points).")
     ] = None,
     min_top1_agreement: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             max=1.0,
             help="Fail the build (nothing written) when its top-1 agreement with fp32 on "
-            "calibration images held out of calibration is lower (random input without images).",
+            "calibration images held out of calibration is lower (random input without images). "
+            "Default 0.8; bf16/fp16 builds with images 0.99.",
         ),
-    ] = 0.8,
+    ] = None,
     float_layers: Annotated[
         str | None,
         typer.Option(
-            help="INT8: layers (ONNX node names, comma separated; `quench diagnose` lists them) "
-            "kept in float."
+            help="Layers (ONNX node names, comma separated; `quench diagnose` lists them) kept "
+            "in float: INT8 builds, or fp32 inside a bf16/fp16 build."
         ),
     ] = None,
     int8_layers: Annotated[
@@ -380,8 +390,8 @@ def build(
         bool,
         typer.Option(
             "--repair/--no-repair",
-            help="INT8: when the build misses --min-top1-agreement or --max-top1-drop, keep its "
-            "most sensitive layers in float (the fewest that pass) instead of failing.",
+            help="INT8, bf16, fp16: when the build misses --min-top1-agreement or --max-top1-drop, "
+            "keep its most sensitive layers in float (the fewest that pass) instead of failing.",
         ),
     ] = True,
     sign: Annotated[
@@ -427,6 +437,7 @@ def build(
             bias_correction=bias_correction,
             float_first_layer=float_first_layer,
             target=target,
+            fp16_compute=fp16_compute,
             check_images=check_images,
             check_labels=check_labels,
             max_top1_drop=max_top1_drop,
@@ -446,11 +457,17 @@ def build(
 
 @app.command()
 def diagnose(
-    model: Annotated[Path, typer.Argument(help="The ONNX model, or an INT8 .quench artifact.")],
+    model: Annotated[
+        Path, typer.Argument(help="The ONNX model, or an INT8, bf16 or fp16 .quench artifact.")
+    ],
     calib_images: Annotated[
         str | None,
         typer.Option(help="Calibration images (default for an artifact: those it was built on)."),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="For an ONNX model: an INT8 mode, force_bfloat16 or force_float16."),
+    ] = "qint8_mixed_float32",
     calib_count: Annotated[int, typer.Option(min=1, help="Images to calibrate on.")] = 200,
     check_images: Annotated[
         str | None, typer.Option(help="Also measure the top-1 drop on these images.")
@@ -495,7 +512,7 @@ def diagnose(
         else:
             src = model
             opts = BuildOptions(
-                precision="qint8_mixed_float32",
+                precision=precision,
                 preset=preset,
                 labels=labels,
                 mean=_floats3(mean, "mean"),
@@ -522,18 +539,20 @@ def diagnose(
     for row in dg.table(d, top):
         table.add_row(*(escape(c) for c in row))
     Console(width=max(120, Console().width)).print(table)
+    every = f"all {d.reduced_to.upper()}"
     print(
-        f"all INT8 against fp32 on {d.calibration['sensitivity_images']} calibration images: "
+        f"{every} against fp32 on {d.calibration['sensitivity_images']} calibration images: "
         f"KL {d.all_int8['kl']:.3g}, top-1 agreement {d.all_int8['top1_agreement']:.1%}"
     )
     if d.check:
         print(
             f"check images ({d.check['images']}, {d.check['measure']}): top-1 drop "
-            f"{d.check['all_int8_top1_drop_points']:.2f} points all INT8, "
+            f"{d.check['all_int8_top1_drop_points']:.2f} points {every}, "
             f"{d.check['engine_top1_drop_points']:.2f} with {d.engine}"
         )
     if d.ranking:
-        print(f"most sensitive: {', '.join(d.ranking[:5])} (keep in float: --float-layers)")
+        kept = "fp32" if d.reduced_to != "int8" else "float"
+        print(f"most sensitive: {', '.join(d.ranking[:5])} (keep in {kept}: --float-layers)")
 
 
 # -- infer / eval ---------------------------------------------------------------------------
@@ -1030,7 +1049,7 @@ def perf(
     if not quiet:
         for compute in sorted({r.compute for r in results}):
             info(
-                f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock from "
+                f"peak {compute}: {peak_macs(compute, results[0].threads)[1]}; clock used: "
                 f"{clock_source()}"
             )
     if json_out:
@@ -1038,6 +1057,7 @@ def perf(
         doc = {
             "machine": cpu_info(),
             "peak": {c: {"macs_per_second": v, "how": how} for c, (v, how) in peak.items()},
+            "clock": core_clock().to_dict(),
             "startup": startup_times,
             "pinned_cpus": cpus,
             "profile": profiled,

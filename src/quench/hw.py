@@ -83,14 +83,21 @@ def cpu_info() -> dict[str, object]:
         "family": int(family) if family and family.isdigit() else None,
         "machine": platform.machine(),
         "cores": default_threads(),
-        "clock_ghz": round(nominal_clock_hz() / 1e9, 3),
+        "clock_ghz": round(clock_hz() / 1e9, 3),
+        "clock": _clock_dict(),
         "flags": interesting,
     }
 
 
+def _clock_dict() -> dict[str, object]:
+    from quench.clock import core_clock
+
+    return core_clock().to_dict()
+
+
 def reported_clock_hz() -> tuple[float | None, str]:
-    """The clock the system reports, and where from: cpufreq's cpuinfo_max_freq, else
-    cpuinfo's MHz; (None, "unknown") when neither is there."""
+    """The clock the system reports (often the base clock, not the one the cores run at),
+    and where from: cpufreq's cpuinfo_max_freq, else cpuinfo's MHz; (None, "unknown")."""
     try:
         return float(_CPUFREQ_MAX.read_text()) * 1e3, "cpufreq cpuinfo_max_freq"
     except (OSError, ValueError):
@@ -102,35 +109,19 @@ def reported_clock_hz() -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def _clock_override_hz() -> float | None:
-    try:
-        ghz = float(os.environ.get("QUENCH_CPU_CLOCK_GHZ", ""))
-    except ValueError:
-        return None
-    return ghz * 1e9 if 0 < ghz < float("inf") else None
+def clock_hz() -> float:
+    """The core clock share-of-peak figures use (``quench.clock.core_clock``: measured,
+    cached per host and boot, unless ``$QUENCH_CPU_CLOCK_GHZ`` is set)."""
+    from quench.clock import core_clock
 
-
-@cache
-def nominal_clock_hz() -> float:
-    """The CPU's clock: $QUENCH_CPU_CLOCK_GHZ (e.g. a measured boost clock) if set, else
-    cpufreq's cpuinfo_max_freq, else cpuinfo's MHz."""
-    override = _clock_override_hz()
-    if override is not None:
-        return override
-    hz, _ = reported_clock_hz()
-    return hz if hz is not None else 2.5e9  # unknown: a typical server clock
+    return core_clock().hz
 
 
 def clock_source() -> str:
-    """Where ``nominal_clock_hz`` got its figure (for the perf output)."""
-    if os.environ.get("QUENCH_CPU_CLOCK_GHZ"):
-        return "$QUENCH_CPU_CLOCK_GHZ"
-    if _CPUFREQ_MAX.is_file():
-        return "cpufreq cpuinfo_max_freq"
-    return (
-        "/proc/cpuinfo 'cpu MHz' (often the base clock in a VM; set QUENCH_CPU_CLOCK_GHZ "
-        "to the real clock)"
-    )
+    """The clock used and how it was found (for the perf output)."""
+    from quench.clock import core_clock
+
+    return core_clock().describe()
 
 
 # oneDNN's ISA names in order (``ONEDNN_MAX_CPU_ISA`` caps OpenVINO's kernels at one of them)

@@ -271,6 +271,8 @@ class Manifest:
     engine_selection: dict[str, Any] | None = field(default=None, metadata=_VOLATILE)
     # its settings are in payload/calibration.json; the rest is timing
     quantization: dict[str, Any] | None = field(default=None, metadata=_VOLATILE)
+    # bf16 / fp16 compute: the layers kept in fp32 and the repair that chose them
+    reduced_precision: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
     selfcheck: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -373,6 +375,7 @@ class Manifest:
             verification=_opt_obj(d, "verification"),
             engine_selection=_opt_obj(d, "engine_selection"),
             quantization=_opt_obj(d, "quantization"),
+            reduced_precision=_opt_obj(d, "reduced_precision"),
             fidelity=_opt_obj(d, "fidelity"),
             selfcheck=_selfcheck(d),
             accuracy=_opt_obj(d, "accuracy"),

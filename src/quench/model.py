@@ -290,7 +290,14 @@ class Model:
             "classes": len(m.labels),
             **{
                 k: records[k]
-                for k in ("engine_selection", "fidelity", "accuracy", "quantization", "selfcheck")
+                for k in (
+                    "engine_selection",
+                    "fidelity",
+                    "accuracy",
+                    "quantization",
+                    "reduced_precision",
+                    "selfcheck",
+                )
                 if k in records
             },
         }

@@ -1,7 +1,8 @@
 """Throughput and latency per batch size (like MagicMind's ``mm_run``), with share of peak.
 
 The share of peak is ``MACs per image x images/s / peak MACs/s``; the peak is worked out from
-the CPU's ISA flags, its core count and its nominal clock (see ``peak_macs``).
+the CPU's ISA flags, its core count and its core clock, measured (``quench.clock``; see
+``peak_macs``). A share above 100% is never shown: it means the peak is wrong.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnxruntime as ort
 from quench.backend.onnxruntime.loader import session
 from quench.errors import ImageError, QuenchError
 from quench.graph import count_macs, load_model
-from quench.hw import cpu_info, default_threads, nominal_clock_hz
+from quench.hw import clock_hz, clock_source, cpu_info, default_threads
 from quench.imaging import Normalizer, load_pixels
 from quench.manifest import PrecisionInfo
 from quench.progress import Bar
@@ -161,9 +162,17 @@ def peak_macs(compute: str, threads: int | None = None) -> tuple[float, str]:
     elif compute == "int8":
         factor, why = 2, "PMADDUBSW: 2 MACs per 16-bit lane"
     cores = threads or default_threads()
-    hz = nominal_clock_hz()
+    hz = clock_hz()
     macs = cores * hz * base * factor
     return macs, (f"{cores} cores x {hz / 1e9:.2f} GHz x {base * factor} MACs/cycle ({how}; {why})")
+
+
+def over_peak(batch: int, share: float) -> str:
+    """The warning for a rate above the computed peak (its share is not shown)."""
+    return (
+        f"batch {batch}: {share:.0%} of the computed peak, so the peak is wrong for this CPU "
+        f"(clock {clock_source()}); share of peak not shown (set QUENCH_CPU_CLOCK_GHZ)"
+    )
 
 
 def compute_of(manifest: dict[str, Any]) -> str:
@@ -440,6 +449,10 @@ def _sweep(
         rounds = [{"qps": round(b * m[0] / m[1], 2), "seconds": round(m[1], 4)} for m in per[b]]
         s = spread([r["qps"] for r in rounds])
         warnings = [w for w in [instability(f"batch {b} throughput", s)] if w]
+        share = macs * qps / peak if macs else None
+        if share is not None and share > 1:  # never shown: the peak (clock, MACs/cycle) is wrong
+            warnings.append(over_peak(b, share))
+            share = None
         results.append(
             PerfResult(
                 batch=b,
@@ -450,7 +463,7 @@ def _sweep(
                 latency_ms=stats,
                 compute=compute,
                 macs_per_image=macs,
-                peak_share=round(macs * qps / peak, 4) if macs else None,
+                peak_share=None if share is None else round(share, 4),
                 requests=len(infer) if isinstance(infer, list) else 1,
                 rounds=rounds,
                 qps_spread=s.to_dict(),

@@ -167,9 +167,10 @@ def versus_fp32(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, Any]:
-    """The fastest build within ``max_drop`` top-1 points of fp32 at each batch size. Builds
-    whose speed differs by less than the noise are a tie, broken by accuracy (the higher top-1,
-    else the higher fidelity agreement, else the earlier build)."""
+    """The fastest build within ``max_drop`` top-1 points of fp32 at each batch size, never one
+    slower than fp32 there. Builds whose speed differs by less than the noise are a tie, broken
+    by accuracy (the higher top-1, else the higher fidelity agreement, else the earlier
+    build)."""
     top1 = _top1(doc)
     order = [b["precision"] for b in doc["builds"]]
     agreement = {
@@ -192,7 +193,17 @@ def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, A
     }
     perf = [r for r in doc["perf"] if r["precision"] in order]
     for batch in sorted({r["batch"] for r in perf}):
-        rs = [r for r in perf if r["batch"] == batch and within(r["precision"])]
+        fp32 = next(
+            (r for r in doc["perf"] if r["precision"] == FP32 and r["batch"] == batch), None
+        )
+        # never a build slower than fp32: fp32 itself is the better choice then
+        rs = [
+            r
+            for r in perf
+            if r["batch"] == batch
+            and within(r["precision"])
+            and (fp32 is None or r is fp32 or r["qps"] >= fp32["qps"])
+        ]
         if not rs:
             continue
         lead = max(rs, key=lambda r: r["qps"])
@@ -204,9 +215,6 @@ def verdict(doc: dict[str, Any], max_drop: float = MAX_TOP1_DROP) -> dict[str, A
                 agreement[r["precision"]],
                 -order.index(r["precision"]),
             ),
-        )
-        fp32 = next(
-            (r for r in doc["perf"] if r["precision"] == FP32 and r["batch"] == batch), None
         )
         out["batches"][str(batch)] = {
             "fastest": best["precision"],
@@ -359,13 +367,19 @@ def step_rows(doc: dict[str, Any]) -> list[list[str]]:
     return [[s["id"], s["status"], f"{s['seconds']:.1f}", s["message"] or ""] for s in doc["steps"]]
 
 
+def _clock_how(m: dict[str, Any]) -> str:
+    """How the clock share-of-peak figures use was found (older reports: not recorded)."""
+    c = m.get("clock")
+    return f" ({c['source']}: {c['how']})" if isinstance(c, dict) else ""
+
+
 def machine_lines(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
     eng = ", ".join(f"{k} {v}" for k, v in m["engines"].items() if v) or "none"
     return [
         f"CPU: {m.get('model')} ({m.get('vendor') or '?'}, {m.get('machine')})",
         f"ISA flags: {', '.join(m.get('flags') or []) or 'none of interest'}",
-        f"cores: {m.get('cores')}, clock: {m.get('clock_ghz')} GHz",
+        f"cores: {m.get('cores')}, clock: {m.get('clock_ghz')} GHz{_clock_how(m)}",
         f"engines: {eng}; quench {m.get('quench')}",
     ]
 

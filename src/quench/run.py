@@ -173,6 +173,14 @@ class Calibration:
     note: str  # one line for the log and the report
 
 
+def takes_images(precision: str, calib_source: str) -> bool:
+    """Whether a build gets the job's calibration images: INT8 always; bf16 / fp16 for their
+    fidelity gate and repair, unless the images are synthetic (speed-only rows: a repair there
+    would slow the row for an accuracy nobody measures)."""
+    p = Precision.parse(precision)
+    return p.is_int8 or (p.family == "half" and calib_source != "synthetic")
+
+
 def choose_calibration(opts: RunOptions) -> Calibration:
     """``--calib-images`` > the sample's ``calib.txt`` > deterministic synthetic images (made in
     the cache on first use: ``calib_count`` to calibrate on plus the held-out share)."""
@@ -405,13 +413,14 @@ class _Job:
     ) -> Step:
         opts = self.opts
         int8 = Precision.parse(precision).is_int8
+        gated = takes_images(precision, calib_source)
         bo = BuildOptions(
             precision=precision,
             preset=opts.preset,
             labels=opts.class_labels,
             engine=opts.engine,
             threads=opts.threads,
-            calib_images=calib if int8 else None,
+            calib_images=calib if gated else None,
             calib_count=opts.calib_count,
             progress=opts.progress,
             # perf times several batch sizes: mutable wherever a checked form of the graph is
@@ -428,7 +437,7 @@ class _Job:
         }
         if opts.class_labels:
             inputs["class_labels"] = _file_sig(opts.class_labels)
-        if int8 and calib:
+        if gated and calib:
             try:
                 inputs["calib"] = _images_sig(list_images(calib)[: opts.calib_count])
             except QuenchError:
@@ -661,17 +670,19 @@ class _Job:
             src, src_sha = got
             calib, calib_source, calib_why = None, "", ""
             int8 = any(is_int8(p) for p in precisions)
-            self.sample(int8)
-            if int8:
+            # bf16 / fp16 builds take the images too: their fidelity gate and repair run on them
+            half = any(Precision.parse(p).family == "half" for p in precisions)
+            self.sample(int8 or half)
+            if int8 or half:
                 calib, calib_source, calib_why = self.calibration()
-                if calib is None:
-                    if opts.precisions:  # asked for explicitly: those builds fail
-                        self.note(f"INT8 builds will fail: {calib_why}")
-                    else:
-                        self.note(f"INT8 builds skipped: {calib_why}")
-                        for p in [p for p in precisions if is_int8(p)]:
-                            self.skip("build", p, calib_why)
-                        precisions = [p for p in precisions if not is_int8(p)]
+            if int8 and calib is None:
+                if opts.precisions:  # asked for explicitly: those builds fail
+                    self.note(f"INT8 builds will fail: {calib_why}")
+                else:
+                    self.note(f"INT8 builds skipped: {calib_why}")
+                    for p in [p for p in precisions if is_int8(p)]:
+                        self.skip("build", p, calib_why)
+                    precisions = [p for p in precisions if not is_int8(p)]
             for p in precisions:
                 step = self.build(src, src_sha, p, calib, calib_why, calib_source)
                 if step.status in ("ok", "reused"):

@@ -50,6 +50,10 @@ class CompileSpec:
     # --input uint8: fold this preprocessing (channel order, mean/std, layout) into the graph;
     # the compiled model then takes uint8 (N, crop, crop, 3) RGB pixels
     preprocess: DataConfig | None = None
+    # force_float16: keep float16 compute even where it is measured slower than float32
+    fp16_compute: bool = False
+    # bf16 / f16 compute: these layers (ONNX node names) stay in fp32 (the repair's choice)
+    float32_layers: tuple[str, ...] = ()
 
     @property
     def input_dtype(self) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +19,7 @@ from quench import __version__, artifact, batch_form, signing
 from quench.backend import CompileSpec, Engine
 from quench.backend.onnxruntime.loader import OnnxRuntimeEngine, optimize
 from quench.backend.onnxruntime.runner import OnnxRuntimeRunner
-from quench.builder import repair, sensitivity
+from quench.builder import reduced, repair, sensitivity
 from quench.builder.calibration import CalibrationSet, load_calibration
 from quench.builder.engines import (
     Candidate,
@@ -29,6 +29,8 @@ from quench.builder.engines import (
     candidate_engines,
     compile_candidates,
 )
+from quench.builder.gates import fidelity_gate as _fidelity_gate
+from quench.builder.gates import not_written as _not_written
 from quench.builder.quantize import QuantConfig, QuantResult, Source, quantize
 from quench.builder.quantize import cache as ranges_cache
 from quench.builder.quantize.layers import check_names, layers, with_float_layers
@@ -66,8 +68,8 @@ from quench.presets import (
     get_preset,
 )
 from quench.progress import Bar
-from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, FidelityError, fidelity
 from quench.selfcheck import IMAGES as SELFCHECK_IMAGES
+from quench.selfcheck import FidelityError, fidelity
 from quench.selfcheck import record as record_selfcheck
 from quench.zoo.fetch import cache_dir
 
@@ -123,6 +125,7 @@ class BuildOptions:
     # portable: 7-bit weights, exact on every CPU; native: 8-bit where this host's int8
     # accumulates in int32 (VNNI, AMX, ARM), exact only on such CPUs
     target: str = "portable"
+    fp16_compute: bool = False  # force_float16: float16 compute even where slower than fp32
     # mixed precision: layers (ONNX node names) kept in float / kept in INT8 whatever the repair
     float_layers: tuple[str, ...] = ()
     int8_layers: tuple[str, ...] = ()
@@ -133,12 +136,19 @@ class BuildOptions:
     check_labels: str | None = None
     max_top1_drop: float | None = None  # percentage points
     # the fidelity gate: top-1 agreement with fp32 on held-out calibration images
-    min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT
+    # None: the precision's default (builder.reduced.min_top1_agreement)
+    min_top1_agreement: float = None  # type: ignore[assignment] - set in __post_init__
     # --engine auto: seconds per candidate, batch size and round; rounds go on until the
     # ranking is clear or the budget ends (quench.builder.select)
     select_seconds: float = 0.25
     select_budget: float = 30.0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        with suppress(QuenchError):  # an unknown precision is refused by the build itself
+            images = bool(self.calib_images or self.check_images)
+            bound = reduced.min_top1_agreement(self.precision, self.min_top1_agreement, images)
+            self.min_top1_agreement = bound
 
 
 @dataclass
@@ -240,7 +250,6 @@ def _build(
     except (FidelityError, AccuracyGateError) as exc:
         if not _repairable(plan, selection):
             raise _not_written(exc, opts) from None
-        assert calib is not None
         try:
             with _timed(timings, "repair"):
                 prepared = [_repair(plan, selection, probe, calib, exc, say)]
@@ -307,6 +316,7 @@ def _plan(model: str | Path, opts: BuildOptions, say: Log) -> Plan:
     batch, line = batch_form.policy(form, opts.batch, opts.dynamic_batch, str(src.path))
     say(line)
     spec = CompileSpec(opts.precision, input_name, output_name, batch, opts.threads)
+    spec.fp16_compute = opts.fp16_compute
     if opts.input == "uint8":  # every compile of this build folds the preprocessing in
         spec.preprocess = preset.data
     if form.mutable is not None:
@@ -375,7 +385,7 @@ def _prepare(plan: Plan, calib: CalibrationSet | None, say: Log) -> list[Prepare
     first layer when an accuracy check can decide between them."""
     opts = plan.opts
     if not plan.precision.is_int8:
-        return [Prepared(plan.fixed)]
+        return reduced.float_prepared(plan.fixed, plan.precision, opts.float_layers)
     assert calib is not None
     firsts: list[bool | None] = [opts.float_first_layer]
     if (
@@ -541,6 +551,8 @@ def _accept(
 
 def _repairable(plan: Plan, selection: Selection) -> bool:
     prepared = selection.ranked[0].prepared
+    if reduced.repairable(plan.precision, selection.ranked[0], plan.opts.repair):
+        return True
     return plan.opts.repair and plan.precision.is_int8 and prepared.float_model is not None
 
 
@@ -548,7 +560,7 @@ def _repair(
     plan: Plan,
     selection: Selection,
     probe: Probe,
-    calib: CalibrationSet,
+    calib: CalibrationSet | None,
     failure: QuenchError,
     say: Log,
 ) -> Prepared:
@@ -557,6 +569,11 @@ def _repair(
     images each bound names); :class:`AccuracyGateError` or :class:`FidelityError` (nothing
     written) with the best mix found when none does."""
     opts, chosen = plan.opts, selection.ranked[0]
+    if plan.precision.family == "half":  # bf16 / fp16: layers kept in fp32 (builder.reduced)
+        check = _check_set(plan, probe) if opts.check_images else None
+        x, ref, where = reduced.ranking_set(plan, calib, probe)
+        return reduced.repaired(chosen, plan.spec, probe, x, ref, where, opts, failure, check, say)
+    assert calib is not None
     prepared = chosen.prepared
     assert prepared.float_model is not None
     qdq, float_model = plan.at_reference_batch(prepared.model), prepared.float_model
@@ -664,14 +681,6 @@ def _check_set(plan: Plan, probe: Probe) -> repair.CheckSet:
     return repair.CheckSet(x, np.asarray(top1), labels)
 
 
-def _not_written(exc: QuenchError, opts: BuildOptions) -> QuenchError:
-    """The build's final word on a failed gate: nothing written, and what to try."""
-    written = "artifact not written"
-    if isinstance(exc, FidelityError):
-        written += f". {_fidelity_hint(opts)}"
-    return type(exc)(f"{exc}; {written}")
-
-
 def _manifest(plan: Plan) -> Manifest:
     """The manifest's candidate-independent part (engine and precision details come later)."""
     opts, src, preset, data = plan.opts, plan.src, plan.preset, plan.data
@@ -725,6 +734,7 @@ def _with_candidate(
             **selection.summary,
         },
         quantization=candidate.prepared.quantization,
+        reduced_precision=candidate.prepared.reduced,
     )
 
 
@@ -738,10 +748,13 @@ def _settings(opts: BuildOptions) -> dict[str, Any]:
             "bias_correction",
             "float_first_layer",
             "target",
-            "repair",
         }
+    if Precision.parse(opts.precision).family == "float32":
+        skip.add("repair")  # bf16 / fp16 builds repair themselves too
     if not opts.calib_images:
         skip.add("calib_count")
+    if not opts.fp16_compute:
+        skip.add("fp16_compute")
     if opts.input == "float32":  # the default: float artifacts' manifests as before
         skip.add("input")
     return {k: v for k, v in asdict(opts).items() if v not in (None, {}, ()) and k not in skip}
@@ -811,49 +824,6 @@ def _probe(plan: Plan, calib: CalibrationSet | None) -> Probe:
             for i in range(0, len(source_x), 8)
         ]
     return Probe(x, np.concatenate(out), kind)
-
-
-def _fidelity_gate(
-    built: Model, probe: Probe, opts: BuildOptions, say: Log
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Fidelity of ``built`` against fp32 on the probe images, and its outputs;
-    :class:`FidelityError` below the bound."""
-    x, source = probe.x, probe.source
-    got = built.predict(x)
-    figures = fidelity(got, probe.reference)
-    result = {
-        "images": len(x),
-        "source": source,
-        **figures,
-        "min_top1_agreement": opts.min_top1_agreement,
-        "passed": figures["top1_agreement"] >= opts.min_top1_agreement,
-    }
-    say(
-        f"fidelity on {len(x)} {source}: top-1 agreement with fp32 "
-        f"{figures['top1_agreement']:.1%}, output SQNR {figures['sqnr_db']:.1f} dB"
-        + ("" if result["passed"] else f" (bound {opts.min_top1_agreement:.0%})")
-    )
-    if not result["passed"]:
-        raise FidelityError(
-            f"fidelity check failed: top-1 agreement with fp32 {figures['top1_agreement']:.1%} "
-            f"on {len(x)} {source}, below --min-top1-agreement {opts.min_top1_agreement:g}"
-        )
-    return result, got
-
-
-def _fidelity_hint(opts: BuildOptions) -> str:
-    """What to try after a failed fidelity check."""
-    tries = []
-    if Precision.parse(opts.precision).is_int8:
-        if opts.target == "native":
-            tries.append("--target portable")
-        if not opts.float_first_layer:
-            tries.append("--float-first-layer")
-        tries.append("another --calib-method")
-    if opts.engine == "auto":
-        tries.append("--engine onnxruntime or openvino")
-    tries.append("a higher precision")
-    return "Try " + ", ".join(tries) + " (or lower --min-top1-agreement if this is expected)."
 
 
 def _reference_model(source: onnx.ModelProto, built: Model) -> Model:

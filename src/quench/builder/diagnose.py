@@ -36,6 +36,7 @@ from quench.errors import QuenchError
 from quench.evaluate import list_images, read_ground_truth
 from quench.imaging import Normalizer
 from quench.model import Model
+from quench.precision import Precision
 from quench.profile import profile_model
 from quench.zoo.fetch import sha256_file
 
@@ -53,6 +54,9 @@ class Diagnosis:
     ranking: list[str]  # most sensitive first
     check: dict[str, Any] | None = None
     profile: dict[str, Any] = field(default_factory=dict)
+    # what the layers run in when not kept in float: int8, or bf16 / fp16 (then ``all_int8``
+    # and the check's ``all_int8_*`` figures are those of every layer in that precision)
+    reduced_to: str = "int8"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -65,8 +69,9 @@ def options_of(path: Path, source: Path | None) -> tuple[Path, BuildOptions, dic
     art = artifact.load(path)
     m = art.manifest
     settings = dict(m.get("build") or {})
-    if not m.get("quantization"):
-        raise QuenchError(f"{path}: not an INT8 artifact: nothing to diagnose")
+    half = Precision.parse(str((m.get("precision") or {}).get("mode"))).family == "half"
+    if not m.get("quantization") and not half:
+        raise QuenchError(f"{path}: not an INT8, bf16 or fp16 artifact: nothing to diagnose")
     name = (m.get("source") or {}).get("file") or ""
     found = [p for p in ([source] if source else [path.parent / name, Path(name)]) if p.is_file()]
     if not found or (not name and not source):
@@ -101,8 +106,12 @@ def diagnose(
         raise QuenchError("diagnose needs --calib-images (a folder or list)")
     opts = replace(opts, float_layers=())  # the all-INT8 model: what sensitivity starts from
     plan = _plan(model, opts, say)
+    if plan.precision.family == "half":
+        from quench.builder import diagnose_reduced
+
+        return diagnose_reduced.diagnose(plan, built, manifest, say)
     if not plan.precision.is_int8:
-        raise QuenchError(f"diagnose needs an INT8 precision, not {opts.precision}")
+        raise QuenchError(f"diagnose needs an INT8, bf16 or fp16 precision, not {opts.precision}")
     calib = _calibration_images(opts, plan.preset, say)
     prepared = _prepare(plan, calib, say)[0]
     assert prepared.float_model is not None

@@ -9,7 +9,7 @@ The interface is small on purpose: :func:`compile_candidates` turns prepared mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ class Prepared:
     # INT8: the float graph the QDQ model was made from (dynamic batch), where layers kept in
     # float take their weights (quench.builder.quantize.layers.with_float_layers)
     float_model: onnx.ModelProto | None = None
+    # bf16 / f16 compute: layers kept in fp32 (quench.builder.reduced, the repair's choice)
+    float32_layers: tuple[str, ...] = ()
+    reduced: dict[str, Any] | None = None  # the manifest's reduced_precision section
 
 
 @dataclass
@@ -178,8 +181,11 @@ def compile_candidates(
                 + (f", first layer {p.first_layer})" if p.first_layer else ")")
             )
             try:
-                compiled = engine.compile(p.model, spec)
+                pspec = replace(spec, float32_layers=p.float32_layers) if p.float32_layers else spec
+                compiled = engine.compile(p.model, pspec)
                 verification = reference.check(compiled, engine, spec)
+                if note := compiled.info.get("note"):
+                    say(f"  {note}")
             except QuenchError as exc:
                 if len(engines) == 1 and len(prepared) == 1:
                     raise

@@ -12,6 +12,8 @@ import onnxruntime as ort
 
 from quench.backend.failures import engine_errors
 
+ort.disable_telemetry_events()  # ONNX Runtime's platform telemetry (Windows ETW): off
+
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -18,6 +18,7 @@ import openvino as ov
 from openvino.preprocess import PrePostProcessor
 
 from quench.backend.base import Compiled, CompileSpec, Engine, Runner
+from quench.backend.openvino import keep_f32
 from quench.backend.openvino.runner import (
     BIN,
     CONFIG_KEYS,
@@ -73,17 +74,28 @@ class Plan:
     int8: bool = False
 
 
-def _float_compute(caps: frozenset[str]) -> tuple[str, str]:
-    """Half-precision compute for ``*float16`` modes: f16, else bf16, else f32 (and why)."""
+NO_FP16 = (
+    "float32 (this CPU has no float16 arithmetic; bfloat16 would be less accurate than float16)"
+)
+
+
+def _float_compute(caps: frozenset[str], insist: bool) -> tuple[str, str]:
+    """What ``force_float16`` computes in: f16 where the CPU has it (then measured against f32
+    at build time unless ``insist``: quench.backend.openvino.half), else f32, the fastest
+    precision at least as accurate as float16."""
     if "FP16" in caps:
         return "f16", "float16"
-    if "BF16" in caps:
-        return "bf16", "bfloat16 (this CPU has no float16 arithmetic)"
-    return "f32", "float32 (this CPU has neither float16 nor bfloat16 arithmetic)"
+    if insist:
+        raise QuenchError(
+            "--fp16-compute: this CPU has no float16 arithmetic (OpenVINO lists "
+            f"{', '.join(sorted(caps)) or 'nothing'})"
+        )
+    return "f32", NO_FP16
 
 
-def plan(precision: str, caps: frozenset[str]) -> Plan:
-    """The precision plan for ``precision`` given the CPU capabilities ``caps``."""
+def plan(precision: str, caps: frozenset[str], fp16_compute: bool = False) -> Plan:
+    """The precision plan for ``precision`` given the CPU capabilities ``caps``
+    (``fp16_compute``: force_float16 must compute in float16)."""
     try:
         p = Precision.parse(precision)
     except QuenchError:
@@ -110,7 +122,7 @@ def plan(precision: str, caps: frozenset[str]) -> Plan:
     if p.float_type == "float32":
         return Plan("f32", "float32", "float32")
     if p.float_type == "float16":
-        hint, computes = _float_compute(caps)
+        hint, computes = _float_compute(caps, fp16_compute)
         return Plan(hint, "float16 weights", computes, compress_to_fp16=True)
     if not p.needs <= caps:  # bfloat16
         raise QuenchError(
@@ -197,6 +209,27 @@ def convert(
         return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
 
 
+def _fp16_measured(
+    p: Plan, config: dict[str, str], xml: bytes, weights: bytes, model: Any, spec: CompileSpec
+) -> tuple[Plan, dict[str, str], dict[str, Any]]:
+    """force_float16 on a CPU with fp16 arithmetic: f16 against f32 compute, timed; the plan
+    and config that win, and the manifest's record (``fp16_compute``) and build line."""
+    from quench.backend.openvino import half
+
+    if spec.preprocess is not None:
+        shape: tuple[int, ...] = (spec.preprocess.crop, spec.preprocess.crop, 3)
+    else:
+        dims = real_inputs(model)[0].type.tensor_type.shape.dim[1:]
+        shape = tuple(int(d.dim_value) for d in dims)
+    decision = half.measure(xml, weights, config, spec, shape)
+    extra = {"fp16_compute": decision.record, "note": decision.line()}
+    if decision.keep_fp16:
+        return p, config, extra
+    computes = f"float32 (float16 compute measured {decision.ratio:.2f}x float32 on this CPU)"
+    plan32 = Plan("f32", p.stored, computes, compress_to_fp16=True)
+    return plan32, {**config, "INFERENCE_PRECISION_HINT": "f32"}, extra
+
+
 class OpenVinoEngine(Engine):
     name = "openvino"
 
@@ -214,7 +247,7 @@ class OpenVinoEngine(Engine):
 
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
         caps = cpu_capabilities()
-        p = plan(spec.precision, caps)  # refuses unknown precisions and what this CPU lacks
+        p = plan(spec.precision, caps, spec.fp16_compute)  # refuses what this CPU lacks
         if p.int8 and not any(n.op_type in _QDQ for n in model.graph.node):
             raise ModelError(
                 f"{spec.precision} needs a QDQ-quantized model (QuantizeLinear/DequantizeLinear)"
@@ -223,6 +256,17 @@ class OpenVinoEngine(Engine):
         xml, weights = convert(
             model, spec.batch, p.compress_to_fp16, spec.preprocess, spec.input_name
         )
+        extra: dict[str, Any] = {}
+        if p.hint == "f16" and not spec.fp16_compute:
+            p, config, extra = _fp16_measured(p, config, xml, weights, model, spec)
+        if p.computes == NO_FP16:
+            extra["note"] = (
+                "this CPU has no float16 arithmetic: the artifact stores float16 and computes "
+                "float32 (bfloat16 would be less accurate than float16)"
+            )
+        if spec.float32_layers and p.hint in ("bf16", "f16"):
+            xml = keep_f32.mark(xml, keep_f32.outputs_of(model, spec.float32_layers))
+            extra["float32_layers"] = list(spec.float32_layers)
 
         # Compile what the artifact will hold and look at what really executes.
         with OpenVinoRunner(xml, weights, config, threads=spec.threads) as run:
@@ -243,6 +287,7 @@ class OpenVinoEngine(Engine):
                 "performance_hint": props["PERFORMANCE_HINT"],
                 **({"preprocess": PREPROCESS_INFO} if spec.preprocess is not None else {}),
                 **counts,
+                **extra,
             },
         )
 
