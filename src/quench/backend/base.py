@@ -129,6 +129,12 @@ class Engine(ABC):
     @abstractmethod
     def supports(self, precision: str) -> bool: ...
 
+    def refusal(self, precision: str) -> str | None:
+        """Why ``precision`` does not run on this engine here, in one line (None: it runs)."""
+        if self.supports(precision):
+            return None
+        return f"engine {self.name} cannot run precision {precision} on this CPU"
+
     @abstractmethod
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled: ...
 
