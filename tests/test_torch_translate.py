@@ -154,7 +154,9 @@ def one_op(op: str, shapes: list[list[int]], opset: int = 13, consts: dict | Non
     after them, by name: ``None`` for a left-out optional input)."""
     rng = np.random.default_rng(4)
     names = [f"in{i}" for i in range(len(shapes))]
-    feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    feed = {
+        n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes, strict=True)
+    }
     inits, inputs = [], list(names)
     for name, value in (consts or {}).items():
         if value is None:
@@ -166,7 +168,10 @@ def one_op(op: str, shapes: list[list[int]], opset: int = 13, consts: dict | Non
     graph = helper.make_graph(
         [node],
         op,
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(names, shapes)],
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+            for n, s in zip(names, shapes, strict=True)
+        ],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
         inits,
     )

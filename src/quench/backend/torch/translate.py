@@ -17,10 +17,12 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from quench.backend.torch.ops import MAKERS, Floats, Unsupported, cast
+from quench.backend.torch import ops, shapes
+from quench.backend.torch.ops import Floats, Unsupported, cast
 from quench.errors import ModelError
 
 MIN_OPSET = 7
+MAKERS = {**ops.MAKERS, **shapes.MAKERS}
 # outputs an inference graph may declare but nothing may read (training statistics, masks)
 _EXTRA_OUTPUTS_OK = ("BatchNormalization", "Dropout")
 
