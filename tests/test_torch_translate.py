@@ -26,7 +26,7 @@ def ort_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndar
 
 
 def torch_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    module = translate(model).eval()
+    module = translate(model).train(False)
     with torch.inference_mode():
         outs = module(*(torch.from_numpy(feed[n]) for n in module.input_names))
     return [o.numpy() for o in outs]

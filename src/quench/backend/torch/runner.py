@@ -64,7 +64,7 @@ class TorchRunner(Runner):
             raise EngineError(
                 f"torch-cuda: no CUDA GPU visible to torch {torch.__version__} on this host"
             )
-        module = translate(self._model, "payload model.onnx").eval()
+        module = translate(self._model, "payload model.onnx").train(False)
         module.set_float_type(self.dtype)
         module = module.to(self.device)
         if self.device.startswith("cuda"):
