@@ -102,6 +102,24 @@ def test_compile_refuses_an_untranslatable_model_at_build_time(
         get_engine("torch-cuda").compile(model, spec())
 
 
+def test_self_check_host_key_holds_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU artifact loaded on another GPU (or CUDA / cuDNN build) differs from its build
+    host, so its self-check runs there; CPU engines' host keys are unchanged."""
+    from quench.selfcheck import differences, host_key
+
+    assert "device" not in host_key("onnxruntime", "1")
+    h200 = {"device": "cuda", "torch": "2", "gpu": "NVIDIA H200", "compute_capability": "9.0",
+            "cuda": "13.0", "cudnn": 91000, "driver": "580"}  # fmt: skip
+    monkeypatch.setattr(loader, "describe", lambda device: h200)
+    built = host_key("torch-cuda", "2")
+    assert built["device"] == {"gpu": "NVIDIA H200", "compute_capability": "9.0",
+                               "cuda": "13.0", "cudnn": 91000}  # fmt: skip
+    assert differences(built, built) == []
+    monkeypatch.setattr(loader, "describe", lambda device: {**h200, "gpu": "NVIDIA L4"})
+    (diff,) = differences(built, host_key("torch-cuda", "2"))
+    assert diff.startswith("device {") and "NVIDIA H200" in diff and "NVIDIA L4" in diff
+
+
 def test_every_float_mode_is_a_runner_float_type() -> None:
     from quench.backend.torch.runner import FLOAT_TYPES
     from quench.precision import Precision

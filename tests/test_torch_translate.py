@@ -326,3 +326,26 @@ def test_cpu_runner_in_bfloat16_stays_close() -> None:
     want = ort_run(model, {"x": x})[0]
     assert got.dtype == np.float32
     assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
+
+
+def test_batch_specialised_translation_compiles_as_one_graph() -> None:
+    """At one input shape, the Shape nodes' values become constants: no runtime Shape is left,
+    so torch.compile traces the whole model as one graph (what the CUDA runner compiles per
+    bucket), sharing the weights of the general module."""
+    model = lite0_like()
+    x = np.random.default_rng(7).standard_normal((4, 3, 17, 17)).astype(np.float32)
+    base = translate(model)
+    assert base.runtime_shapes
+    shapes = base.shape_values(torch.from_numpy(x))
+    assert [v.tolist() for v in shapes.values()] == [[4, 8, 1, 1]]
+    fixed = translate(model, shapes=shapes).train(False)
+    assert not fixed.runtime_shapes
+    fixed.share_constants(base)
+    weights = {n for n in base._constants if n.endswith("_w")}
+    assert weights and all(
+        getattr(fixed, fixed._constants[n]) is getattr(base, base._constants[n]) for n in weights
+    )
+    compiled = torch.compile(fixed, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        got = compiled(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], atol=1e-5)

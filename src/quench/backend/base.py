@@ -135,6 +135,11 @@ class Engine(ABC):
             return None
         return f"engine {self.name} cannot run precision {precision} on this CPU"
 
+    def host(self) -> dict[str, Any]:
+        """What besides the CPU decides this engine's numerics on this host (its device), for
+        the self-check's host key: empty for CPU engines."""
+        return {}
+
     @abstractmethod
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled: ...
 

@@ -50,6 +50,11 @@ class TorchCudaEngine(Engine):
             return f"engine {NAME} needs a CUDA GPU; torch {torch.__version__} sees none here"
         return None
 
+    def host(self) -> dict[str, Any]:
+        """The GPU and the CUDA / cuDNN builds the numerics come from (empty without CUDA)."""
+        info = describe("cuda")
+        return {k: info[k] for k in ("gpu", "compute_capability", "cuda", "cudnn") if k in info}
+
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled:
         why = self.refusal(spec.precision)
         if why is not None:

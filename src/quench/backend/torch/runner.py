@@ -64,15 +64,21 @@ class TorchRunner(Runner):
             raise EngineError(
                 f"torch-cuda: no CUDA GPU visible to torch {torch.__version__} on this host"
             )
-        module = translate(self._model, "payload model.onnx").train(False)
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+            torch.backends.cudnn.benchmark = True
+        self._module = self._prepare()
+
+    def _prepare(self, shapes: dict[str, torch.Tensor] | None = None) -> OnnxModule:
+        """The model translated (``shapes``: for one input shape), in the float type, on the
+        device, channels-last on CUDA."""
+        module = translate(self._model, "payload model.onnx", shapes).train(False)
         module.set_float_type(self.dtype)
         module = module.to(self.device)
         if self.device.startswith("cuda"):
             module = module.to(memory_format=torch.channels_last)
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
-            torch.backends.cudnn.allow_tf32 = self.tf32
-            torch.backends.cudnn.benchmark = True
-        self._module = module
+        return module
 
     def _deactivate(self) -> None:
         self._module = None
@@ -105,7 +111,7 @@ class TorchRunner(Runner):
     def compute(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """One bucket's outputs on the device (overwritten by the next call when compiled)."""
         n = len(xs[0])
-        fn = self._function(n)
+        fn = self._function(xs)
         with torch.inference_mode():
             if n in self._compiled:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -133,7 +139,10 @@ class TorchRunner(Runner):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineError(f"torch-cuda failed on the model: {first}") from None
 
-    def _function(self, n: int) -> Any:
+    def _function(self, xs: list[torch.Tensor]) -> Any:
+        """The compiled module for this bucket (compiled now, if the budget allows), else
+        the eager one."""
+        n = len(xs[0])
         if n in self._compiled:
             return self._compiled[n]
         spent = sum(self.compile_seconds.values())
@@ -142,7 +151,11 @@ class TorchRunner(Runner):
         dynamo = torch._dynamo.config
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, 4 * len(BUCKETS))
         mode = "reduce-overhead" if self.device.startswith("cuda") else "default"
-        self._compiled[n] = torch.compile(self.module, mode=mode, dynamic=False)
+        module = self.module
+        if module.runtime_shapes:  # this bucket's shapes as constants: one graph, no breaks
+            module = self._prepare(self.module.shape_values(*xs))
+            module.share_constants(self.module)
+        self._compiled[n] = torch.compile(module, mode=mode, dynamic=False)
         return self._compiled[n]
 
     def _sync(self) -> None:

@@ -27,11 +27,11 @@ def flatten(a: dict[str, Any], c: Consts, opset: int) -> Fn:
 def reshape(a: dict[str, Any], c: Consts, opset: int) -> Fn:
     if opset < 5:
         raise Unsupported("it is a Reshape before opset 5")
-    const = c[1]
+    const = None if c[1] is None else [int(v) for v in c[1].tolist()]  # Python ints, once
     allow_zero = a.get("allowzero", 0)
 
     def run(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-        dims = [int(v) for v in (const if const is not None else shape).tolist()]
+        dims = const if const is not None else [int(v) for v in shape.tolist()]
         if not allow_zero:
             dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
         return x.reshape(dims)
@@ -136,12 +136,12 @@ def pad(a: dict[str, Any], c: Consts, opset: int) -> Fn:
 def constant_of_shape(a: dict[str, Any], c: Consts, opset: int) -> Fn:
     value = a.get("value")
     fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value is not None else None
+    dtype = torch.float32 if fill is None else fill.dtype
+    number = 0.0 if fill is None else fill.reshape(-1)[0].item()
 
     def run(dims: torch.Tensor) -> torch.Tensor:
         size = [int(d) for d in dims.tolist()]
-        if fill is None:
-            return torch.zeros(size, dtype=torch.float32, device=dims.device)
-        return torch.full(size, fill.reshape(-1)[0].item(), dtype=fill.dtype, device=dims.device)
+        return torch.full(size, number, dtype=dtype, device=dims.device)
 
     return run
 

@@ -35,6 +35,7 @@ class Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     label: str  # "Conv node 'conv1'", for errors
+    op: str
 
 
 class OnnxModule(torch.nn.Module):
@@ -53,10 +54,27 @@ class OnnxModule(torch.nn.Module):
         self.input_names = inputs
         self.output_names = outputs
         self.floats = floats
+        # Shape nodes left to run: their consumers (a Reshape) see a tensor, which
+        # torch.compile cannot turn into sizes without breaking the graph
+        self.runtime_shapes = any(s.op == "Shape" for s in steps)
         self._constants: dict[str, str] = {}
         for i, (name, value) in enumerate(constants.items()):
             self.register_buffer(f"c{i}", value)
             self._constants[name] = f"c{i}"
+
+    def share_constants(self, other: OnnxModule) -> None:
+        """Use ``other``'s tensor for each constant both hold with equal values (one copy of
+        the weights for several batch-specialised modules on one device)."""
+        for name, attr in self._constants.items():
+            theirs = getattr(other, other._constants.get(name, ""), None)
+            mine = getattr(self, attr)
+            if (
+                isinstance(theirs, torch.Tensor)
+                and (theirs.shape, theirs.dtype, theirs.device)
+                == (mine.shape, mine.dtype, mine.device)
+                and torch.equal(theirs, mine)
+            ):
+                setattr(self, attr, theirs)
 
     def set_float_type(self, dtype: torch.dtype) -> OnnxModule:
         """Compute in ``dtype``: float weights converted, Cast-to-float casts to it."""
@@ -64,11 +82,23 @@ class OnnxModule(torch.nn.Module):
         return self.to(dtype)
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._run(xs, None)
+
+    def shape_values(self, *xs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of the Shape nodes left to run, on ``xs`` (run once, eagerly)."""
+        record: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            self._run(xs, record)
+        return record
+
+    def _run(self, xs: tuple[torch.Tensor, ...], record: dict | None) -> tuple[torch.Tensor, ...]:
         env: dict[str, Any] = {"": None}
         env.update({name: getattr(self, attr) for name, attr in self._constants.items()})
         env.update(zip(self.input_names, xs, strict=True))
         for step in self.steps:
             out = step.fn(*(env[n] for n in step.inputs))
+            if record is not None and step.op == "Shape":
+                record[step.outputs[0]] = out
             if len(step.outputs) == 1:
                 env[step.outputs[0]] = out
             else:
@@ -80,9 +110,14 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def translate(model: onnx.ModelProto, where: str = "model") -> OnnxModule:
+def translate(
+    model: onnx.ModelProto,
+    where: str = "model",
+    shapes: dict[str, torch.Tensor] | None = None,
+) -> OnnxModule:
     """``model`` as an :class:`OnnxModule`; :class:`ModelError` naming the first node (or
-    the opset) that does not translate."""
+    the opset) that does not translate. ``shapes``: Shape nodes' outputs at one input shape
+    (:meth:`OnnxModule.shape_values`), made constants of a module for that shape alone."""
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise ModelError(f"{where}: ONNX opset {opset} is older than {MIN_OPSET}: no translation")
@@ -95,10 +130,11 @@ def translate(model: onnx.ModelProto, where: str = "model") -> OnnxModule:
         consts[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
     steps: list[Step] = []
     floats = Floats()
+
     for node in g.node:
         label = f"{node.op_type} node {node.name or node.output[0]!r}"
         try:
-            folded = _node(node, opset, consts, steps, label, floats)
+            folded = _node(node, opset, consts, steps, label, floats, shapes or {})
         except (Unsupported, KeyError, ValueError, TypeError, IndexError) as exc:
             why = str(exc) if isinstance(exc, Unsupported) else f"{type(exc).__name__}: {exc}"
             raise ModelError(f"{where}: {label} does not translate to torch: {why}") from None
@@ -117,14 +153,17 @@ def _node(
     steps: list[Step],
     label: str,
     floats: Floats,
+    shapes: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Append ``node``'s step, or compute it now when its inputs are all constants (its
-    outputs are then returned as new constants)."""
+    """Append ``node``'s step, or compute it now when its inputs are all constants or it is
+    a Shape given in ``shapes`` (its outputs are then new constants)."""
     if node.domain not in ("", "ai.onnx"):
         raise Unsupported(f"its operator domain {node.domain!r} is not the standard one")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Constant":
         return {node.output[0]: _constant(attrs)}
+    if node.op_type == "Shape" and node.output[0] in shapes:
+        return {node.output[0]: shapes[node.output[0]].cpu()}
     maker = MAKERS.get(node.op_type)
     if maker is None:
         raise Unsupported("no translation for this operator")
@@ -140,7 +179,7 @@ def _node(
             value = fn(*(None if n == "" else consts[n] for n in node.input))
         return {outputs[0]: value}
     fn = cast(attrs, known, opset, floats) if node.op_type == "Cast" else maker(attrs, known, opset)
-    steps.append(Step(fn, tuple(node.input), outputs, label))
+    steps.append(Step(fn, tuple(node.input), outputs, label, node.op_type))
     return {}
 
 
