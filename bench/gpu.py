@@ -2,14 +2,17 @@
 and host-to-device copy timed apart), and efficientnet-lite0's top-1 agreement with ONNX
 Runtime fp32 on the CPU (what the CPU fp32 artifact computes) on real val images.
 
-Made for one call on a lent H200 (< 8 min; needs only torch, onnx, onnxruntime, numpy there):
+Made for one call on a lent H200 (needs only torch, onnx, onnxruntime, numpy there), through
+``bench/gpu_device.sh`` (the GPU tests, then this; under 9 min with the default budgets):
 
-    # here, once: the val pixels and lite0 into a carried folder (.gpu-data/, git-ignored)
-    python bench/gpu.py --make-pixels ../shared/data/imagenet-sample/val.txt:200 \\
+    # here, once: val pixels, lite0 and the wheels the device image lacks, into .gpu-data/
+    python bench/gpu.py --make-pixels ../shared/data/imagenet-sample/val.txt:200 \
         --pixels .gpu-data/val200.npy && cp ../shared/models/efficientnet-lite0.onnx .gpu-data/
-    # on the device (carry .gpu-data):
-    PYTHONPATH=src python3 bench/gpu.py --out $OUT --lite0 .gpu-data/efficientnet-lite0.onnx \\
-        --pixels .gpu-data/val200.npy
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux2014_x86_64 \
+        -d .gpu-data/whl cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
+    # on the device (carry [".gpu-data"], timeout_s 570):
+    bash bench/gpu_device.sh
 
 It writes ``gpu.json`` (every figure) and ``BENCHMARKS.md`` (this repository's, with its "GPU"
 section replaced) under ``--out``. Smoke on the CPU: ``--device cpu --no-compile --tiny``.
@@ -67,8 +70,8 @@ def measure(run: TorchRunner, batch: int, seconds: float) -> dict[str, Any]:
     """qps and latency of whole calls (copies included); compute-only and copy times apart."""
     x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     feed = {run.module.input_names[0]: x}
-    run.infer(feed)  # compiles this bucket where compiling
-    run.infer(feed)
+    for _ in range(3):  # compiles this bucket where compiling, records its CUDA graph
+        run.infer(feed)
     lat, copy, compute = [], [], []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(lat) < 5:
@@ -100,27 +103,36 @@ def measure(run: TorchRunner, batch: int, seconds: float) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace, model: onnx.ModelProto, deadline: float) -> list[dict]:
+    """Eager rows for every mode and batch first (cheap), then compiled rows batch by batch
+    across the modes (``--compiled-batches`` order), until the compile budget is spent."""
     macs = count_macs(model)
     data = model.SerializeToString()
-    rows = []
+    ceilings = {m: matmul_ceiling(getattr(torch, MODES[m]), args.device) for m in args.modes}
+    rows: list[dict] = [{"mode": m, "matmul_tflops": c / 1e12} for m, c in ceilings.items()]
+
+    def row(run: TorchRunner, mode: str, b: int, compiled: bool) -> None:
+        r = measure(run, b, args.seconds)
+        share = 2 * macs * r["compute_qps"] / ceilings[mode]
+        rows.append({"mode": mode, "compiled": compiled, **r, "share_of_matmul_peak": share})
+        print(json.dumps(rows[-1]), flush=True)
+
     for mode in args.modes:
-        float_type = MODES[mode]
-        ceiling = matmul_ceiling(getattr(torch, float_type), args.device)
-        for compiled in (False, True) if args.compile else (False,):
-            batches = args.compiled_batches if compiled else args.batches
-            run = TorchRunner(data, args.device, float_type, compile=compiled)
-            with run:
-                for b in batches:
-                    if compiled and time.monotonic() > deadline:
-                        rows.append({"mode": mode, "compiled": True, "batch": b, "skipped": True})
-                        continue
-                    row = measure(run, b, args.seconds)
-                    share = 2 * macs * row["compute_qps"] / ceiling
-                    rows.append(
-                        {"mode": mode, "compiled": compiled, **row, "share_of_matmul_peak": share}
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
-        rows.append({"mode": mode, "matmul_tflops": ceiling / 1e12})
+        with TorchRunner(data, args.device, MODES[mode], compile=False) as run:
+            for b in args.batches:
+                row(run, mode, b, False)
+    if not args.compile:
+        return rows
+    runners = {m: TorchRunner(data, args.device, MODES[m], compile=True) for m in args.modes}
+    try:
+        for b in args.compiled_batches:
+            for mode, run in runners.items():
+                if time.monotonic() > deadline:
+                    rows.append({"mode": mode, "compiled": True, "batch": b, "skipped": True})
+                    continue
+                row(run.activate(), mode, b, True)
+    finally:
+        for run in runners.values():
+            run.deactivate()
     return rows
 
 
@@ -159,13 +171,21 @@ def markdown(facts: dict, rows: list[dict], agree: list[dict]) -> str:
         "| mode | graph | batch | qps | p50 / p99 ms | compute ms | H2D ms | share | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if "qps" not in r:
+    order = list(MODES)
+    cuda_graph = " + CUDA graphs" if str(facts["device"]).startswith("cuda") else ""
+    timed = sorted(
+        (r for r in rows if "compiled" in r),
+        key=lambda r: (order.index(r["mode"]), r["compiled"], r["batch"]),
+    )
+    for r in timed:
+        if r.get("skipped"):
+            lines.append(f"| {r['mode']} | compiled | {r['batch']} | not run: budget spent |||||")
             continue
-        graph = "compiled + CUDA graph" if r["compiled"] else "eager"
+        graph = "eager" if not r["compiled"] else "compiled" + cuda_graph
+        qps = f"{r['qps']:.0f}" if r["qps"] >= 100 else f"{r['qps']:.2f}"
         comp = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
         lines.append(
-            f"| {r['mode']} | {graph} | {r['batch']} | {r['qps']:.0f} | {r['p50_ms']:.2f} / "
+            f"| {r['mode']} | {graph} | {r['batch']} | {qps} | {r['p50_ms']:.2f} / "
             f"{r['p99_ms']:.2f} | {r['compute_ms']:.2f} | {r['h2d_ms']:.2f} | "
             f"{r['share_of_matmul_peak']:.1%} | {comp} |"
         )
@@ -195,10 +215,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     ap.add_argument("--batches", type=ints, default=[1, 8, 64, 256])
-    ap.add_argument("--compiled-batches", type=ints, default=[1, 8, 256])
+    ap.add_argument("--compiled-batches", type=ints, default=[8, 256, 1, 64])
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--seconds", type=float, default=1.5, help="timed per row")
-    ap.add_argument("--budget-s", type=float, default=420, help="compiled rows stop after it")
+    ap.add_argument("--budget-s", type=float, default=300, help="no compile starts after it")
     ap.add_argument("--lite0", help="efficientnet-lite0.onnx (agreement; skipped without)")
     ap.add_argument("--pixels", type=Path, help="uint8 (N, 224, 224, 3) val pixels, .npy")
     ap.add_argument("--make-pixels", metavar="VAL_TXT:N", help="write --pixels here and stop")
