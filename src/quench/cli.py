@@ -282,8 +282,9 @@ def build(
     engine: Annotated[
         str,
         typer.Option(
-            help="auto | onnxruntime | openvino (auto: every engine that runs it, timed in "
-            "interleaved rounds; the fastest beyond the noise, else the first in preference)."
+            help="auto | onnxruntime | openvino | torch-cuda (auto: every engine that runs it, "
+            "timed in interleaved rounds; the fastest beyond the noise, else the first in "
+            "preference)."
         ),
     ] = "auto",
     select_budget: Annotated[
@@ -1175,7 +1176,9 @@ def run_(
         int | None, typer.Option(min=1, help="Perf iterations per batch size (not --duration).")
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Perf untimed iterations.")] = 20,
-    engine: Annotated[str, typer.Option(help="auto | onnxruntime | openvino.")] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="auto | onnxruntime | openvino | torch-cuda.")
+    ] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="Engine threads.")] = None,
     class_labels: Annotated[
         str | None, typer.Option(help="Class-name file for the build (quench build --labels).")

@@ -81,8 +81,14 @@ def _read_npy(data: bytes, name: str) -> np.ndarray:
 
 
 def host_key(engine: str, engine_version: str) -> dict[str, Any]:
-    """What decides an artifact's numerics: CPU architecture, ISA flags, ISA cap, engine."""
-    return {**host_fingerprint(), "engine": engine, "engine_version": engine_version}
+    """What decides an artifact's numerics: CPU architecture, ISA flags, ISA cap, engine, and
+    the engine's device where it has one (a GPU engine's GPU, CUDA, cuDNN)."""
+    key = {**host_fingerprint(), "engine": engine, "engine_version": engine_version}
+    try:
+        device = get_engine(engine).host()
+    except QuenchError:  # an engine not installed here: the engine line tells
+        device = {}
+    return {**key, "device": device} if device else key
 
 
 def record(
@@ -147,6 +153,8 @@ def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
             f"ONEDNN_MAX_CPU_ISA {recorded.get('onednn_max_cpu_isa') or 'unset'} (build) vs "
             f"{now.get('onednn_max_cpu_isa') or 'unset'} (here)"
         )
+    if recorded.get("device", {}) != now.get("device", {}):
+        out.append(f"device {recorded.get('device', {})} (build) vs {now.get('device', {})} (here)")
     if (recorded.get("engine"), recorded.get("engine_version")) != (
         now.get("engine"),
         now.get("engine_version"),

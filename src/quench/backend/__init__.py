@@ -12,6 +12,7 @@ __all__ = ["ENGINES", "CompileSpec", "Compiled", "Engine", "Runner", "TensorMeta
 ENGINES: dict[str, str] = {
     "onnxruntime": "quench.backend.onnxruntime:OnnxRuntimeEngine",
     "openvino": "quench.backend.openvino:OpenVinoEngine",
+    "torch-cuda": "quench.backend.torch:TorchCudaEngine",
 }
 
 

@@ -133,6 +133,17 @@ class Engine(ABC):
     @abstractmethod
     def supports(self, precision: str) -> bool: ...
 
+    def refusal(self, precision: str) -> str | None:
+        """Why ``precision`` does not run on this engine here, in one line (None: it runs)."""
+        if self.supports(precision):
+            return None
+        return f"engine {self.name} cannot run precision {precision} on this CPU"
+
+    def host(self) -> dict[str, Any]:
+        """What besides the CPU decides this engine's numerics on this host (its device), for
+        the self-check's host key: empty for CPU engines."""
+        return {}
+
     @abstractmethod
     def compile(self, model: onnx.ModelProto, spec: CompileSpec) -> Compiled: ...
 

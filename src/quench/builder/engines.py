@@ -24,7 +24,8 @@ from quench.perf import random_batch
 from quench.precision import FORCE_FLOAT32
 
 # Engine preference for --engine auto: the first installed engine that runs the precision.
-ENGINE_ORDER = ("onnxruntime", "openvino")
+# torch-cuda runs only where torch sees a CUDA GPU (its supports() is false elsewhere).
+ENGINE_ORDER = ("onnxruntime", "openvino", "torch-cuda")
 
 Log = Callable[[str], None]
 
@@ -141,8 +142,9 @@ def candidate_engines(name: str, precision: str) -> list[Engine]:
     """The named engine, or for ``auto`` every installed engine that runs ``precision``."""
     if name != "auto":
         engine = get_engine(name)
-        if not engine.supports(precision):
-            raise QuenchError(f"engine {engine.name} cannot run precision {precision} on this CPU")
+        why = engine.refusal(precision)
+        if why is not None:
+            raise QuenchError(why)
         return [engine]
     found, problems = [], []
     for candidate in ENGINE_ORDER:
