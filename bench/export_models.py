@@ -6,12 +6,13 @@ Runs with a torch environment of its own, never Quench's (torch is no Quench dep
     python3 -m venv /work/torchenv
     /work/torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm onnx onnxscript
     /work/torchenv/bin/python bench/export_models.py --out ~/.cache/quench/zoo-modern \
-        [--models deit_small,convnext_tiny,...] [--opset 18]
+        --bn-images ../shared/data/imagenet-sample/calib.txt [--models deit_small,...] [--opset 18]
 
 Each model is built with ``pretrained=False`` / ``weights=None`` (nothing is downloaded), seeded,
-its BatchNorm statistics measured on random input (``recalibrate_batchnorm``: freshly
-initialised ones make the logits vanish), and exported with a dynamic batch axis. Beside each ``NAME.onnx`` goes ``NAME.json``: the data
-config the architecture's published weights were trained with, read from the library itself
+its BatchNorm statistics measured on photos (``--bn-images``) or random input
+(``recalibrate_batchnorm``: freshly initialised ones make the logits vanish), and exported
+with a dynamic batch axis. Beside each ``NAME.onnx`` goes ``NAME.json``: the data config
+the architecture's published weights were trained with, read from the library itself
 (torchvision's ``Weights.DEFAULT.transforms()``, timm's ``pretrained_cfg``), as Quench's build
 flags (``--resize --crop --interpolation --mean --std``), so ``bench/zoo.py`` builds each with
 the right preprocessing without torch.
@@ -75,7 +76,7 @@ def timm_model(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg = model.pretrained_cfg
     crop = int(cfg["input_size"][-1])
     data = {
-        "resize": int(math.floor(crop / cfg["crop_pct"])),  # timm's resize for center crop
+        "resize": math.floor(crop / cfg["crop_pct"]),  # timm's resize for center crop
         "crop": crop,
         "interpolation": cfg["interpolation"],
         "mean": [round(m * 255, 4) for m in cfg["mean"]],
@@ -102,8 +103,23 @@ def flags(data: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def recalibrate_batchnorm(model: torch.nn.Module, crop: int, batches: int = 4) -> int:
-    """Set every BatchNorm's running statistics to those of its input on random images.
+def photo_batches(images: list[Path], data: dict[str, Any], batch: int = 8) -> list[torch.Tensor]:
+    """``images`` preprocessed as the model's data config says, in batches."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    tf = T.Compose([
+        T.Resize(data["resize"], interpolation=T.InterpolationMode(data["interpolation"])),
+        T.CenterCrop(data["crop"]),
+        T.ToTensor(),
+        T.Normalize([m / 255 for m in data["mean"]], [s / 255 for s in data["std"]]),
+    ])  # fmt: skip
+    xs = [tf(Image.open(p).convert("RGB")) for p in images]
+    return [torch.stack(xs[i : i + batch]) for i in range(0, len(xs), batch)]
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> int:
+    """Set every BatchNorm's running statistics to those of its input on ``batches``.
 
     Freshly initialised BatchNorms (mean 0, var 1) let activations shrink layer after layer:
     a random MobileNetV3's logits are ~1e-10 and the same for every input, which makes
@@ -115,17 +131,20 @@ def recalibrate_batchnorm(model: torch.nn.Module, crop: int, batches: int = 4) -
         bn.momentum = None  # a cumulative average over the batches
     model.train()
     with torch.no_grad():
-        for _ in range(batches if bns else 0):
-            model(torch.randn(8, 3, crop, crop))
+        for x in batches if bns else []:
+            model(x)
     model.eval()
     return len(bns)
 
 
-def export(name: str, out: Path, opset: int) -> dict[str, Any]:
+def export(name: str, out: Path, opset: int, images: list[Path]) -> dict[str, Any]:
     lib, ctor = MODELS[name]
     torch.manual_seed(0)
     model, data = LIBRARIES[lib](ctor)
-    recalibrated = recalibrate_batchnorm(model, data["crop"])
+    crop = data["crop"]
+    batches = photo_batches(images, data) if images else [torch.randn(8, 3, crop, crop)] * 4
+    recalibrated = recalibrate_batchnorm(model, batches)
+    seen = f"{len(images)} photos" if images else "random input"
     x = torch.randn(2, 3, data["crop"], data["crop"])
     dest = out / f"{name}.onnx"
     t0 = time.perf_counter()
@@ -146,7 +165,7 @@ def export(name: str, out: Path, opset: int) -> dict[str, Any]:
     meta = {
         "model": f"{lib} {ctor}",
         "weights": "random (seed 0), pretrained=False"
-        + (f"; {recalibrated} BatchNorm statistics measured on random input" if recalibrated else ""),
+        + (f"; {recalibrated} BatchNorm statistics measured on {seen}" if recalibrated else ""),
         "opset": opset,
         "data": data,
         "build_flags": flags(data),
@@ -161,7 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="Folder for NAME.onnx + NAME.json.")
     ap.add_argument("--models", default=",".join(DEFAULT), help=f"From: {', '.join(MODELS)}.")
     ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument(
+        "--bn-images",
+        type=Path,
+        help="List file of photos (one path a line) to measure BatchNorm statistics on, so the "
+        "activations on photos are normalised as a trained model's (default: random input).",
+    )
+    ap.add_argument("--bn-count", type=int, default=32, help="Photos taken from --bn-images.")
     args = ap.parse_args(argv)
+    images: list[Path] = []
+    if args.bn_images:
+        base = args.bn_images.parent
+        lines = [ln.strip() for ln in args.bn_images.read_text().splitlines() if ln.strip()]
+        images = [base / ln if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+        images = images[: args.bn_count]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -171,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         say(f"{name}: exporting")
         try:
-            meta = export(name, args.out, args.opset)
+            meta = export(name, args.out, args.opset, images)
         except Exception as exc:  # one line per model; the others still export
             failed += 1
             say(f"{name}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")

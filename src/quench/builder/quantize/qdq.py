@@ -5,6 +5,14 @@ set free; and the helpers that read a QDQ graph.
 writes per-channel symmetric int8 weights, asymmetric uint8 (or int8) activations and int32
 biases; the nodes in ``exclude`` stay float. The QuantizeLinear/DequantizeLinear pair in front of
 each graph output is then dropped: the logits stay float.
+
+Normalisations and the transformer's non-linearities stay float (:data:`FLOAT_OPS`):
+LayerNormalization is not handed to the quantizer (ONNX Runtime 1.32 quantizes its bias but
+leaves its input float, and the MatMul reading it then stays float too; OpenVINO 2026.4 fails
+to compile DeiT's graph with it), and the QuantizeLinear/DequantizeLinear pairs in front of
+Softmax, LayerNormalization and Erf (GELU) are dropped: their inputs (attention logits, the
+residual stream, the GELU argument) have wide ranges an 8-bit grid serves badly, and no int8
+kernel computes them anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import onnx
 from onnx import TensorProto
 
 from quench.builder.quantize.config import QuantConfig
+
+# op types whose inputs stay float: never quantized, their inputs' Q/DQ pairs dropped
+FLOAT_OPS = ("LayerNormalization", "InstanceNormalization", "Softmax", "Erf")
 
 
 class _OrtQuantNoise(logging.Filter):
@@ -67,6 +78,7 @@ def to_qdq(
         QuantType,
         quantize_static,
     )
+    from onnxruntime.quantization.registry import QDQRegistry
 
     src, dst = work / "fp32.onnx", work / "qdq.onnx"
     onnx.save(model, src)
@@ -80,13 +92,60 @@ def to_qdq(
         weight_type=QuantType.QInt8,
         reduce_range=config.weight_bits == 7,
         nodes_to_exclude=list(exclude),
+        op_types_to_quantize=sorted(set(QDQRegistry) - set(FLOAT_OPS)),
         calibrate_method=CalibrationMethod.MinMax,
         calibration_cache_path=str(ranges),
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     qdq = onnx.load(str(dst))
     _float_outputs(qdq)
+    _float_inputs(qdq, FLOAT_OPS)
+    _drop_unread_initializers(qdq)
     return qdq
+
+
+def _float_inputs(qdq: onnx.ModelProto, ops: Sequence[str]) -> None:
+    """Nodes of the types ``ops`` read the float tensor in front of a QuantizeLinear/
+    DequantizeLinear pair instead of its fake-quantized copy; pairs left unread are removed."""
+    g = qdq.graph
+    prod = producers(qdq)
+    changed = False
+    for node in g.node:
+        if node.op_type not in ops:
+            continue
+        for k, name in enumerate(node.input):
+            dq = prod.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = prod.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            node.input[k] = q.input[0]
+            changed = True
+    if not changed:
+        return
+    outputs = {o.name for o in g.output}
+    while True:
+        read = {i for n in g.node for i in n.input} | outputs
+        dead = [
+            n
+            for n in g.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and not any(o in read for o in n.output)
+        ]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+
+
+def _drop_unread_initializers(qdq: onnx.ModelProto) -> None:
+    """Remove initializers no node reads (the scales and zero points of dropped pairs)."""
+    g = qdq.graph
+    read = {i for n in g.node for i in n.input} | {i.name for i in g.input}
+    keep = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(keep)
 
 
 def _float_outputs(qdq: onnx.ModelProto) -> None:
