@@ -188,7 +188,9 @@ def run_model(src: Path, a: argparse.Namespace, images: list[Path]) -> dict[str,
 
 
 def fmt_qps(v: Any) -> str:
-    return f"{v:,.1f}" if isinstance(v, float) else "failed"
+    if isinstance(v, float):
+        return f"{v:,.1f}"
+    return "n/a" if str(v).startswith("source has fixed batch") else "failed"
 
 
 def cell_vs(q: Any, peers: list[Any]) -> str:
