@@ -6,7 +6,7 @@ Runs with a torch environment of its own, never Quench's (torch is no Quench dep
     python3 -m venv /work/torchenv
     /work/torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm onnx onnxscript
     /work/torchenv/bin/python bench/export_models.py --out ~/.cache/quench/zoo-modern \
-        --bn-images ../shared/data/imagenet-sample/calib.txt [--models deit_small,...] [--opset 18]
+        [--models deit_small,...] [--opset 18] [--bn-images calib.txt --bn-count 32]
 
 Each model is built with ``pretrained=False`` / ``weights=None`` (nothing is downloaded), seeded,
 its BatchNorm statistics measured on photos (``--bn-images``) or random input
