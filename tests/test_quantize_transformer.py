@@ -140,7 +140,11 @@ def vit_int8(vit: onnx.ModelProto):
 def test_every_matmul_is_int8_behind_a_shape_of_the_input(vit: onnx.ModelProto, vit_int8) -> None:
     # the class token's Expand reads Shape(images): that path carries no pixel, so only the
     # patch Conv (the layer reading the input) stays float, not the whole residual stream
-    assert vit_int8.info["float_nodes"] == ["conv_0"]
+    # float: the patch Conv, the class-token Concat, the residual Adds feeding a LayerNorm and
+    # GELU's element-wise nodes; not the whole residual stream behind the Shape
+    residual = ["add_9", "add_20", "add_29"]
+    gelu = ["div_23", "add_25", "mul_26", "mul_27"]
+    assert vit_int8.info["float_nodes"] == sorted(["conv_0", "concat_8", *residual, *gelu])
     precision = {layer.name: layer.precision for layer in layers(vit_int8.model)}
     assert precision.pop("conv_0") == "float"
     assert set(precision.values()) == {"int8"}, precision
@@ -149,6 +153,14 @@ def test_every_matmul_is_int8_behind_a_shape_of_the_input(vit: onnx.ModelProto, 
     for name in ("qk", "pv"):
         node = next(n for n in vit_int8.model.graph.node if n.name == name)
         assert [prod[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
+
+
+def test_other_elementwise_ops_stay_int8(vit_int8) -> None:
+    # what ONNX Runtime quantizes by default (Add, Mul, Concat...) still is, outside the
+    # transformer's float patterns: the attention's scaling Mul reads quantized data
+    prod = producers(vit_int8.model)
+    scale = next(n for n in vit_int8.model.graph.node if n.name == "mul_16")
+    assert prod[scale.input[0]].op_type == "DequantizeLinear"
 
 
 def test_layernorm_softmax_and_gelu_stay_float(vit_int8) -> None:
@@ -235,3 +247,29 @@ def test_float_layer_of_a_bias_corrected_conv_without_bias() -> None:
     x = _images(8, seed=2)
     ref = _run(model, x)
     assert _sqnr(ref, _run(mixed, x)) >= _sqnr(ref, _run(res.model, x)) - 1.0
+
+
+def test_a_constant_shared_with_a_quantized_node_reaches_layernorm_in_float() -> None:
+    # exporters merge equal constants: here one zero vector is every LayerNorm's bias and the
+    # bias of a MatMul's Add (quantized); the LayerNorms must still read it in float
+    model = _vit()
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.zeros(DIM, np.float32), "zero_b"))
+    for node in g.node:
+        if node.op_type == "LayerNormalization":
+            node.input[2] = "zero_b"
+    k = next(i for i, n in enumerate(g.node) if n.name == "matmul_19")
+    g.node[k].output[0] = "o_pre"
+    g.node.insert(k + 1, helper.make_node("Add", ["o_pre", "zero_b"], ["o"], name="bias_add"))
+    onnx.checker.check_model(model)
+    res = quantize(model, "images", _images(32, seed=1), QuantConfig())
+    prod = producers(res.model)
+    add = next(n for n in res.model.graph.node if n.name == "bias_add")
+    assert prod[add.input[1]].op_type == "DequantizeLinear"  # the shared constant, as int8
+    inits = {t.name: t for t in res.model.graph.initializer}
+    for node in res.model.graph.node:
+        if node.op_type == "LayerNormalization":
+            assert node.input[2] in inits, node.name
+            assert not numpy_helper.to_array(inits[node.input[2]]).any()
+    x = _images(8, seed=2)
+    assert _sqnr(_run(model, x), _run(res.model, x)) > 20

@@ -84,7 +84,7 @@ def quantize(
     start = time.perf_counter()
     check_config(config)
     model = _prepare(model, input_name)
-    exclude = _check_exclude(model, config.exclude)
+    exclude = sorted({*_check_exclude(model, config.exclude), *qdq.float_neighbours(model)})
     grid: str | None = None
     if config.float_first_layer is not True and config.input_grid is not None:
         model, grid, grid_nodes = first_layer.pixel_grid_first_conv(
