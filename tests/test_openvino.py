@@ -354,6 +354,21 @@ def test_dynamic_batch(build, engine, float_model) -> None:
             assert rel_diff(got, reference(float_model, x)) < 1e-4
 
 
+def test_single_images_run_on_a_batch_1_compile(build, engine, float_model) -> None:
+    dynamic = build("force_float32")
+    with engine.runner(dynamic.payloads, dynamic.options, threads=1) as r:
+        assert r._single is not None
+        assert tuple(r._single.get_compiled_model().inputs[0].get_shape()) == (1, 3, SIZE, SIZE)
+        x = batch_of(1, seed=7)
+        got = r.infer({"images": x})["logits"]
+        assert rel_diff(got, reference(float_model, x)) < 1e-4
+        # the mutable-batch request still serves every other batch size
+        assert r.infer({"images": batch_of(2)})["logits"].shape == (2, NUM_CLASSES)
+    fixed = build("force_float32", 3)
+    with engine.runner(fixed.payloads, fixed.options, threads=1) as r:
+        assert r._single is None  # the batch is fixed already
+
+
 def test_runner_metadata_and_names(engine, tmp_path: Path) -> None:
     model = onnx.load(make_classifier(tmp_path / "n.onnx", input_name="data", output_name="prob"))
     c = engine.compile(set_batch(model, None), CompileSpec("force_float32", "data", "prob", None))

@@ -43,7 +43,7 @@ from quench.builder.quantize.config import (
     weight_max,
 )
 from quench.builder.quantize.statistics import Progress
-from quench.canonical import SOFTMAX, softmax_nodes
+from quench.canonical import softmax_nodes
 from quench.errors import QuenchError
 
 __all__ = [
@@ -85,10 +85,9 @@ def quantize(
     start = time.perf_counter()
     check_config(config)
     model = _prepare(model, input_name)
-    exclude = _check_exclude(model, config.exclude)
-    # a softmax head stays float, and so do the logits it reads: 8-bit class scores tie
+    # a softmax head (and the reshapes after it) stays float: 8-bit class scores tie
     tail = [n for o in model.graph.output for n in softmax_nodes(model, o.name)]
-    exclude = sorted({*exclude, *tail})
+    exclude = sorted({*_check_exclude(model, config.exclude), *qdq.float_neighbours(model), *tail})
     grid: str | None = None
     if config.float_first_layer is not True and config.input_grid is not None:
         model, grid, grid_nodes = first_layer.pixel_grid_first_conv(
@@ -176,7 +175,7 @@ def _to_qdq(
     work: Path,
 ) -> onnx.ModelProto:
     """The QDQ model of ``model``, its pixel-grid Conv (if any) rounded by GPTQ."""
-    qmodel = qdq.to_qdq(model, config, exclude, ranges_file, work, _float_tensors(model, exclude))
+    qmodel = qdq.to_qdq(model, config, exclude, ranges_file, work)
     if rounding is not None:
         first_layer.gptq_first_layer(qmodel, model, *rounding, weight_max(config))
     return qmodel
@@ -184,19 +183,6 @@ def _to_qdq(
 
 # --------------------------------------------------------------------------------------------
 # the inputs
-
-
-def _float_tensors(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:
-    """The graph outputs, and the inputs of the softmax heads in ``exclude``: the class scores,
-    which the QDQ model leaves in float."""
-    names = set(exclude)
-    heads = [
-        n.input[0]
-        for o in model.graph.output
-        for n in model.graph.node
-        if n.name in names and n.name in softmax_nodes(model, o.name) and n.op_type in SOFTMAX
-    ]
-    return [*(o.name for o in model.graph.output), *heads]
 
 
 def _prepare(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quench.builder.quantize.qdq import producers, quant_axis
+from quench.builder.quantize.qdq import dequantized, producers
 from quench.builder.quantize.statistics import Means
 
 _CORRECTED_OPS = ("Conv", "Gemm")
@@ -66,7 +66,7 @@ def corrected_model(
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        w_hat = _dequantize(dq, q_inits)
+        w_hat = dequantized(dq, q_inits)
         if w_hat is None or w_hat.shape != w.shape:
             continue
         mean = np.asarray(stat["mean"], dtype=np.float64)
@@ -138,23 +138,6 @@ def _tap_fractions(axis: int, nd: int, k: int, size: int, attrs: dict[str, Any])
         return np.ones(k)
     pos = np.arange(out)[:, None] * stride - begin + np.arange(k)[None, :] * dil
     return ((pos >= 0) & (pos < size)).mean(axis=0)
-
-
-def _dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    if any(i not in inits for i in dq.input if i):
-        return None
-    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-    zp = (
-        numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64)
-        if len(dq.input) > 2 and dq.input[2]
-        else np.zeros_like(scale)
-    )
-    if scale.ndim == 0 or scale.size == 1:
-        return (q - zp.reshape(())) * scale.reshape(())
-    axis = quant_axis(dq) % q.ndim
-    shape = [-1 if i == axis else 1 for i in range(q.ndim)]
-    return (q - zp.reshape(shape)) * scale.reshape(shape)
 
 
 def _bias_tensors(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, onnx.TensorProto]:

@@ -24,6 +24,7 @@ from quench.builder.quantize.qdq import producers, quant_axis
 from quench.errors import QuenchError
 
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_SHAPE_OPS = ("Shape", "Size")
 
 
 def float_first_layer_nodes(model: onnx.ModelProto, input_name: str) -> list[str]:
@@ -31,7 +32,9 @@ def float_first_layer_nodes(model: onnx.ModelProto, input_name: str) -> list[str
 
     Keeping them in float leaves the input unquantized: an 8-bit grid over the input range
     generally misses the (e.g. (pixel - mean) / std) grid of the input values, and the error it
-    adds to every pixel is one of the largest in the network.
+    adds to every pixel is one of the largest in the network. The input's Shape (a batch size
+    for a broadcast, as in ViT's class token) carries no pixel: the nodes after it are not
+    on the way.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
@@ -43,8 +46,8 @@ def float_first_layer_nodes(model: onnx.ModelProto, input_name: str) -> list[str
     while frontier:
         tensor = frontier.pop()
         for n in consumers.get(tensor, []):
-            if n.name in seen:
-                continue
+            if n.name in seen or n.op_type in _SHAPE_OPS:
+                continue  # a Shape reads the input's dimensions, not its pixels
             seen.add(n.name)
             out.append(n.name)
             if n.op_type not in _COMPUTE_OPS:

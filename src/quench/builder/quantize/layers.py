@@ -76,8 +76,10 @@ def with_float_layers(
         if node.name not in wanted:
             continue
         ref = float_nodes.get(node.name)
-        if ref is None or ref.op_type != node.op_type or len(ref.input) != len(node.input):
+        if ref is None or ref.op_type != node.op_type or len(ref.input) > len(node.input):
             raise QuenchError(f"layer {node.name!r} has no float counterpart")
+        # bias correction gives a bias-less Conv/Gemm a bias: in float it has none
+        del node.input[len(ref.input) :]
         for k, name in enumerate(node.input):
             if not name:
                 continue
