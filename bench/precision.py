@@ -168,7 +168,7 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         "points); qps is the median of the rounds of `quench perf` (every build in each round, "
         "the order rotating); ratios are paired by round (a tie when inside the noise). "
         "`bf16 (default)` is built with `--calib-images calib.txt`: its fidelity gate "
-        "(top-1 agreement >= 0.99 with fp32) and, when it misses, the repair that keeps layers "
+        "(top-1 agreement >= 0.98 with fp32) and, when it misses, the repair that keeps layers "
         "in fp32.",
         "",
         "| model | build | computes | fp32 layers | gate: top-1 agreement | top-1 | b1 qps | "

@@ -140,9 +140,12 @@ def agreement(src: Path, art: Path, images: list[Path]) -> dict[str, float]:
     }
 
 
-def build(src: Path, mode: str, a: argparse.Namespace) -> dict[str, Any]:
+def build(src: Path, mode: str, a: argparse.Namespace, dynamic: bool) -> dict[str, Any]:
+    """``dynamic``: the source declares a fixed batch and other batch sizes are timed, so the
+    build asks for a mutable batch (Quench's checked Reshape rewrite, or its one-line refusal)."""
     art = a.work / f"{src.stem}-{mode}.quench"
     args = ["build", str(src), "-o", str(art), *build_flags(src), "--precision", mode]
+    args += ["--dynamic-batch"] if dynamic else []
     args += ["--select-budget", f"{a.select_budget:g}", "-q"]
     if "qint8" in mode:
         args += ["--calib-images", str(a.calib_images), "--calib-count", str(a.calib_count)]
@@ -155,7 +158,7 @@ def build(src: Path, mode: str, a: argparse.Namespace) -> dict[str, Any]:
 
     with Model.load(art, check="off") as m:
         man = m.manifest
-    row.update(ok=True, artifact=str(art), engine=man["engine"]["name"])
+    row.update(ok=True, artifact=str(art), engine=man["engine"]["name"], dynamic_batch=dynamic)
     rep = man.get("quantization", {}).get("float_layers") or []
     if rep:
         row["float_layers"] = len(rep)
@@ -175,7 +178,7 @@ def run_model(src: Path, a: argparse.Namespace, images: list[Path]) -> dict[str,
     entry["openvino"] = benchmark_app(src, crop, a.batches, a)
     for mode in a.precisions:
         say(f"{src.stem}: {mode}")
-        row = build(src, mode, a)
+        row = build(src, mode, a, dynamic=fixed is not None and runs != a.batches)
         if row["ok"]:
             try:
                 row["agreement"] = agreement(src, Path(row["artifact"]), images)
@@ -209,6 +212,7 @@ def table(entries: list[dict[str, Any]], batches: list[int]) -> list[str]:
             else:
                 g = r.get("agreement")
                 extra = f", {r['float_layers']} layers float" if r.get("float_layers") else ""
+                extra += " (--dynamic-batch)" if r.get("dynamic_batch") else ""
                 built = "built" + extra
                 if g is None:
                     agree = r.get("agreement_error", "-")
@@ -250,14 +254,17 @@ def report(entries: list[dict[str, Any]], a: argparse.Namespace, started: str) -
     import openvino
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    mark = MARK if a.title == "Model breadth" else f"<!-- zoo: {a.title} -->"
     lines = [
-        MARK,
-        "## Model breadth",
+        mark,
+        f"## {a.title}",
         "",
         f"Produced {started} by `.venv/bin/python bench/zoo.py {' '.join(map(str, a.dirs))} "
         f"--precisions {','.join(a.precisions)} --batches {','.join(map(str, a.batches))} "
         f"--duration {a.duration:g} --calib-count {a.calib_count} --select-budget "
-        f"{a.select_budget:g}` on {cpu['model']} ({cpu['cores']} cores; {flags}); "
+        f"{a.select_budget:g}"
+        + (f" --title '{a.title}'" if a.title != "Model breadth" else "")
+        + f"` on {cpu['model']} ({cpu['cores']} cores; {flags}); "
         f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}; "
         f"load average at the end {load}.",
         "",
@@ -277,7 +284,7 @@ def report(entries: list[dict[str, Any]], a: argparse.Namespace, started: str) -
     errs = errors(entries)
     if errs:
         lines += ["", "Measurements that failed:", "", *errs]
-    return "\n".join([*lines, "", MARK, ""])
+    return "\n".join([*lines, "", mark, ""])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--select-budget", type=float, default=30.0)
     ap.add_argument("--work", type=Path, help="Scratch folder (default: a temporary one).")
     ap.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--title", default="Model breadth", help="The section (one per title).")
     a = ap.parse_args(argv)
     a.precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     a.batches = [int(b) for b in a.batches.split(",")]
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = [run_model(m, a, images) for m in models]
     (a.work / "zoo.json").write_text(json.dumps(entries, indent=2, default=str))
     section = report(entries, a, started)
-    write_section(a.md, MARK, section)
+    write_section(a.md, section.split("\n", 1)[0], section)
     print(section)
     say(f"wrote the section to {a.md}; figures in {a.work / 'zoo.json'}")
     return 0

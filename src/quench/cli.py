@@ -373,7 +373,7 @@ def build(
             max=1.0,
             help="Fail the build (nothing written) when its top-1 agreement with fp32 on "
             "calibration images held out of calibration is lower (random input without images). "
-            "Default 0.8; bf16/fp16 builds with images 0.99.",
+            "Default 0.8; bf16/fp16 builds with images 0.98.",
         ),
     ] = None,
     float_layers: Annotated[

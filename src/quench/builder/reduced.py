@@ -35,7 +35,9 @@ from quench.precision import Precision
 from quench.progress import Bar
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT, fidelity
 
-HALF_MIN_TOP1_AGREEMENT = 0.99
+# bf16/fp16 with images: at most 2% of top-1 answers changed (3 of 160 held-out images; the
+# 1% once chosen repaired efficientnet-lite0 to 0.62x of all-bf16's speed for 2 images of 800)
+HALF_MIN_TOP1_AGREEMENT = 0.98
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 BATCH = 8
 SENSITIVITY_IMAGES = 32  # probe images ranked on when no image is held out (random input)
