@@ -161,6 +161,19 @@ def _calib(tmp_path: Path, seed: int) -> Path:
     return make_calib_images(tmp_path / "calib", 12, seed=seed)
 
 
+def _int8(src: Path, out: Path, labels: Path, calib: Path, engine: str = "onnxruntime") -> Model:
+    """An INT8 build (fp32 elsewhere) of ``src`` calibrated on ``calib``, with a loose gate."""
+    return build(
+        src,
+        out,
+        labels=str(labels),
+        precision="qint8_mixed_float32",
+        calib_images=str(calib),
+        min_top1_agreement=0.5,
+        **{**BUILD, "engine": engine},
+    )
+
+
 def _x(n: int, seed: int = 5) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, S, S)).astype(np.float32)
 
@@ -217,15 +230,7 @@ def test_graph_that_runs_only_at_batch_1_builds_int8_and_classifies(
 ) -> None:
     src = class_token_style(tmp_path / "token.onnx")
     calib = _calib(tmp_path, 3)
-    m = build(
-        src,
-        tmp_path / "m.quench",
-        labels=str(tiny_labels),
-        precision="qint8_mixed_float32",
-        calib_images=str(calib),
-        min_top1_agreement=0.5,
-        **{**BUILD, "engine": engine},
-    )
+    m = _int8(src, tmp_path / "m.quench", tiny_labels, calib, engine=engine)
     assert m.fixed_batch == 1
     preds = m.classify(sorted(calib.iterdir()), topk=3)
     assert len(preds) == 12 and all(p.ok for p in preds)
@@ -305,16 +310,7 @@ def test_nc11_softmax_head_opset7_ir3(tmp_path: Path, tiny_labels: Path, engine:
 
 def test_int8_keeps_the_final_softmax_in_float(tmp_path: Path, tiny_labels: Path) -> None:
     src = squeezenet_style(tmp_path / "sq.onnx")
-    calib = _calib(tmp_path, 4)
-    m = build(
-        src,
-        tmp_path / "m.quench",
-        labels=str(tiny_labels),
-        precision="qint8_mixed_float32",
-        calib_images=str(calib),
-        min_top1_agreement=0.5,
-        **BUILD,
-    )
+    m = _int8(src, tmp_path / "m.quench", tiny_labels, _calib(tmp_path, 4))
     qdq = onnx.load_from_string(m.artifact.payloads["model.onnx"])
     producers = {o: n for n in qdq.graph.node for o in n.output}
     soft = next(n for n in qdq.graph.node if n.op_type == "Softmax")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from quench.builder.quantize.qdq import producers
+from quench.builder.quantize.qdq import drop_unread_qdq, producers
 from quench.errors import QuenchError
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -143,19 +143,7 @@ def _activation(
 def _drop_unread(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes and initializers nothing reads any more (repeated to a fixed point)."""
     g = model.graph
-    outputs = {o.name for o in g.output}
-    while True:
-        read = {i for n in g.node for i in n.input} | outputs
-        dead = [
-            n
-            for n in g.node
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-            and not any(o in read for o in n.output)
-        ]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
+    drop_unread_qdq(g)
     _sort(g)
     read = {i for n in g.node for i in n.input}
     keep = [t for t in g.initializer if t.name in read]

@@ -173,8 +173,12 @@ def _float_inputs(qdq: onnx.ModelProto, ops: Sequence[str]) -> None:
                     g.initializer.append(inits[own])
                 node.input[k] = own
                 changed = True
-    if not changed:
-        return
+    if changed:
+        drop_unread_qdq(g)
+
+
+def drop_unread_qdq(g: onnx.GraphProto) -> None:
+    """Remove the QuantizeLinear/DequantizeLinear nodes nothing reads (to a fixed point)."""
     outputs = {o.name for o in g.output}
     while True:
         read = {i for n in g.node for i in n.input} | outputs
