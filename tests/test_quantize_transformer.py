@@ -8,6 +8,7 @@ The graphs are made here with onnx.helper, shaped as torch.onnx (dynamo, opset 1
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,11 @@ def test_int8_attention_close_to_fp32_on_both_engines(vit: onnx.ModelProto, vit_
     x = _images(16, seed=2)
     ref = _run(vit, x)
     assert _sqnr(ref, _run(vit_int8.model, x)) > 20
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        # seen 2026-12-04: OpenVINO 2026.4 segfaults running this block, fp32 or INT8, with its
+        # kernels capped to AVX2 on an AVX-512 CPU (the ops one by one run); untested on a
+        # real AVX2-only CPU
+        pytest.skip("OpenVINO crashes on this ViT block with ONEDNN_MAX_CPU_ISA set")
     ov = pytest.importorskip("openvino")
     core = ov.Core()
     graph = core.read_model(vit_int8.model.SerializeToString(), b"")
