@@ -416,10 +416,15 @@ def test_byte_identical_builds_are_measured_once(
 
 
 def test_which_builds_get_the_calibration_images() -> None:
-    from quench.run import takes_images
+    from quench.run import half_options, takes_images
 
-    assert takes_images("qint8_mixed_float16", "synthetic")
-    assert takes_images("force_bfloat16", "--calib-images")  # its gate and repair
-    assert takes_images("force_float16", "ImageNet sample")
-    assert not takes_images("force_bfloat16", "synthetic")  # speed-only rows
-    assert not takes_images("force_float32", "--calib-images")
+    assert takes_images("qint8_mixed_float16")
+    assert takes_images("force_bfloat16") and takes_images("force_float16")  # gate and repair
+    assert not takes_images("force_float32")
+    # synthetic images: the gate alone, at INT8's bound (speed-only rows); photos: the defaults
+    assert half_options("force_bfloat16", "synthetic") == {
+        "repair": False,
+        "min_top1_agreement": 0.8,
+    }
+    assert half_options("force_bfloat16", "ImageNet sample") == {}
+    assert half_options("qint8_mixed_float16", "synthetic") == {}
