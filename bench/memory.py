@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from load import free_port, stop, wait_ready
+from common import free_port, stop, wait_ready
 from PIL import Image
 
 
