@@ -212,6 +212,15 @@ def git_rev() -> str:
         return "unknown"
 
 
+def cpu_line() -> str:
+    """``MODEL, N cores (FLAGS)``: the CPU as the scripts' sections name it."""
+    from quench.hw import cpu_info  # here: the serve scripts and a test import common without it
+
+    info = cpu_info()
+    flags = ", ".join(info.get("flags", []))
+    return f"{info.get('model', 'unknown CPU')}, {os.cpu_count()} cores ({flags})"
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])

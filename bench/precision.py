@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import timed_quench, write_section
+from common import cpu_line, rotating_rounds, timed_quench, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -101,13 +101,8 @@ def perf(art: str, duration: float, work: Path) -> dict[int, float]:
 
 def speeds(arts: dict[str, str], rounds: int, duration: float, work: Path) -> dict[str, Any]:
     """Per build and batch, each round's qps; the order rotates every round."""
-    names = list(arts)
-    got: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            for b, q in perf(arts[n], duration, work).items():
-                got[n][b].append(q)
-    return got
+    per = rotating_rounds(list(arts), rounds, lambda n: perf(arts[n], duration, work))
+    return {n: {b: [q[b] for q in qs if b in q] for b in BATCHES} for n, qs in per.items()}
 
 
 def ratio(got: dict[str, Any], a: str, b: str, batch: int) -> str:
@@ -136,16 +131,11 @@ def run_model(model: str, a: argparse.Namespace) -> dict[str, Any]:
 
 def machine() -> str:
     from quench.clock import core_clock
-    from quench.hw import cpu_info, reported_clock_hz
+    from quench.hw import reported_clock_hz
 
-    info = cpu_info()
-    flags = ", ".join(info.get("flags", []))
     hz, where = reported_clock_hz()
     reported = f"{hz / 1e9:.2f} GHz ({where})" if hz else "unknown"
-    return (
-        f"{info.get('model', 'unknown CPU')}, {os.cpu_count()} cores ({flags}); core clock "
-        f"{core_clock().describe()}; the system reports {reported}"
-    )
+    return f"{cpu_line()}; core clock {core_clock().describe()}; the system reports {reported}"
 
 
 def _cell(b: dict[str, Any], fp32: float | None) -> str:

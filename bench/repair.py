@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import timed_quench, write_section
+from common import cpu_line, timed_quench, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -149,14 +149,6 @@ def speed(a: str, b: str, env: dict[str, str], rounds: int, duration: float, wor
     return qa, qb, compare(qa, qb, paired=True)
 
 
-def machine() -> str:
-    from quench.hw import cpu_info
-
-    info = cpu_info()
-    flags = ", ".join(info.get("flags", []))
-    return f"{info.get('model', 'unknown CPU')}, {os.cpu_count()} cores ({flags})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
@@ -208,7 +200,7 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         "",
         f"Produced {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
         f"`.venv/bin/python bench/repair.py --rounds {a.rounds} --duration {a.duration}` on "
-        f"{machine()}. INT8 (`qint8_mixed_float32`), calibrated on `calib.txt`, checked on "
+        f"{cpu_line()}. INT8 (`qint8_mixed_float32`), calibrated on `calib.txt`, checked on "
         "`val.txt` (800 images). Build time is the whole command; the speed is "
         f"`quench perf --batch 8` on the bounded build and the all-INT8 build in {a.rounds} "
         "alternating rounds (a tie when inside the noise).",

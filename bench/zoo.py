@@ -6,18 +6,21 @@ against ONNX Runtime on the source model and timed against plain ONNX Runtime an
 For each ``NAME.onnx`` (its build flags from ``NAME.json`` beside it when there is one, as
 ``bench/export_models.py`` writes them; otherwise the generic ImageNet preset):
 
-1. peers on the source model at each batch size: plain ONNX Runtime (``quench perf
-   model.onnx``: a default ``InferenceSession``) and ``benchmark_app -hint latency
-   -infer_precision f32`` (OpenVINO's own tool);
-2. per precision: ``quench build`` timed as a whole command (built, or refused with the one
+1. per precision: ``quench build`` timed as a whole command (built, or refused with the one
    line it printed; a traceback is reported as such), then agreement with ONNX Runtime on the
    source model on the same photos (max |diff| for fp32, output SQNR in dB for the reduced
-   precisions) and ``quench perf`` at each batch size.
+   precisions);
+2. the timings, in ``--rounds`` interleaved rounds (each round times every peer and every
+   build once at each batch size, the order rotating): plain ONNX Runtime (``quench perf
+   model.onnx``: a default ``InferenceSession``), ``benchmark_app -hint latency
+   -infer_precision f32`` (OpenVINO's own tool) and ``quench perf`` on each artifact. qps is
+   the median over the rounds (with their spread); Quench / best peer is computed per round
+   (against the faster peer of that round), then medianed, and paired by round for the noise.
 
 Runs with Quench's venv, no torch::
 
     .venv/bin/python bench/zoo.py DIR [DIR...] [--precisions force_float32,...]
-        [--batches 1,8] [--duration 10] [--calib-count 200] [--select-budget 30]
+        [--batches 1,8] [--duration 10] [--rounds 3] [--calib-count 200] [--select-budget 30]
         [--models deit_small,...] [--work DIR] [--md BENCHMARKS.md]
 """
 
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import timed_quench, write_section
+from common import loadavg, md_row, rotating_rounds, timed_quench, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
@@ -107,7 +112,7 @@ def benchmark_app(model: Path, crop: int, batches: list[int], a: argparse.Namesp
     for b in batches:
         cmd = [str(BENCHMARK_APP), "-m", str(model), "-d", "CPU", "-hint", "latency"]
         cmd += ["-infer_precision", "f32", "-shape", f"[{b},3,{crop},{crop}]"]
-        cmd += ["-t", f"{a.duration:g}"]
+        cmd += ["-t", str(max(1, math.ceil(a.duration)))]  # it takes whole seconds only
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + 3 * a.duration)
         m = re.search(r"Throughput:\s*([0-9.]+)\s*FPS", done.stdout)
         out[b] = float(m[1]) if done.returncode == 0 and m else one_line(done.stdout + done.stderr)
@@ -167,15 +172,10 @@ def build(src: Path, mode: str, a: argparse.Namespace, dynamic: bool) -> dict[st
 
 def run_model(src: Path, a: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
     flags = build_flags(src)
-    crop = crop_of(flags)
-    say(f"{src.stem}: peers")
     entry: dict[str, Any] = {"model": src.stem, "flags": flags, "rows": []}
     fixed = fixed_batch(src)
     # a source model of fixed batch runs at that batch only in ONNX Runtime
     runs = [b for b in a.batches if fixed is None or b == fixed]
-    entry["ort"] = quench_perf(src, runs, a)
-    entry["ort"].update({b: f"source has fixed batch {fixed}" for b in a.batches if b not in runs})
-    entry["openvino"] = benchmark_app(src, crop, a.batches, a)
     for mode in a.precisions:
         say(f"{src.stem}: {mode}")
         row = build(src, mode, a, dynamic=fixed is not None and runs != a.batches)
@@ -184,21 +184,74 @@ def run_model(src: Path, a: argparse.Namespace, images: list[Path]) -> dict[str,
                 row["agreement"] = agreement(src, Path(row["artifact"]), images)
             except Exception as exc:  # a figure we could not take; the row stays
                 row["agreement_error"] = f"{type(exc).__name__}: {exc}"[:200]
-            row["qps"] = quench_perf(Path(row["artifact"]), a.batches, a)
-            Path(row["artifact"]).unlink(missing_ok=True)  # they are large; the JSON keeps all
         entry["rows"].append(row)
+    built = {r["mode"]: Path(r["artifact"]) for r in entry["rows"] if r["ok"]}
+    timers = {
+        "ort": lambda: quench_perf(src, runs, a),
+        "openvino": lambda: benchmark_app(src, crop_of(flags), a.batches, a),
+        **{mode: (lambda art=art: quench_perf(art, a.batches, a)) for mode, art in built.items()},
+    }
+    say(f"{src.stem}: {a.rounds} rotating rounds of {len(timers)} timings")
+    got = rotating_rounds(list(timers), a.rounds, lambda name: timers[name]())
+    entry["rounds"] = {n: by_batch(per_round, a.batches) for n, per_round in got.items()}
+    entry["ort"] = median_or_error(got["ort"], a.batches)
+    entry["ort"].update({b: f"source has fixed batch {fixed}" for b in a.batches if b not in runs})
+    entry["openvino"] = median_or_error(got["openvino"], a.batches)
+    for row in entry["rows"]:
+        if row["ok"]:
+            row["qps"] = median_or_error(got[row["mode"]], a.batches)
+            Path(row["artifact"]).unlink(missing_ok=True)  # they are large; the JSON keeps all
     return entry
 
 
-def fmt_qps(v: Any) -> str:
+def by_batch(per_round: list[dict[int, Any]], batches: list[int]) -> dict[int, list[Any]]:
+    """One timer's rounds by batch size: each round's qps (or its error line)."""
+    return {b: [r.get(b) for r in per_round] for b in batches}
+
+
+def median_or_error(per_round: list[dict[int, Any]], batches: list[int]) -> dict[int, Any]:
+    """Per batch size the median qps over the rounds, or the first error line of a round."""
+    out: dict[int, Any] = {}
+    for b, values in by_batch(per_round, batches).items():
+        bad = [v for v in values if not isinstance(v, float)]
+        if bad or not values:
+            out[b] = bad[0] if bad else "not timed"
+        else:
+            out[b] = statistics.median(values)
+    return out
+
+
+def spread_text(values: list[Any]) -> str:
+    """`` ±x%``: half the range of the rounds against their median (nothing for one round)."""
+    qs = [v for v in values if isinstance(v, float)]
+    if len(qs) < 2:
+        return ""
+    return f" ±{(max(qs) - min(qs)) / 2 / statistics.median(qs):.0%}"
+
+
+def vs_best(quench: list[Any], peers: list[list[Any]]) -> str:
+    """Quench / the faster peer, per round, medianed; (tie), faster or slower by the paired
+    rounds (``quench.stats.compare``)."""
+    from quench.stats import compare
+
+    pairs = []
+    for r, q in enumerate(quench):
+        best = max((p[r] for p in peers if r < len(p) and isinstance(p[r], float)), default=None)
+        if isinstance(q, float) and best:
+            pairs.append((q, best))
+    if not pairs:
+        return "-"
+    ratio = statistics.median(q / best for q, best in pairs)
+    c = compare([q for q, _ in pairs], [best for _, best in pairs], paired=True)
+    verdict = "tie" if c.winner == "tie" else "faster" if c.winner == "a" else "slower"
+    return f"{ratio:.2f}x ({verdict})"
+
+
+def fmt_qps(v: Any, rounds: list[Any] | None = None) -> str:
+    """The median qps with the rounds' spread; n/a (fixed batch) or failed."""
     if isinstance(v, float):
-        return f"{v:,.1f}"
+        return f"{v:,.1f}{spread_text(rounds or [])}"
     return "n/a" if str(v).startswith("source has fixed batch") else "failed"
-
-
-def cell_vs(q: Any, peers: list[Any]) -> str:
-    best = max((p for p in peers if isinstance(p, float)), default=None)
-    return f"{q / best:.2f}x" if isinstance(q, float) and best else "-"
 
 
 def table(entries: list[dict[str, Any]], batches: list[int]) -> list[str]:
@@ -222,12 +275,16 @@ def table(entries: list[dict[str, Any]], batches: list[int]) -> list[str]:
                     agree = f"SQNR {g['sqnr_db']:.1f} dB, top-1 {g['top1_agreement']:.0%}"
             cells = [e["model"], SHORT.get(r["mode"], r["mode"]), built, f"{r['seconds']:.0f}"]
             cells += [agree, r.get("engine", "-")]
+            rounds = e.get("rounds", {})
             for b in batches:
                 q = r.get("qps", {}).get(b)
-                ort_q, ov_q = e["ort"].get(b), e["openvino"].get(b)
-                cells += [fmt_qps(q) if r["ok"] else "-", fmt_qps(ort_q), fmt_qps(ov_q)]
-                cells.append(cell_vs(q, [ort_q, ov_q]))
-            lines.append("| " + " | ".join(cells) + " |")
+                mine = rounds.get(r["mode"], {}).get(b, [])
+                ort_r = rounds.get("ort", {}).get(b, [])
+                ov_r = rounds.get("openvino", {}).get(b, [])
+                cells.append(fmt_qps(q, mine) if r["ok"] else "-")
+                cells += [fmt_qps(e["ort"].get(b), ort_r), fmt_qps(e["openvino"].get(b), ov_r)]
+                cells.append(vs_best(mine, [ort_r, ov_r]) if r["ok"] else "-")
+            lines.append(md_row(cells))
     return lines
 
 
@@ -247,13 +304,14 @@ def errors(entries: list[dict[str, Any]]) -> list[str]:
 
 def report(entries: list[dict[str, Any]], a: argparse.Namespace, started: str) -> str:
     from quench.hw import cpu_info
+    from quench.stats import RULE
 
     cpu = cpu_info()
     flags = ", ".join(str(f) for f in cpu.get("flags", [])) or "no AVX2"  # type: ignore[attr-defined]
     import onnxruntime
     import openvino
 
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load = loadavg()
     mark = MARK if a.title == "Model breadth" else f"<!-- zoo: {a.title} -->"
     lines = [
         mark,
@@ -261,8 +319,8 @@ def report(entries: list[dict[str, Any]], a: argparse.Namespace, started: str) -
         "",
         f"Produced {started} by `.venv/bin/python bench/zoo.py {' '.join(map(str, a.dirs))} "
         f"--precisions {','.join(a.precisions)} --batches {','.join(map(str, a.batches))} "
-        f"--duration {a.duration:g} --calib-count {a.calib_count} --select-budget "
-        f"{a.select_budget:g}"
+        f"--duration {a.duration:g} --rounds {a.rounds} --calib-count {a.calib_count} "
+        f"--select-budget {a.select_budget:g}"
         + (f" --title '{a.title}'" if a.title != "Model breadth" else "")
         + f"` on {cpu['model']} ({cpu['cores']} cores; {flags}); "
         f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}; "
@@ -274,9 +332,12 @@ def report(entries: list[dict[str, Any]], a: argparse.Namespace, started: str) -
         f"{a.agree_count} photos of `{a.images.name}` (max |diff| for fp32, with the largest "
         "|output|; output SQNR and top-1 agreement for the reduced precisions). qps: `quench "
         "perf` (random input, engine only), plain ONNX Runtime (`quench perf model.onnx`, a "
-        "default session) and `benchmark_app -hint latency -infer_precision f32`, each "
-        f"{a.duration:g} s per batch size, one after the other in this run; `vs best`: Quench "
-        "against the faster fp32 peer at that batch size. INT8 calibrated on "
+        "default session) and `benchmark_app -hint latency -infer_precision f32`, "
+        f"{a.duration:g} s per batch size, in {a.rounds} interleaved rounds (each round times "
+        "every peer and build once, the order rotating); the median over the rounds, ±half "
+        "their range against it. `vs best`: Quench against the faster fp32 peer of each round, "
+        f"medianed over the rounds; faster, slower or tie by the rounds paired ({RULE}). "
+        "INT8 calibrated on "
         f"{a.calib_count} images of `{a.calib_images.name}`.",
         "",
         *table(entries, a.batches),
@@ -294,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--duration", type=float, default=10.0, help="Seconds per measurement.")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="Interleaved rounds of every timing (order rotating)."
+    )
     ap.add_argument("--calib-images", type=Path, default=SAMPLE / "calib.txt")
     ap.add_argument("--calib-count", type=int, default=200)
     ap.add_argument("--images", type=Path, default=SAMPLE / "val.txt", help="For agreement.")
@@ -305,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     a.batches = [int(b) for b in a.batches.split(",")]
+    if a.rounds < 1 or a.duration <= 0:
+        ap.error("--rounds must be >= 1 and --duration > 0")
     return a
 
 
