@@ -7,8 +7,8 @@ the model API (decode / predict / encode) in ``api``; batching in ``batcher``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Query, Request
@@ -84,6 +84,35 @@ def create_app(
         raise ValueError("one name (or None) per model")
     metrics = Metrics()
     decoder = DecodePool(config.decode_workers)
+    served = _serve(models, names, config, metrics)
+    app = FastAPI(
+        title="quench",
+        version=__version__,
+        lifespan=_lifespan(served, decoder),
+        openapi_url=OPENAPI_URL,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.served = served
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.decoder = decoder
+    app.state.before_close = []  # async callables awaited at shutdown before the batchers close
+    _error_handlers(app)
+    work = Work(config, decoder)
+    # the routes in OpenAPI's order
+    _health_routes(app, served)
+    _infer_routes(app, served, work)
+    _classify_route(app, served, work)
+    _metrics_route(app, served, metrics)
+    app.openapi = _openapi(app, served)  # type: ignore[method-assign]
+    return Guard(app, config, metrics, InferPath(served, work, lookup), log=not config.quiet)
+
+
+def _serve(
+    models: Sequence[Model], names: Sequence[str | None], config: ServeConfig, metrics: Metrics
+) -> dict[str, Served]:
+    """Each model's API and batcher, by served name (two of one name: ValueError)."""
     served: dict[str, Served] = {}
     for m, n in zip(models, names, strict=True):
         api = ClassifierAPI(m, n or config.name, config.max_image_pixels)
@@ -100,6 +129,14 @@ def create_app(
             metrics,
         )
         served[api.name] = Served(api, batcher)
+    return served
+
+
+def _lifespan(
+    served: dict[str, Served], decoder: DecodePool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Set every model up on its engine thread before serving; at shutdown the before-close
+    hooks, then drain the batchers and close the decode pool."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,19 +152,11 @@ def create_app(
         await asyncio.gather(*(s.batcher.close() for s in served.values()))
         await asyncio.to_thread(decoder.close)
 
-    app = FastAPI(
-        title="quench",
-        version=__version__,
-        lifespan=lifespan,
-        openapi_url=OPENAPI_URL,
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.served = served
-    app.state.config = config
-    app.state.metrics = metrics
-    app.state.decoder = decoder
-    app.state.before_close = []  # async callables awaited at shutdown before the batchers close
+    return lifespan
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error answers JSON ``{"error": ...}``: ours, Starlette's, validation, bugs."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -152,12 +181,13 @@ def create_app(
         reason = " ".join(f"internal error: {type(exc).__name__}: {exc}".split())
         return JSONResponse({"error": reason[:500]}, 500)
 
+
+def _health_routes(app: FastAPI, served: dict[str, Served]) -> None:
+    """Health, server and model metadata, readiness and the repository index."""
+
     def get(name: str, version: str | None = None) -> Served:
         return lookup(served, name, version)
 
-    work = Work(config, decoder)
-
-    # -- health / metadata ------------------------------------------------------------------
     @app.get("/v2/health/live", response_model=schema.Live)
     async def live() -> Response:
         return JSONResponse({"live": True})
@@ -212,24 +242,28 @@ def create_app(
             ]
         )
 
-    # -- inference --------------------------------------------------------------------------
-    infer_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
-            },
-        }
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
+        },
     }
-    infer_doc = (
-        "KServe v2 inference. Binary tensor data extension: the JSON header (this schema), "
-        f"then raw little-endian tensors; the {HEADER_LENGTH} header gives the JSON's length."
-    )
+}
+INFER_DOC = (
+    "KServe v2 inference. Binary tensor data extension: the JSON header (this schema), "
+    f"then raw little-endian tensors; the {HEADER_LENGTH} header gives the JSON's length."
+)
+
+
+def _infer_routes(app: FastAPI, served: dict[str, Served], work: Work) -> None:
+    """v2 infer, with and without a version."""
 
     async def infer_route(request: Request, name: str, version: str | None) -> Response:
         # Guard answers these paths itself (InferPath, the same Work); these routes describe
         # them in OpenAPI and answer when the inner app is called without Guard
-        s = get(name, version)
+        s = lookup(served, name, version)
         body = await request.body()
         header_length = request.headers.get(HEADER_LENGTH)
         content, headers = await work.infer(request.scope, s, body, header_length)
@@ -238,8 +272,8 @@ def create_app(
     infer_api: dict[str, Any] = {
         "response_model": schema.InferenceResponse,
         "responses": ERRORS,
-        "openapi_extra": infer_body,
-        "description": infer_doc,
+        "openapi_extra": INFER_BODY,
+        "description": INFER_DOC,
     }
 
     @app.post("/v2/models/{name}/infer", **infer_api)
@@ -250,58 +284,75 @@ def create_app(
     async def infer_version(request: Request, name: str, version: str) -> Response:
         return await infer_route(request, name, version)
 
-    image = {"type": "string", "format": "binary"}
-    classify_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/octet-stream": {"schema": image},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": image},
-                        "required": ["file"],
-                    }
-                },
+
+IMAGE = {"type": "string", "format": "binary"}
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": IMAGE},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": IMAGE},
+                    "required": ["file"],
+                }
             },
-        }
+        },
     }
+}
+
+
+def _classify_route(app: FastAPI, served: dict[str, Served], work: Work) -> None:
+    """An encoded image (raw body or a multipart file) to the top-k classes."""
 
     @app.post(
         "/v2/models/{name}/classify",
         response_model=schema.Classification,
         responses=ERRORS,
-        openapi_extra=classify_body,
+        openapi_extra=CLASSIFY_BODY,
         description="An encoded image (raw body or multipart 'file') -> the top-k classes.",
     )
     async def classify(request: Request, name: str, topk: int = Query(5, ge=1)) -> Response:
-        s = get(name)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            files = [v for v in form.values() if isinstance(v, UploadFile)]
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                upload = files[0] if files else None
-            if upload is None:
-                raise ServeError(400, "multipart request has no file field (use 'file')")
-            data = await upload.read()
-        else:
-            data = await request.body()
-        if not data:
-            raise ServeError(400, "empty request body: send the encoded image")
+        s = lookup(served, name)
+        data = await _image_bytes(request)
         x = await work.decode(request.scope, s.api.decode_image, data, large=True)
         y = await work.run(request.scope, s, x)
         return JSONResponse(s.api.encode_classify(y, topk))
 
+
+async def _image_bytes(request: Request) -> bytes:
+    """The encoded image of a classify request: its multipart file, or the raw body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for v in form.values() if isinstance(v, UploadFile)]
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            upload = files[0] if files else None
+        if upload is None:
+            raise ServeError(400, "multipart request has no file field (use 'file')")
+        data = await upload.read()
+    else:
+        data = await request.body()
+    if not data:
+        raise ServeError(400, "empty request body: send the encoded image")
+    return data
+
+
+def _metrics_route(app: FastAPI, served: dict[str, Served], metrics: Metrics) -> None:
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         for n, s in served.items():
             metrics.queue_depth.labels(n).set(s.batcher.depth)
         return Response(metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
 
+
+def _openapi(app: FastAPI, served: dict[str, Served]) -> Callable[[], dict[str, Any]]:
+    """The app's ``openapi``: FastAPI's description, plus the request schema and the served
+    names as enums (made once)."""
+
     def openapi() -> dict[str, Any]:
-        """FastAPI's description, plus the request schema and the served names as enums."""
         if app.openapi_schema:
             return app.openapi_schema
         doc = get_openapi(
@@ -324,6 +375,4 @@ def create_app(
         app.openapi_schema = doc
         return doc
 
-    app.openapi = openapi  # type: ignore[method-assign]
-
-    return Guard(app, config, metrics, InferPath(served, work, lookup), log=not config.quiet)
+    return openapi
