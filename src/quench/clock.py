@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
+from quench.cpuinfo import cpuinfo_fields, reported_clock_hz
+
 ADDS = 8  # dependent adds per loop iteration (the loop's counter runs alongside)
 ITERATIONS = 25_000_000  # per chunk: 2e8 cycles, ~50 ms at 4 GHz
 CHUNKS = 5
@@ -108,8 +110,6 @@ def _host_key() -> dict[str, str]:
         boot = _BOOT_ID.read_text().strip()
     except OSError:
         boot = ""
-    from quench.hw import cpuinfo_fields
-
     return {
         "host": socket.gethostname(),
         "boot_id": boot,
@@ -167,8 +167,6 @@ def core_clock() -> CoreClock:
     try:
         clock = measure()
     except (OSError, ValueError) as exc:
-        from quench.hw import reported_clock_hz
-
         hz, where = reported_clock_hz()
         why = f"{where}; not measured ({exc})"
         return CoreClock(hz or 2.5e9, "reported", why if hz else f"unknown, 2.5 GHz assumed; {why}")

@@ -7,15 +7,13 @@ import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 
 import psutil
 from threadpoolctl import threadpool_limits
 
+from quench.clock import core_clock
+from quench.cpuinfo import cpuinfo_fields, reported_clock_hz  # noqa: F401  (re-exported)
 from quench.errors import QuenchError
-
-_CPUINFO = Path("/proc/cpuinfo")
-_CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 
 
 def one_blas_thread() -> threadpool_limits:
@@ -39,24 +37,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def cpuinfo_fields() -> dict[str, str]:
-    """The first CPU's fields of /proc/cpuinfo (``model name``, ``flags``, ``cpu MHz``...);
-    empty where there is none."""
-    fields: dict[str, str] = {}
-    try:
-        for line in _CPUINFO.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    return fields
+def cpu_info() -> dict[str, object]:
+    """CPU model name, ISA flags, core count (from /proc/cpuinfo where available) and the core
+    clock (``quench.clock``, read at each call: it is not part of the cached facts)."""
+    facts = dict(_cpu_facts())
+    flags = facts.pop("flags")
+    clock = core_clock()
+    return {
+        **facts,
+        "clock_ghz": round(clock.hz / 1e9, 3),
+        "clock": clock.to_dict(),
+        "flags": flags,
+    }
 
 
 @cache
-def cpu_info() -> dict[str, object]:
-    """CPU model name, ISA flags and core count (from /proc/cpuinfo where available)."""
+def _cpu_facts() -> dict[str, object]:
     fields = cpuinfo_fields()
     flags = set(fields.get("flags", "").split())
     model = fields.get("model name", platform.processor() or platform.machine())
@@ -83,44 +79,18 @@ def cpu_info() -> dict[str, object]:
         "family": int(family) if family and family.isdigit() else None,
         "machine": platform.machine(),
         "cores": default_threads(),
-        "clock_ghz": round(clock_hz() / 1e9, 3),
-        "clock": _clock_dict(),
         "flags": interesting,
     }
-
-
-def _clock_dict() -> dict[str, object]:
-    from quench.clock import core_clock
-
-    return core_clock().to_dict()
-
-
-def reported_clock_hz() -> tuple[float | None, str]:
-    """The clock the system reports (often the base clock, not the one the cores run at),
-    and where from: cpufreq's cpuinfo_max_freq, else cpuinfo's MHz; (None, "unknown")."""
-    try:
-        return float(_CPUFREQ_MAX.read_text()) * 1e3, "cpufreq cpuinfo_max_freq"
-    except (OSError, ValueError):
-        pass
-    try:
-        return float(cpuinfo_fields()["cpu MHz"]) * 1e6, "/proc/cpuinfo 'cpu MHz'"
-    except (KeyError, ValueError):
-        pass
-    return None, "unknown"
 
 
 def clock_hz() -> float:
     """The core clock share-of-peak figures use (``quench.clock.core_clock``: measured,
     cached per host and boot, unless ``$QUENCH_CPU_CLOCK_GHZ`` is set)."""
-    from quench.clock import core_clock
-
     return core_clock().hz
 
 
 def clock_source() -> str:
     """The clock used and how it was found (for the perf output)."""
-    from quench.clock import core_clock
-
     return core_clock().describe()
 
 

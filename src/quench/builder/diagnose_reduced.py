@@ -10,6 +10,7 @@ from typing import Any
 
 from quench.builder import reduced, repair, sensitivity
 from quench.builder.core import SENSITIVITY_IMAGES, Plan, _calibration_images
+from quench.builder.diagnosis import Diagnosis, as_model, assemble, row, time_shares
 from quench.builder.engines import Prepared, Reference, compile_candidates
 from quench.errors import QuenchError
 from quench.evaluate import list_images, read_ground_truth
@@ -21,10 +22,8 @@ PROFILE_RUNS = 10
 _Layer = namedtuple("_Layer", "name output op")
 
 
-def diagnose(plan: Plan, built: Any, manifest: dict[str, Any] | None, say: Any) -> Any:
-    """The :class:`quench.builder.diagnose.Diagnosis` of a reduced-precision build."""
-    from quench.builder import diagnose as dg
-
+def diagnose(plan: Plan, built: Any, manifest: dict[str, Any] | None, say: Any) -> Diagnosis:
+    """The :class:`Diagnosis` of a reduced-precision build."""
     opts, spec = plan.opts, plan.spec
     calib = _calibration_images(opts, plan.preset, say)
     reference = Reference.of(plan.fixed, spec, plan.preset.data.input_shape)
@@ -47,38 +46,38 @@ def diagnose(plan: Plan, built: Any, manifest: dict[str, Any] | None, say: Any) 
     base, each, ranking = reduced.rank(candidate, spec, x, ref, names, opts.progress)
     kept = set(((manifest or {}).get("reduced_precision") or {}).get("float32_layers") or [])
     half = "bf16" if plan.precision.float_type == "bfloat16" else "fp16"
-    engine_model = Model.load(built) if built is not None else dg._as_model(plan, candidate)
+    engine_model = Model.load(built) if built is not None else as_model(plan, candidate)
     with engine_model:
         say(f"profiling {engine_model.engine} ({PROFILE_RUNS} runs)")
         batch = engine_model.fixed_batch or 8
         profile = profile_model(engine_model, batch, PROFILE_RUNS, x)
         check = _check(plan, candidate, engine_model) if opts.check_images else None
     all_layers = [_Layer(n, nodes[n].output[0], nodes[n].op_type) for n in names]
-    shares = dg._time_shares(profile["layers"], all_layers)
+    shares = time_shares(profile["layers"], all_layers)
     rows = [
-        {
-            "name": layer.name,
-            "op": layer.op,
-            "precision": "fp32" if layer.name in kept else half,
-            "sqnr_db": None,
-            "kl_gain": round(base.kl - each[layer.name].kl, 6),
-            "top1_agreement_if_float": each[layer.name].top1_agreement,
-            "rank": ranking.index(layer.name) + 1,
-            "time_share": round(shares.get(layer.name, 0.0), 4),
-        }
+        row(
+            layer,
+            "fp32" if layer.name in kept else half,
+            None,
+            base,
+            each[layer.name],
+            ranking,
+            shares,
+        )
         for layer in all_layers
     ]
-    return dg.Diagnosis(
-        source=str(plan.src.path),
-        artifact=str(built) if built else None,
-        engine=engine_model.engine,
-        calibration={**calib.describe(), "sensitivity_images": len(x)},
-        all_int8=base.to_dict(),
-        layers=rows,
-        ranking=ranking,
-        check=check,
-        profile={k: profile[k] for k in ("engine", "batch", "runs", "total_ms")}
-        | {"other_share": round(1 - sum(shares.values()), 4)},
+    calibration = {**calib.describe(), "sensitivity_images": len(x)}
+    return assemble(
+        plan,
+        built,
+        engine_model.engine,
+        calibration,
+        base,
+        rows,
+        ranking,
+        check,
+        profile,
+        shares,
         reduced_to=half,
     )
 
