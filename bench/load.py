@@ -144,13 +144,29 @@ def load(
         data = grpc_request(meta, name, a.batch_per_request, 0)
         targets["grpc"] = (grpc_client, (grpc_at, data))
     out = {}
-    for proto, (client, target) in targets.items():
-        if a.warmup > 0:
-            run_clients(client, target, a.clients, a.warmup)
-        res = run_clients(client, target, a.clients, a.duration)
-        res["images_per_s"] = round(res["requests_per_s"] * a.batch_per_request, 1)
-        out[proto] = res
+    for kind in a.client.split(","):
+        for proto, (client, target) in targets.items():
+            if a.warmup > 0:
+                run_clients(client, target, a.clients, a.warmup)
+            if kind == "native":
+                res = _native(proto, target, a)
+            else:
+                res = run_clients(client, target, a.clients, a.duration)
+            res["images_per_s"] = round(res["requests_per_s"] * a.batch_per_request, 1)
+            out[proto if kind == "python" else f"{proto} ({res['client']})"] = res
     return name, out
+
+
+def _native(proto: str, target: tuple, a: argparse.Namespace) -> dict:
+    """``wrk`` (HTTP) or ``h2load`` (gRPC) with the same request (see ``native_load.py``); the
+    Python warm-up before it has checked that the server answers that request."""
+    import native_load
+
+    if proto == "http":
+        host, port, path, body, headers = target
+        return native_load.wrk(host, port, path, body, headers, a.clients, a.duration)
+    address, data = target
+    return native_load.h2load(address, INFER, data, a.clients, a.duration)
 
 
 # -- against quench perf ----------------------------------------------------------------------
@@ -208,6 +224,15 @@ def serve_and_load(artifact: str, batch: int, protocols: list[str], a: argparse.
     }
 
 
+def _clients(a: argparse.Namespace) -> str:
+    kinds = {
+        "python": "Python threads: `http.client`, `grpcio`",
+        "native": "native: `wrk` for HTTP/1.1, `h2load` for gRPC over HTTP/2; protocol rows "
+        "marked with the tool",
+    }
+    return "; ".join(kinds[k] for k in a.client.split(","))
+
+
 def section(rows: list[dict], a: argparse.Namespace, argv: list[str]) -> str:
     m = rows[0]["machine"]
     machine = f"{m['model']} ({m['cores']} cores, {m['clock_ghz']} GHz; {', '.join(m['flags'])})"
@@ -215,7 +240,8 @@ def section(rows: list[dict], a: argparse.Namespace, argv: list[str]) -> str:
         MARK,
         "## Serving: `quench serve` under load (HTTP and gRPC)",
         "",
-        f"{a.clients} concurrent clients on loopback, {a.batch_per_request} image(s) per request "
+        f"{a.clients} concurrent clients on loopback ({_clients(a)}), "
+        f"{a.batch_per_request} image(s) per request "
         "(binary tensors: HTTP's binary tensor data extension, gRPC's `raw_input_contents`), "
         f"{a.duration:g} s per protocol, dynamic batching up to the batch shown; against "
         "`quench perf` at that batch on the same artifact (the mean of a run before and one "
@@ -233,7 +259,7 @@ def section(rows: list[dict], a: argparse.Namespace, argv: list[str]) -> str:
                 f"| {r['model']} | {r['precision']} | {r['engine']} | {r['batch']} "
                 f"| {(p['before'] + p['after']) / 2:.1f} ({p['before']:.1f} / {p['after']:.1f}) "
                 f"| {proto} | {s['images_per_s']:.1f} | {s['vs_perf']:.2f}x "
-                f"| {s['latency_ms']['p50']:.1f} | {s['latency_ms']['p99']:.1f} | {s['failed']} "
+                f"| {_ms(s, 'p50')} | {_ms(s, 'p99')} | {s['failed']} "
                 f"| {r['server_exit']} |"
             )
     warnings = sorted({w for r in rows for w in r["warnings"]})
@@ -241,6 +267,14 @@ def section(rows: list[dict], a: argparse.Namespace, argv: list[str]) -> str:
         lines += ["", *(f"> warning (quench perf): {w}" for w in warnings)]
     lines += ["", "```", ".venv/bin/python bench/load.py " + " ".join(argv), "```", MARK]
     return "\n".join(lines) + "\n"
+
+
+def _ms(s: dict, p: str) -> str:
+    """A latency cell; h2load gives only the mean, shown for p50 (marked), no p99."""
+    lat = s["latency_ms"]
+    if p in lat:
+        return f"{lat[p]:.1f}"
+    return f"{lat['mean']:.1f} (mean)" if p == "p50" and "mean" in lat else "-"
 
 
 def main() -> int:
@@ -251,6 +285,11 @@ def main() -> int:
     ap.add_argument("--model", help="model name (default: the first in the repository index)")
     ap.add_argument("--protocols", default="http,grpc", help="http, grpc or both (default)")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument(
+        "--client",
+        default="python",
+        help="python (threads: http.client, grpcio), native (wrk, h2load) or python,native",
+    )
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per protocol (max 600)")
     ap.add_argument("--perf-duration", type=float, help="seconds of each quench perf run")
     ap.add_argument("--batch", type=int, default=8, help="the server's --max-batch and perf's")
@@ -270,6 +309,14 @@ def main() -> int:
     if not protocols or set(protocols) - {"http", "grpc"}:
         ap.error("--protocols: http, grpc or http,grpc")
     a.perf_duration = a.perf_duration or min(a.duration, 30.0)
+    kinds = a.client.split(",")
+    if not kinds or set(kinds) - {"python", "native"}:
+        ap.error("--client: python, native or python,native")
+    if "native" in kinds:
+        import native_load
+
+        if why := native_load.available():
+            ap.error(f"--client native: {why}")
     if a.mixed:
         if len(a.artifacts) != 1:
             ap.error("--mixed starts the server itself: give one artifact")
