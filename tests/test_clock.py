@@ -92,7 +92,7 @@ def test_implausible_measurement_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_no_share_above_peak_is_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(perf, "peak_macs", lambda compute, threads: (1.0, "tiny peak"))
-    results = perf._sweep(
+    results = perf.sweep(
         lambda x: None,
         (3,),
         [1],

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import quench
 from quench import perf
 from quench.cli import app
+from quench.perf import peak, timing
 
 runner = CliRunner()
 
@@ -94,9 +95,9 @@ def test_perf_fixed_batch_mismatch(tmp_path: Path, tiny_model: Path, tiny_labels
 
 def _cpu(monkeypatch: pytest.MonkeyPatch, flags: list[str], family: int = 26) -> None:
     info = {"vendor": "AuthenticAMD", "family": family, "flags": flags}
-    monkeypatch.setattr(perf, "cpu_info", lambda: info)
-    monkeypatch.setattr(perf, "default_threads", lambda: 2)
-    monkeypatch.setattr(perf, "clock_hz", lambda: 3.0e9)
+    monkeypatch.setattr(peak, "cpu_info", lambda: info)
+    monkeypatch.setattr(peak, "default_threads", lambda: 2)
+    monkeypatch.setattr(peak, "clock_hz", lambda: 3.0e9)
 
 
 def test_peak_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,7 +200,7 @@ def test_measure_runs_requests_at_once() -> None:
 
 def test_rounds_alternate_between_batch_sizes() -> None:
     calls: list[int] = []
-    res = perf._sweep(
+    res = perf.sweep(
         lambda x: calls.append(len(x)),
         (3, 4, 4),
         [1, 2],
@@ -229,14 +230,14 @@ def test_unstable_rounds_are_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
         s = next(secs)
         return 10, s, np.full(10, s / 10)
 
-    monkeypatch.setattr(perf, "measure", fake_measure)
+    monkeypatch.setattr(timing, "measure", fake_measure)
     kw = dict(macs=None, compute="float32", threads=1, model="m", precision="p", engine="e")
-    (r,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=2), False, **kw)
+    (r,) = perf.sweep(print, (1,), [4], perf.Timing(rounds=2), False, **kw)
     assert [x["qps"] for x in r.rounds] == [400.0, 200.0]
     assert r.qps == pytest.approx(40 * 2 / 0.3, rel=1e-3)
     assert r.qps_spread["min"] == 200 and r.qps_spread["max"] == 400
     assert r.unstable and "batch 4 throughput: varied" in r.warnings[0]
-    (steady,) = perf._sweep(print, (1,), [4], perf.Timing(rounds=4), False, **kw)
+    (steady,) = perf.sweep(print, (1,), [4], perf.Timing(rounds=4), False, **kw)
     assert steady.qps_spread["cv"] == 0 and not any("varied" in w for w in steady.warnings)
     row = perf.perf_row(r.to_dict())
     assert row[3].endswith("!") and row[5] == "200.0-400.0 (47.1%)"

@@ -293,7 +293,7 @@ def test_sample_data_is_found(
         log=lines.append,
     )
     assert res.ok
-    assert res.report["accuracy"][0]["top1"] == 1.0
+    assert res.report.accuracy[0].top1 == 1.0
     assert any(str(sample / "val.txt") in line for line in lines)
 
 

@@ -138,7 +138,7 @@ def test_no_sample_anywhere_int8_calibrates_on_synthetic_images(
     lines: list[str] = []
     res = run_job(_options(synth, tiny_labels, out, calib_count=8), log=lines.append)
     assert res.ok, [s.message for s in res.failed]
-    doc = res.report
+    doc = res.report.to_dict()  # as report.json has it
     int8 = [p for p in doc["precisions"] if is_int8(p)]
     assert int8 and FP32 in doc["precisions"]  # every precision, INT8 included
     builds = {b["precision"]: b for b in doc["builds"]}
@@ -176,7 +176,7 @@ def test_cached_sample_gives_the_accuracy_tables(
     lines: list[str] = []
     res = run_job(_options(tiny_model, tiny_labels, out, precisions=[FP32, INT8]), log=lines.append)
     assert res.ok, [s.message for s in res.failed]
-    doc = res.report
+    doc = res.report.to_dict()  # as report.json has it
     assert doc["data"]["calibration"] == "ImageNet sample" and doc["data"]["accuracy_note"] is None
     assert doc["data"]["calibration_images"] == str(root / "calib.txt")
     assert doc["data"]["evaluation_images"] == str(root / "val.txt")

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,18 @@ from quench.perf import perf_model
 from quench.pipeline import Prediction
 from quench.precision import NAMES, Precision, is_int8
 from quench.progress import Bar
+from quench.records import (
+    RECORDS,
+    BuildRecord,
+    ClassifyRecord,
+    EvalRecord,
+    ModelSource,
+    PerfRecord,
+    SampleRecord,
+    Step,
+    StepResult,
+)
+from quench.report import DataSources, ReportDoc
 from quench.selfcheck import DEFAULT_MIN_TOP1_AGREEMENT
 from quench.stats import load_changed, other_work_now
 from quench.zoo.fetch import fetch_model, sha256_file
@@ -94,26 +106,10 @@ class RunOptions:
 
 
 @dataclass
-class Step:
-    """One step of the job and how it went."""
-
-    id: str
-    kind: str  # model | build | classify | eval | perf | report
-    precision: str | None = None
-    status: str = "pending"  # ok | reused | failed | skipped
-    seconds: float = 0.0
-    message: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class RunResult:
     out: Path
     steps: list[Step]
-    report: dict[str, Any]
+    report: ReportDoc
     files: dict[str, Path]
 
     @property
@@ -240,12 +236,19 @@ class State:
             except (OSError, ValueError):
                 self.steps = {}
 
-    def get(self, step_id: str, key: str) -> dict[str, Any] | None:
+    def get(self, step_id: str, kind: str, key: str) -> StepResult | None:
+        """The stored result of ``step_id`` for ``key``; None when there is none or it cannot
+        be read as its kind's record (then the step runs again)."""
         entry = self.steps.get(step_id)
-        return entry["result"] if entry and entry.get("key") == key else None
+        if not entry or entry.get("key") != key:
+            return None
+        try:
+            return RECORDS[kind].from_dict(entry["result"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
-    def put(self, step_id: str, key: str, result: dict[str, Any], seconds: float) -> None:
-        self.steps[step_id] = {"key": key, "result": result, "seconds": round(seconds, 3)}
+    def put(self, step_id: str, key: str, result: StepResult, seconds: float) -> None:
+        self.steps[step_id] = {"key": key, "result": result.to_dict(), "seconds": round(seconds, 3)}
         self.save()
 
     def save(self) -> None:
@@ -279,14 +282,14 @@ class _Job:
         self,
         step: Step,
         key: str | None,
-        work: Callable[[], dict[str, Any]],
-        valid: Callable[[dict[str, Any]], bool] = lambda r: True,
-        describe: Callable[[dict[str, Any]], str] = lambda r: "",
+        work: Callable[[], Any],
+        valid: Callable[[Any], bool] = lambda r: True,
+        describe: Callable[[Any], str] = lambda r: "",
     ) -> Step:
         """Run ``work`` unless the state holds a valid result for ``key``."""
         self.steps.append(step)
         label = f"[{step.kind}{' ' + step.precision if step.precision else ''}]"
-        cached = self.state.get(step.id, key) if key else None
+        cached = self.state.get(step.id, step.kind, key) if key else None
         if cached is not None and valid(cached):
             step.status, step.result = "reused", cached
             step.seconds = float(self.state.steps[step.id].get("seconds", 0.0))
@@ -327,7 +330,7 @@ class _Job:
         opts = self.opts
         step = Step("model", "model")
 
-        def work() -> dict[str, Any]:
+        def work() -> ModelSource:
             if opts.model is not None:
                 path = Path(opts.model)
                 if not path.is_file():
@@ -338,7 +341,7 @@ class _Job:
                     sha = old["sha256"]  # same file, same size and mtime: no need to re-hash
                 else:
                     sha = sha256_file(path)
-                return {"path": str(path), "sha256": sha, "signature": sig, "source": "--model"}
+                return ModelSource(str(path), sha, sig, "--model")
             name = opts.preset or DEFAULT_PRESET
             try:
                 res = fetch_model(name, timeout=opts.fetch_timeout, progress=opts.progress)
@@ -347,23 +350,19 @@ class _Job:
                 if "--model" not in msg:
                     msg += "; or pass --model PATH"
                 raise FetchError(msg) from None
-            return {
-                "path": str(res.path),
-                "sha256": res.sha256,
-                "signature": _file_sig(res.path),
-                "source": "cache" if res.cached else f"downloaded from {res.url}",
-            }
+            source = "cache" if res.cached else f"downloaded from {res.url}"
+            return ModelSource(str(res.path), res.sha256, _file_sig(res.path), source)
 
         self.step(
             step,
             None,
             work,
-            describe=lambda r: f"{r['path']} ({r['source']}, sha256 {r['sha256'][:12]}...)",
+            describe=lambda r: f"{r.path} ({r.source}, sha256 {r.sha256[:12]}...)",
         )
-        if step.status != "ok":
+        if not isinstance(step.result, ModelSource):
             return None
         self.state.put("model", "-", step.result, step.seconds)
-        return Path(step.result["path"]), step.result["sha256"]
+        return Path(step.result.path), step.result.sha256
 
     # -- (2) build ------------------------------------------------------------------------------
     def precisions(self) -> list[str]:
@@ -399,7 +398,7 @@ class _Job:
             self.skip("sample", None, f"ImageNet sample not available: {exc}")
             return
         step = Step("sample", "sample", None, "ok", round(time.perf_counter() - t, 3))
-        step.result = {"path": str(got.root), "images": got.images}
+        step.result = SampleRecord(str(got.root), got.images)
         self.steps.append(step)
         self.say(f"[sample] done in {step.seconds:.1f} s: {got.images} images in {got.root}")
 
@@ -458,7 +457,7 @@ class _Job:
                 inputs["calib"] = _file_sig(calib)
         out = self.out / "artifacts" / f"{precision}.quench"
 
-        def work() -> dict[str, Any]:
+        def work() -> BuildRecord:
             if int8 and not calib:
                 raise QuenchError(f"{precision} needs calibration images: {calib_why}")
             t = time.perf_counter()
@@ -467,22 +466,22 @@ class _Job:
             wall = time.perf_counter() - t
             man = m.spec
             m.close()
-            return {
-                "artifact": str(out),
-                "sha256": sha256_file(out),
-                "size_bytes": out.stat().st_size,
-                "content_digest": man.content_digest,
-                "name": man.name,
-                "engine": man.engine.name,
-                "engine_version": man.engine.version,
-                "computes": man.precision.info.get("computes"),
-                "fidelity": man.fidelity,
-                "build_seconds": round(wall, 3),
-                "timings": man.timings or {},
-            }
+            return BuildRecord(
+                artifact=str(out),
+                sha256=sha256_file(out),
+                size_bytes=out.stat().st_size,
+                content_digest=man.content_digest,
+                name=man.name,
+                engine=man.engine.name,
+                engine_version=man.engine.version,
+                computes=man.precision.info.get("computes"),
+                fidelity=man.fidelity,
+                build_seconds=round(wall, 3),
+                timings=man.timings or {},
+            )
 
-        def valid(r: dict[str, Any]) -> bool:
-            return out.is_file() and sha256_file(out) == r.get("sha256")
+        def valid(r: BuildRecord) -> bool:
+            return out.is_file() and sha256_file(out) == r.sha256
 
         step = self.step(
             Step(f"build:{precision}", "build", precision),
@@ -490,41 +489,40 @@ class _Job:
             work,
             valid,
             lambda r: (
-                f"{r['artifact']} ({r['size_bytes'] / 1e6:.2f} MB, {r['engine']}, "
-                f"built in {r['build_seconds']:.1f} s)"
+                f"{r.artifact} ({r.size_bytes / 1e6:.2f} MB, {r.engine}, "
+                f"built in {r.build_seconds:.1f} s)"
             ),
         )
         if step.status == "reused":  # the folder may have moved since
-            step.result = {**step.result, "artifact": str(out)}
+            step.result = replace(step.result, artifact=str(out))
         if int8 and step.status in ("ok", "reused"):
-            step.result = {**step.result, "calibration": calib_source}
+            step.result = replace(step.result, calibration=calib_source)
         return step
 
     # -- (3) classify ---------------------------------------------------------------------------
-    def classify(self, precision: str, build: dict[str, Any], images: list[Path]) -> Step:
+    def classify(self, precision: str, build: BuildRecord, images: list[Path]) -> Step:
         sample = images[:SAMPLE_COUNT]
         key = _sha(
             {
-                "digest": build["content_digest"],
+                "digest": build.content_digest,
                 "images": _images_sig(sample),
                 "quench": __version__,
             }
         )
 
-        def work() -> dict[str, Any]:
-            with Model.load(build["artifact"], threads=self.opts.threads) as m:
+        def work() -> ClassifyRecord:
+            with Model.load(build.artifact, threads=self.opts.threads) as m:
                 preds = [p.to_dict() for p in m.classify(sample, topk=TOPK)]
-            return {"predictions": preds}
+            return ClassifyRecord.from_dict({"predictions": preds})  # scores as stored
 
         step = self.step(Step(f"classify:{precision}", "classify", precision), key, work)
-        if step.status in ("ok", "reused") and self.on_classified:
-            preds = [Prediction.from_dict(p) for p in step.result["predictions"]]
-            self.on_classified(precision, preds)
+        if isinstance(step.result, ClassifyRecord) and self.on_classified:
+            self.on_classified(precision, step.result.predictions)
         return step
 
     # -- (4) eval -------------------------------------------------------------------------------
     def evaluate(
-        self, precision: str, build: dict[str, Any], images: str | Path, labels: str | Path
+        self, precision: str, build: BuildRecord, images: str | Path, labels: str | Path
     ) -> Step:
         try:
             paths = list_images(images)
@@ -533,7 +531,7 @@ class _Job:
             paths, img_sig = [], _file_sig(images)
         key = _sha(
             {
-                "digest": build["content_digest"],
+                "digest": build.content_digest,
                 "images": img_sig,
                 "labels": _file_sig(labels),
                 "threads": self.opts.threads,
@@ -541,35 +539,33 @@ class _Job:
             }
         )
 
-        def work() -> dict[str, Any]:
+        def work() -> EvalRecord:
             truth = read_ground_truth(labels)
             todo = paths or list_images(images)
             if not todo:
                 raise QuenchError(f"{images}: no images")
             with (
-                Model.load(build["artifact"], threads=self.opts.threads) as m,
+                Model.load(build.artifact, threads=self.opts.threads) as m,
                 Bar(f"evaluating {precision}", len(todo), enabled=self.opts.progress) as bar,
             ):
                 res = evaluate(m, todo, truth, on_done=lambda p: bar.advance())
                 meta = {"model": m.name, "precision": m.precision, "engine": m.engine}
                 batch = m.batch_size
-            return {**meta, **res.summary(), "batch": batch, "failed_images": res.failed[:20]}
+            return EvalRecord(**meta, **res.summary(), batch=batch, failed_images=res.failed[:20])
 
         return self.step(
             Step(f"eval:{precision}", "eval", precision),
             key,
             work,
-            describe=lambda r: (
-                f"top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} ({r['images']} images)"
-            ),
+            describe=lambda r: f"top-1 {r.top1:.4f} top-5 {r.top5:.4f} ({r.images} images)",
         )
 
     # -- (5) perf -------------------------------------------------------------------------------
-    def perf(self, precision: str, build: dict[str, Any]) -> Step:
+    def perf(self, precision: str, build: BuildRecord) -> Step:
         opts = self.opts
         key = _sha(
             {
-                "digest": build["content_digest"],
+                "digest": build.content_digest,
                 "batches": opts.batches,
                 "duration": opts.duration if opts.iterations is None else None,
                 "iterations": opts.iterations,
@@ -581,15 +577,15 @@ class _Job:
             }
         )
 
-        def valid(r: dict[str, Any]) -> bool:
-            why = self._speed_outdated(r)
+        def valid(r: PerfRecord) -> bool:
+            why = self._speed_outdated(r.to_dict())
             if why:
                 self.say(f"[perf {precision}] measuring again: {why}")
             return why is None
 
-        def work() -> dict[str, Any]:
+        def work() -> PerfRecord:
             duration = None if opts.iterations is not None else opts.duration
-            with Model.load(build["artifact"], threads=opts.threads) as m:
+            with Model.load(build.artifact, threads=opts.threads) as m:
                 batches = opts.batches
                 if m.fixed_batch and batches != [m.fixed_batch]:
                     self.say(
@@ -598,16 +594,14 @@ class _Job:
                     )
                     batches = [m.fixed_batch]
                 res = perf_model(m, batches, opts.iterations, duration, opts.warmup, opts.progress)
-            return {"results": [r.to_dict() for r in res]}
+            return PerfRecord(res)
 
         return self.step(
             Step(f"perf:{precision}", "perf", precision),
             key,
             work,
             valid,
-            describe=lambda r: ", ".join(
-                f"batch {x['batch']}: {x['qps']:.1f} qps" for x in r["results"]
-            ),
+            describe=lambda r: ", ".join(f"batch {x.batch}: {x.qps:.1f} qps" for x in r.results),
         )
 
     def _speed_outdated(self, stored: dict[str, Any]) -> str | None:
@@ -672,8 +666,8 @@ class _Job:
         if opts.force:
             self.say("--force: every step is redone")
         precisions: list[str] = []
-        builds: dict[str, dict[str, Any]] = {}
-        data: dict[str, Any] = {}
+        builds: dict[str, BuildRecord] = {}
+        data: DataSources | None = None
         got = self.model()
         if got is not None:
             try:
@@ -699,18 +693,18 @@ class _Job:
                     precisions = [p for p in precisions if not is_int8(p)]
             for p in precisions:
                 step = self.build(src, src_sha, p, calib, calib_why, calib_source)
-                if step.status in ("ok", "reused"):
+                if isinstance(step.result, BuildRecord):
                     builds[p] = step.result
 
             # inputs for classify / eval
             images, labels, no_accuracy, accuracy_note = self.eval_data(_is_synthetic(src))
-            data = {
-                "calibration": calib_source or None,
-                "calibration_images": calib,
-                "evaluation_images": str(images) if images is not None else None,
-                "labels": str(labels) if labels is not None else None,
-                "accuracy_note": accuracy_note or None,
-            }
+            data = DataSources(
+                calibration=calib_source or None,
+                calibration_images=calib,
+                evaluation_images=str(images) if images is not None else None,
+                labels=str(labels) if labels is not None else None,
+                accuracy_note=accuracy_note or None,
+            )
             sample: list[Path] = []
             if images is not None:
                 try:
@@ -724,7 +718,7 @@ class _Job:
                     for kind in ("classify", "eval", "perf"):
                         self.skip(kind, p, "build did not succeed")
                     continue
-                same = first_of.setdefault(builds[p]["sha256"], p)
+                same = first_of.setdefault(builds[p].sha256, p)
                 if same != p:  # byte-identical: its figures are the first one's
                     for kind in ("classify", "eval", "perf"):
                         self.skip(kind, p, f"same artifact as {same} (byte-identical)")
@@ -742,14 +736,14 @@ class _Job:
         t = time.perf_counter()
         record = report.JobRecord(
             options=asdict(opts),
-            steps=[s.to_dict() for s in self.steps],
+            steps=list(self.steps),
             notes=self.notes,
             builds=builds,
             precisions=precisions,
             data=data,
         )
         doc = report.collect(record)
-        doc["total_seconds"] = round(time.perf_counter() - started, 3)
+        doc.total_seconds = round(time.perf_counter() - started, 3)
         files: dict[str, Path] = {}
         rstep = Step("report", "report")
         try:
@@ -757,8 +751,7 @@ class _Job:
             rstep.status = "ok"
         except Exception as exc:  # the report must not hide the job's results
             rstep.status, rstep.message = "failed", f"{type(exc).__name__}: {exc}"
-            (self.out / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            files = {"json": self.out / "report.json"}
+            files = {"json": report.write_json(doc, self.out / "report.json")}
         rstep.seconds = round(time.perf_counter() - t, 3)
         self.steps.append(rstep)
         if rstep.status == "ok":
